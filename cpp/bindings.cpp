@@ -1,0 +1,30 @@
+// The one pybind11 module, internlm_fast._C: a submodule per compiled backend, each exposing the
+// same kernel names, so Python picks a backend with getattr(_C, "cpu" | "cuda").
+#include <torch/extension.h>
+
+#include "cpu/ops_cpu.h"
+#include "cpu/output_allocator.h"
+#ifdef IFAST_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+
+  auto cpu = m.def_submodule("cpu", "C++ CPU kernels");
+  cpu.def("output_cache_clear", &ifast::cpu::output_cache_clear);
+  cpu.def("output_cache_stats", &ifast::cpu::output_cache_stats);
+  cpu.def("rms_norm_fwd", &ifast::cpu::rms_norm_fwd, nogil);
+  cpu.def("rms_norm_bwd", &ifast::cpu::rms_norm_bwd, nogil);
+
+#ifdef IFAST_WITH_CUDA
+  m.attr("with_cuda") = true;
+  auto cuda = m.def_submodule("cuda", "CUDA kernels");
+  cuda.def("rms_norm_fwd", &ifast::cuda::rms_norm_fwd, nogil);
+  cuda.def("rms_norm_bwd", &ifast::cuda::rms_norm_bwd, nogil);
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,83 @@
+// Shared helpers for the CPU kernels: dtype conversion that the compiler can vectorise,
+// a vectorisable exp, and the accumulation type. Kept header-only and free of
+// torch/extension.h so each kernel file compiles quickly.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace ifast {
+
+// fp32 accumulation for every storage type except fp64.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+template <typename T> using acc_t = typename Acc<T>::type;
+
+// Bit-level conversions, written with plain integer ops so `#pragma omp simd` loops
+// vectorise them (c10's converters go through memcpy and do not always vectorise).
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline double load(const double* p, int64_t i) { return p[i]; }
+inline float load(const c10::BFloat16* p, int64_t i) {
+  return bits_to_float(static_cast<uint32_t>(p[i].x) << 16);
+}
+inline float load(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(double* p, int64_t i, double v) { p[i] = v; }
+inline void store(c10::BFloat16* p, int64_t i, float v) {
+  // round to nearest even; NaN stays NaN (quiet) instead of rounding into inf
+  uint32_t u = float_to_bits(v);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  p[i].x = static_cast<uint16_t>(std::isnan(v) ? 0x7FC0u : rounded);
+}
+inline void store(c10::Half* p, int64_t i, float v) { p[i] = static_cast<c10::Half>(v); }
+
+// exp(x) for float to ~1 ulp over the normal range, branch-free so it vectorises:
+// x = n*ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n by exponent bits.
+inline float fast_exp(float x) {
+  // ternaries, not fmin/fmax: a NaN input must stay NaN (the trainer detects NaN losses)
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.7f ? 88.7f : x;
+  float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = std::fma(n, -0.693145751953125f, x);
+  r = std::fma(n, -1.428606765330187045e-06f, r);
+  float p = 1.3981999507e-3f;
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p, r * r, r + 1.0f);
+  int32_t e = static_cast<int32_t>(n) + 127;
+  return p * bits_to_float(static_cast<uint32_t>(e) << 23);
+}
+inline double fast_exp(double x) { return std::exp(x); }
+
+// rows handled per task: enough work per task to amortise scheduling
+inline int64_t row_grain(int64_t row_elems, int64_t min_elems = 32768) {
+  int64_t g = min_elems / (row_elems > 0 ? row_elems : 1);
+  return g < 1 ? 1 : g;
+}
+
+}  // namespace ifast
+
+// fp32, fp64, bf16 and fp16: every storage type the CPU kernels accept
+#define IFAST_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)

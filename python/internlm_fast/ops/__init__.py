@@ -1,0 +1,16 @@
+"""The public op API. The model calls these and nothing below them.
+
+Every op picks its backend by device (see `backend`) and checks its arguments before any kernel.
+"""
+
+from .backend import BACKENDS, BackendUnavailable, available, use_backend
+from .rms_norm import rms_norm, rms_norm_ref
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "available",
+    "use_backend",
+    "rms_norm",
+    "rms_norm_ref",
+]

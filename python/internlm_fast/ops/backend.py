@@ -1,0 +1,132 @@
+"""Which backend runs an op: chosen by device, or forced for tests and benchmarks.
+
+    ref     the pure-torch reference (the oracle; autograd through torch)
+    cpu     C++ kernels in internlm_fast._C.cpu
+    cuda    CUDA kernels in internlm_fast._C.cuda
+    triton  Triton kernels in internlm_fast.triton_kernels (on CPU tensors only under
+            TRITON_INTERPRET=1, Triton's interpreter)
+
+Default ("auto"): cuda for CUDA tensors, cpu for CPU tensors. Force one with the environment
+variable INTERNLM_FAST_BACKEND or, in code, ``with use_backend("ref"): ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("ref", "cpu", "cuda", "triton")
+ENV_VAR = "INTERNLM_FAST_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend is not built, not installed, or cannot run these tensors."""
+
+
+def _from_env() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r}: expected auto or one of {', '.join(BACKENDS)}")
+    return value
+
+
+# A plain module global (not thread-local) so torch.compile can guard on it.
+_forced: list[str] = [_from_env()]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every op inside the block onto one backend ("auto" restores device-based choice)."""
+    name = name.strip().lower()
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend {name!r}: expected auto or one of {', '.join(BACKENDS)}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def forced_backend() -> str:
+    return _forced[-1]
+
+
+_loaded: dict[str, ModuleType | BackendUnavailable] = {}
+
+
+def _load(name: str) -> ModuleType:
+    if name not in _loaded:
+        try:
+            _loaded[name] = _import_backend(name)
+        except BackendUnavailable as err:
+            _loaded[name] = err
+    found = _loaded[name]
+    if isinstance(found, BackendUnavailable):
+        raise found
+    return found
+
+
+def _import_backend(name: str) -> ModuleType:
+    if name in ("cpu", "cuda"):
+        try:
+            from internlm_fast import _C
+        except ImportError as err:
+            raise BackendUnavailable(
+                f"backend {name!r}: the native extension internlm_fast._C is not built or does not "
+                f"load ({err}). Build it with `pip install --no-build-isolation .` against the "
+                "installed torch."
+            ) from err
+        if name == "cuda" and not _C.with_cuda:
+            raise BackendUnavailable(
+                "backend 'cuda': internlm_fast._C was built without CUDA (CPU torch or no nvcc); "
+                "rebuild with a CUDA torch and INTERNLM_FAST_CUDA=1"
+            )
+        return getattr(_C, name)
+    try:
+        return importlib.import_module("internlm_fast.triton_kernels")
+    except ImportError as err:
+        raise BackendUnavailable(f"backend 'triton': Triton is not installed ({err}); pip install triton") from err
+
+
+def available(name: str) -> bool:
+    """Whether backend `name` is built and importable (not whether it suits a given device)."""
+    if name == "ref":
+        return True
+    try:
+        _load(name)
+    except BackendUnavailable:
+        return False
+    return True
+
+
+def select(op: str, x: torch.Tensor) -> str:
+    """The backend that runs `op` on tensors living where `x` lives. Every backend names an op's
+    kernels `{op}_fwd` (and `{op}_bwd`), with the same arguments in every backend."""
+    name = _forced[-1]
+    device = x.device.type
+    if name == "auto":
+        name = "cuda" if device == "cuda" else "cpu"
+        if device not in ("cpu", "cuda"):
+            raise BackendUnavailable(f"{op}: no backend for tensors on device {x.device}")
+    if name == "cpu" and device != "cpu":
+        raise BackendUnavailable(f"{op}: backend 'cpu' was forced but the inputs are on {x.device}")
+    if name == "cuda" and device != "cuda":
+        raise BackendUnavailable(f"{op}: backend 'cuda' was forced but the inputs are on {x.device}")
+    if name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailable(
+            f"{op}: backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before Python starts"
+        )
+    if name != "ref" and not hasattr(_load(name), f"{op}_fwd"):
+        raise BackendUnavailable(f"{op}: backend {name!r} has no kernel for this op")
+    return name
+
+
+def kernels(name: str) -> ModuleType:
+    """The module holding backend `name`'s kernels (same function names in every backend)."""
+    return _load(name)
