@@ -113,15 +113,16 @@ def rms_norm(
     With `residual`, normalises ``x + residual`` in one pass and returns ``(y, x + residual)``.
     """
     eps = _check(x, weight, eps, residual)
+    x, weight = _checks.last_dim_contiguous("x", x), _checks.last_dim_contiguous("weight", weight)
+    if residual is not None:
+        residual = _checks.last_dim_contiguous("residual", residual)
     impl = backend.select("rms_norm", x)
     if impl == "ref":
         return rms_norm_ref(x, weight, eps, residual)
     shape = x.shape
-    x2 = _checks.last_dim_contiguous("x", x).view(-1, shape[-1])
-    w = _checks.last_dim_contiguous("weight", weight)
+    x2 = x.view(-1, shape[-1])
     if residual is None:
-        y, _ = _fwd(x2, w, eps, impl)
+        y, _ = _fwd(x2, weight, eps, impl)
         return y.view(shape)
-    r2 = _checks.last_dim_contiguous("residual", residual).view(-1, shape[-1])
-    y, s, _ = _add_fwd(x2, r2, w, eps, impl)
+    y, s, _ = _add_fwd(x2, residual.view(-1, shape[-1]), weight, eps, impl)
     return y.view(shape), s.view(shape)
