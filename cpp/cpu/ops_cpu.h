@@ -19,4 +19,16 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
                                      const at::Tensor& weight, const at::Tensor& rstd,
                                      const std::optional<at::Tensor>& dresidual_out);
 
+// Flash attention over packed sequences: q (total_q, Hq, D), k/v (total_k, Hk, D), last dim
+// contiguous, other strides free; cu_seqlens int32 (batch+1). Returns (out (total_q, Hq, D), lse
+// (Hq, total_q) fp32, natural log of the scaled scores' sum; +inf for a row that sees no key).
+std::vector<at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                       double softmax_scale, bool causal);
+// Returns (dq, dk, dv) in the inputs' dtype; GQA gradients are summed into the shared kv heads.
+std::vector<at::Tensor> flash_attn_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                       double softmax_scale, bool causal);
+
 }  // namespace ifast::cpu

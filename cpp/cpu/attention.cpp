@@ -1,0 +1,387 @@
+// Flash attention on the CPU: the tiled online-softmax algorithm (FlashAttention-2), forward and
+// backward, over packed sequences (a dense batch is the case of equal lengths).
+//
+// Forward: one task per (sequence, query head, block of query rows). A task streams the keys in
+// blocks: S = Q K^T against K packed into panels, a running max and sum per row (exp2 of
+// log2-scaled scores), O += P V. Backward: one task per (sequence, kv head), so dK and dV of a key
+// block and dQ of the sequence are private to the task (no atomics, deterministic); P is rebuilt
+// from the saved log-sum-exp, never stored. Memory is O(seqlen): no seqlen x seqlen matrix exists.
+// All arithmetic is fp32; bf16/fp16 inputs are widened once up front.
+// Reference: internlm_fast/ops/attention.py::attention_ref.
+#include "attention_tiles.h"
+#include "common.h"
+#include "ops_cpu.h"
+#include "output_allocator.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace ifast::cpu {
+namespace {
+
+using attn::exp2_approx;
+using attn::kPanel;
+
+constexpr int kBlockQ = 64;
+constexpr int kBlockK = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// fp32 rows of a (tokens, heads, D) tensor: the tensor itself when it is fp32, else a widened copy.
+struct Rows {
+  at::Tensor t;
+  const float* p;
+  int64_t ld_t, ld_h;
+  const float* at(int64_t token, int64_t head) const { return p + token * ld_t + head * ld_h; }
+};
+
+Rows f32_rows(const at::Tensor& x) {
+  at::Tensor t = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  return {t, t.const_data_ptr<float>(), t.stride(0), t.stride(1)};
+}
+
+// Sequence boundaries and the block index where each sequence's keys start in a PackedKeys.
+struct Seqs {
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  int batch;
+  std::vector<int64_t> kblock0;
+  int64_t nkblocks = 0;
+
+  Seqs(const at::Tensor& cq, const at::Tensor& ck)
+      : cu_q(cq.const_data_ptr<int32_t>()), cu_k(ck.const_data_ptr<int32_t>()), batch(int(cq.numel() - 1)) {
+    kblock0.resize(batch + 1);
+    for (int b = 0; b < batch; ++b) {
+      kblock0[b] = nkblocks;
+      nkblocks += (lk(b) + kBlockK - 1) / kBlockK;
+    }
+    kblock0[batch] = nkblocks;
+  }
+  int lq(int b) const { return cu_q[b + 1] - cu_q[b]; }
+  int lk(int b) const { return cu_k[b + 1] - cu_k[b]; }
+};
+
+// Every (kv head, key block) packed into kPanel-column panels once, shared by all the query heads
+// of the group and all query blocks: packing per task would redo it for each of them.
+struct PackedKeys {
+  at::Tensor buf;
+  const float* p;
+  int64_t block_elems;
+  int64_t nblocks;
+  const float* block(int hk, int64_t blk) const { return p + (hk * nblocks + blk) * block_elems; }
+};
+
+PackedKeys pack_keys(const Rows& k, const Seqs& s, int Hk, int D) {
+  const int64_t block_elems = int64_t(kBlockK) * D;  // kBlockK is a multiple of kPanel
+  at::Tensor buf = empty_output({std::max<int64_t>(1, Hk * s.nkblocks * block_elems)}, at::kFloat);
+  float* p = buf.mutable_data_ptr<float>();
+  at::parallel_for(0, Hk * s.nkblocks, 1, [&](int64_t i0, int64_t i1) {
+    int b = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int hk = int(i / s.nkblocks);
+      const int64_t blk = i % s.nkblocks;
+      b = int(std::upper_bound(s.kblock0.begin(), s.kblock0.end(), blk) - s.kblock0.begin()) - 1;
+      const int j0 = int(blk - s.kblock0[b]) * kBlockK;
+      const int n = std::min(kBlockK, s.lk(b) - j0);
+      attn::pack_k(k.at(s.cu_k[b] + j0, hk), k.ld_t, n, D, p + i * block_elems);
+    }
+  });
+  return {buf, p, block_elems, s.nkblocks};
+}
+
+// Runs fn(task_index) for every task on all threads, handing tasks out one at a time (tasks differ
+// in cost under a causal mask, so a static split would leave a thread idle).
+template <typename Fn>
+void run_tasks(int64_t ntasks, Fn&& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    auto state = fn.make_state();
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < ntasks;) fn(t, state);
+  });
+}
+
+// Causal visibility, bottom-right aligned: query row i sees keys j <= i + diag, diag = lk - lq.
+inline int visible(bool causal, int i, int diag, int j0, int n) {
+  return causal ? std::clamp(i + diag - j0 + 1, 0, n) : n;
+}
+
+template <typename T>
+struct Forward {
+  const Rows &q, &v;
+  const PackedKeys& kp;
+  const Seqs& s;
+  int D, Hq, group;
+  float qscale;
+  bool causal;
+  T* out;
+  float* lse;
+  int64_t total_q;
+  struct Task {
+    int b, h, q0;
+  };
+  std::vector<Task> tasks;
+
+  struct State {
+    std::vector<float> Qb, Ob, S, m, l;
+  };
+  State make_state() const {
+    return {std::vector<float>(kBlockQ * D), std::vector<float>(kBlockQ * D), std::vector<float>(kBlockQ * kBlockK),
+            std::vector<float>(kBlockQ), std::vector<float>(kBlockQ)};
+  }
+
+  void plan() {
+    std::vector<std::pair<int64_t, Task>> costed;
+    for (int b = 0; b < s.batch; ++b)
+      for (int q0 = 0; q0 < s.lq(b); q0 += kBlockQ) {
+        const int rows = std::min(kBlockQ, s.lq(b) - q0);
+        const int64_t kv_end = causal ? std::clamp(q0 + rows + s.lk(b) - s.lq(b), 0, s.lk(b)) : s.lk(b);
+        for (int h = 0; h < Hq; ++h) costed.push_back({(kv_end + 1) * rows, {b, h, q0}});
+      }
+    // longest first, so the last tasks to finish are short ones
+    std::stable_sort(costed.begin(), costed.end(), [](auto& a, auto& b) { return a.first > b.first; });
+    for (auto& c : costed) tasks.push_back(c.second);
+  }
+
+  void operator()(int64_t t, State& st) const {
+    const auto [b, h, q0] = tasks[t];
+    const int hk = h / group, lq = s.lq(b), lk = s.lk(b), diag = lk - lq;
+    const int rows = std::min(kBlockQ, lq - q0);
+    const int kv_end = causal ? std::clamp(q0 + rows + diag, 0, lk) : lk;
+    float *Qb = st.Qb.data(), *Ob = st.Ob.data(), *S = st.S.data(), *m = st.m.data(), *l = st.l.data();
+    for (int r = 0; r < rows; ++r) {
+      const float* src = q.at(s.cu_q[b] + q0 + r, h);
+#pragma omp simd
+      for (int d = 0; d < D; ++d) Qb[r * D + d] = src[d] * qscale;
+    }
+    std::fill(Ob, Ob + rows * D, 0.f);
+    std::fill(m, m + rows, kNegInf);
+    std::fill(l, l + rows, 0.f);
+    const int64_t blk0 = s.kblock0[b];
+    for (int j0 = 0; j0 < kv_end; j0 += kBlockK) {
+      const int n = std::min(kBlockK, kv_end - j0);
+      attn::qk_block(Qb, D, rows, kp.block(hk, blk0 + j0 / kBlockK), n, D, S, kBlockK);
+      for (int r = 0; r < rows; ++r) {
+        float* sr = S + r * kBlockK;
+        const int valid = visible(causal, q0 + r, diag, j0, n);
+        float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+        for (int c = 0; c < valid; ++c) mx = std::max(mx, sr[c]);
+        const float m_new = std::max(m[r], mx);
+        if (m_new == kNegInf) {  // nothing visible to this row yet
+          std::fill(sr, sr + n, 0.f);
+          continue;
+        }
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int c = 0; c < valid; ++c) {
+          const float p = exp2_approx(sr[c] - m_new);
+          sr[c] = p;
+          sum += p;
+        }
+        std::fill(sr + valid, sr + n, 0.f);
+        const float alpha = exp2_approx(m[r] - m_new);  // 0 when m[r] = -inf
+        if (alpha != 1.f) {
+          float* o = Ob + r * D;
+#pragma omp simd
+          for (int d = 0; d < D; ++d) o[d] *= alpha;
+        }
+        l[r] = l[r] * alpha + sum;
+        m[r] = m_new;
+      }
+      attn::pv_block(S, kBlockK, 1, rows, v.at(s.cu_k[b] + j0, hk), v.ld_t, n, D, Ob, D);
+    }
+    for (int r = 0; r < rows; ++r) {
+      const int64_t row = s.cu_q[b] + q0 + r;
+      T* o = out + (row * Hq + h) * D;
+      // flash-attn's convention for a row that sees no key: output 0, lse +inf
+      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) store(o, d, Ob[r * D + d] * inv);
+      lse[h * total_q + row] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kInf;
+    }
+  }
+};
+
+template <typename T>
+struct Backward {
+  const Rows &q, &k, &dout;
+  const PackedKeys &kp, &vp;
+  const Seqs& s;
+  const float* lse;    // (Hq, total_q)
+  const float* delta;  // (total_q, Hq): rowsum(dout * out)
+  int D, Hq, Hk, group;
+  float scale;
+  bool causal;
+  int64_t total_q;
+  T *dq, *dk, *dv;
+
+  struct State {
+    std::vector<float> P, dS, dK, dV, dQ;
+  };
+  State make_state() const {
+    return {std::vector<float>(kBlockQ * kBlockK), std::vector<float>(kBlockQ * kBlockK),
+            std::vector<float>(kBlockK * D), std::vector<float>(kBlockK * D), {}};
+  }
+
+  void operator()(int64_t t, State& st) const {
+    const int b = int(t / Hk), hk = int(t % Hk);
+    const int lq = s.lq(b), lk = s.lk(b), diag = lk - lq;
+    const float c = scale * kLog2e;
+    float *P = st.P.data(), *dS = st.dS.data(), *dK = st.dK.data(), *dV = st.dV.data();
+    st.dQ.assign(size_t(lq) * group * D, 0.f);  // [row][head of group][D]
+    float* dQ = st.dQ.data();
+    const int64_t blk0 = s.kblock0[b];
+    for (int j0 = 0; j0 < lk; j0 += kBlockK) {
+      const int n = std::min(kBlockK, lk - j0);
+      std::fill(dK, dK + n * D, 0.f);
+      std::fill(dV, dV + n * D, 0.f);
+      const float* Kj = k.at(s.cu_k[b] + j0, hk);
+      const float* Kpanels = kp.block(hk, blk0 + j0 / kBlockK);
+      const float* Vpanels = vp.block(hk, blk0 + j0 / kBlockK);
+      // the first query row that sees key j0
+      const int i_lo = causal ? std::clamp(j0 - diag, 0, lq) : 0;
+      for (int hh = 0; hh < group; ++hh) {
+        const int h = hk * group + hh;
+        for (int i0 = i_lo / kBlockQ * kBlockQ; i0 < lq; i0 += kBlockQ) {
+          const int rows = std::min(kBlockQ, lq - i0);
+          const int64_t row0 = s.cu_q[b] + i0;
+          const float* Qi = q.at(row0, h);
+          const float* dOi = dout.at(row0, h);
+          attn::qk_block(Qi, q.ld_t, rows, Kpanels, n, D, P, kBlockK);
+          attn::qk_block(dOi, dout.ld_t, rows, Vpanels, n, D, dS, kBlockK);  // dP = dO V^T
+          for (int r = 0; r < rows; ++r) {
+            const int valid = visible(causal, i0 + r, diag, j0, n);
+            const float l2 = lse[h * total_q + row0 + r] * kLog2e;
+            const float di = delta[(row0 + r) * Hq + h];
+            float* pr = P + r * kBlockK;
+            float* dsr = dS + r * kBlockK;
+#pragma omp simd
+            for (int j = 0; j < valid; ++j) {
+              const float p = exp2_approx(pr[j] * c - l2);
+              pr[j] = p;
+              dsr[j] = p * (dsr[j] - di);
+            }
+            std::fill(pr + valid, pr + n, 0.f);
+            std::fill(dsr + valid, dsr + n, 0.f);
+          }
+          attn::pv_block(P, 1, kBlockK, n, dOi, dout.ld_t, rows, D, dV, D);   // dV += P^T dO
+          attn::pv_block(dS, 1, kBlockK, n, Qi, q.ld_t, rows, D, dK, D);      // dK += dS^T Q
+          attn::pv_block(dS, kBlockK, 1, rows, Kj, k.ld_t, n, D, dQ + (int64_t(i0) * group + hh) * D,
+                         int64_t(group) * D);                                  // dQ += dS K
+        }
+      }
+      for (int r = 0; r < n; ++r) {
+        const int64_t row = s.cu_k[b] + j0 + r;
+        T* dkr = dk + (row * Hk + hk) * D;
+        T* dvr = dv + (row * Hk + hk) * D;
+#pragma omp simd
+        for (int d = 0; d < D; ++d) {
+          store(dkr, d, dK[r * D + d] * scale);
+          store(dvr, d, dV[r * D + d]);
+        }
+      }
+    }
+    for (int i = 0; i < lq; ++i)
+      for (int hh = 0; hh < group; ++hh) {
+        T* dqr = dq + ((s.cu_q[b] + int64_t(i)) * Hq + hk * group + hh) * D;
+        const float* src = dQ + (int64_t(i) * group + hh) * D;
+#pragma omp simd
+        for (int d = 0; d < D; ++d) store(dqr, d, src[d] * scale);
+      }
+  }
+};
+
+void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                const at::Tensor& cu_k) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "flash_attn: q, k, v must be (tokens, heads, D)");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "flash_attn: last dim must be contiguous");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(2) == k.size(2) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "flash_attn: shapes");
+  TORCH_CHECK(q.size(2) % 8 == 0, "flash_attn: head_dim must be a multiple of 8");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "flash_attn: dtypes");
+  TORCH_CHECK(cu_q.scalar_type() == at::kInt && cu_k.scalar_type() == at::kInt && cu_q.is_contiguous() &&
+                  cu_k.is_contiguous() && cu_q.numel() == cu_k.numel() && cu_q.numel() >= 1,
+              "flash_attn: cu_seqlens");
+}
+
+#define IFAST_DISPATCH_ATTN(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, [&] { \
+    if constexpr (std::is_same_v<scalar_t, double>) {                         \
+      TORCH_CHECK(false, NAME ": fp64 is not supported by the cpu backend"); \
+    } else {                                                                  \
+      __VA_ARGS__();                                                          \
+    }                                                                         \
+  })
+
+}  // namespace
+
+std::vector<at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                       double softmax_scale, bool causal) {
+  check_args(q, k, v, cu_seqlens_q, cu_seqlens_k);
+  const int64_t total_q = q.size(0);
+  const int Hq = int(q.size(1)), Hk = int(k.size(1)), D = int(q.size(2));
+  at::Tensor out = empty_output({total_q, Hq, D}, q.scalar_type());
+  at::Tensor lse = at::empty({Hq, total_q}, q.options().dtype(at::kFloat));
+  const Seqs s(cu_seqlens_q, cu_seqlens_k);
+  const Rows qf = f32_rows(q), kf = f32_rows(k), vf = f32_rows(v);
+  const PackedKeys kp = pack_keys(kf, s, Hk, D);
+  IFAST_DISPATCH_ATTN(q.scalar_type(), "flash_attn_fwd", [&] {
+    Forward<scalar_t> fwd{qf, vf, kp, s, D, Hq, Hq / Hk, float(softmax_scale) * kLog2e, causal,
+                          out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(), total_q, {}};
+    fwd.plan();
+    struct Runner {
+      Forward<scalar_t>& f;
+      auto make_state() const { return f.make_state(); }
+      void operator()(int64_t t, typename Forward<scalar_t>::State& st) const { f(t, st); }
+    } runner{fwd};
+    run_tasks(int64_t(fwd.tasks.size()), runner);
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> flash_attn_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                       double softmax_scale, bool causal) {
+  check_args(q, k, v, cu_seqlens_q, cu_seqlens_k);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.stride(2) == 1,
+              "flash_attn_bwd: dout and out must match q");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.size(0) == q.size(0 + 1) &&
+                  lse.size(1) == q.size(0),
+              "flash_attn_bwd: lse must be fp32 (heads, total_q)");
+  const int64_t total_q = q.size(0);
+  const int Hq = int(q.size(1)), Hk = int(k.size(1)), D = int(q.size(2));
+  const Seqs s(cu_seqlens_q, cu_seqlens_k);
+  const Rows qf = f32_rows(q), kf = f32_rows(k), vf = f32_rows(v), df = f32_rows(dout);
+  // delta_i = sum_d dO_i * O_i, the softmax-backward correction of row i
+  at::Tensor delta = at::mul(df.t, out.to(at::kFloat)).sum(-1).contiguous();
+  const PackedKeys kp = pack_keys(kf, s, Hk, D), vp = pack_keys(vf, s, Hk, D);
+  at::Tensor dq = empty_output(q.sizes(), q.scalar_type());
+  at::Tensor dk = empty_output(k.sizes(), k.scalar_type());
+  at::Tensor dv = empty_output(v.sizes(), v.scalar_type());
+  IFAST_DISPATCH_ATTN(q.scalar_type(), "flash_attn_bwd", [&] {
+    Backward<scalar_t> bwd{qf, kf, df, kp, vp, s, lse.const_data_ptr<float>(), delta.const_data_ptr<float>(),
+                           D, Hq, Hk, Hq / Hk, float(softmax_scale), causal, total_q,
+                           dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
+                           dv.mutable_data_ptr<scalar_t>()};
+    struct Runner {
+      const Backward<scalar_t>& f;
+      auto make_state() const { return f.make_state(); }
+      void operator()(int64_t t, typename Backward<scalar_t>::State& st) const { f(t, st); }
+    } runner{bwd};
+    run_tasks(int64_t(s.batch) * Hk, runner);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace ifast::cpu
