@@ -8,8 +8,7 @@
 // from the saved log-sum-exp, never stored. Memory is O(seqlen): no seqlen x seqlen matrix exists.
 // All arithmetic is fp32; bf16/fp16 inputs are widened once up front.
 // Reference: internlm_fast/ops/attention.py::attention_ref.
-#include "attention_tiles.h"
-#include "common.h"
+#include "attention_common.h"
 #include "ops_cpu.h"
 #include "output_allocator.h"
 
@@ -26,49 +25,7 @@
 namespace ifast::cpu {
 namespace {
 
-using attn::exp2_approx;
-using attn::kPanel;
-
-constexpr int kBlockQ = 64;
-constexpr int kBlockK = 128;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// fp32 rows of a (tokens, heads, D) tensor: the tensor itself when it is fp32, else a widened copy.
-struct Rows {
-  at::Tensor t;
-  const float* p;
-  int64_t ld_t, ld_h;
-  const float* at(int64_t token, int64_t head) const { return p + token * ld_t + head * ld_h; }
-};
-
-Rows f32_rows(const at::Tensor& x) {
-  at::Tensor t = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  return {t, t.const_data_ptr<float>(), t.stride(0), t.stride(1)};
-}
-
-// Sequence boundaries and the block index where each sequence's keys start in a PackedKeys.
-struct Seqs {
-  const int32_t* cu_q;
-  const int32_t* cu_k;
-  int batch;
-  std::vector<int64_t> kblock0;
-  int64_t nkblocks = 0;
-
-  Seqs(const at::Tensor& cq, const at::Tensor& ck)
-      : cu_q(cq.const_data_ptr<int32_t>()), cu_k(ck.const_data_ptr<int32_t>()), batch(int(cq.numel() - 1)) {
-    kblock0.resize(batch + 1);
-    for (int b = 0; b < batch; ++b) {
-      kblock0[b] = nkblocks;
-      nkblocks += (lk(b) + kBlockK - 1) / kBlockK;
-    }
-    kblock0[batch] = nkblocks;
-  }
-  int lq(int b) const { return cu_q[b + 1] - cu_q[b]; }
-  int lk(int b) const { return cu_k[b + 1] - cu_k[b]; }
-};
+using namespace attn;
 
 // Every (kv head, key block) packed into kPanel-column panels once, shared by all the query heads
 // of the group and all query blocks: packing per task would redo it for each of them.
@@ -92,26 +49,10 @@ PackedKeys pack_keys(const Rows& k, const Seqs& s, int Hk, int D) {
       b = int(std::upper_bound(s.kblock0.begin(), s.kblock0.end(), blk) - s.kblock0.begin()) - 1;
       const int j0 = int(blk - s.kblock0[b]) * kBlockK;
       const int n = std::min(kBlockK, s.lk(b) - j0);
-      attn::pack_k(k.at(s.cu_k[b] + j0, hk), k.ld_t, n, D, p + i * block_elems);
+      pack_k(k.at(s.k0[b] + j0, hk), k.ld_t, n, D, p + i * block_elems);
     }
   });
   return {buf, p, block_elems, s.nkblocks};
-}
-
-// Runs fn(task_index) for every task on all threads, handing tasks out one at a time (tasks differ
-// in cost under a causal mask, so a static split would leave a thread idle).
-template <typename Fn>
-void run_tasks(int64_t ntasks, Fn&& fn) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    auto state = fn.make_state();
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < ntasks;) fn(t, state);
-  });
-}
-
-// Causal visibility, bottom-right aligned: query row i sees keys j <= i + diag, diag = lk - lq.
-inline int visible(bool causal, int i, int diag, int j0, int n) {
-  return causal ? std::clamp(i + diag - j0 + 1, 0, n) : n;
 }
 
 template <typename T>
@@ -158,7 +99,7 @@ struct Forward {
     const int kv_end = causal ? std::clamp(q0 + rows + diag, 0, lk) : lk;
     float *Qb = st.Qb.data(), *Ob = st.Ob.data(), *S = st.S.data(), *m = st.m.data(), *l = st.l.data();
     for (int r = 0; r < rows; ++r) {
-      const float* src = q.at(s.cu_q[b] + q0 + r, h);
+      const float* src = q.at(s.q0[b] + q0 + r, h);
 #pragma omp simd
       for (int d = 0; d < D; ++d) Qb[r * D + d] = src[d] * qscale;
     }
@@ -168,7 +109,7 @@ struct Forward {
     const int64_t blk0 = s.kblock0[b];
     for (int j0 = 0; j0 < kv_end; j0 += kBlockK) {
       const int n = std::min(kBlockK, kv_end - j0);
-      attn::qk_block(Qb, D, rows, kp.block(hk, blk0 + j0 / kBlockK), n, D, S, kBlockK);
+      qk_block(Qb, D, rows, kp.block(hk, blk0 + j0 / kBlockK), n, D, S, kBlockK);
       for (int r = 0; r < rows; ++r) {
         float* sr = S + r * kBlockK;
         const int valid = visible(causal, q0 + r, diag, j0, n);
@@ -197,10 +138,10 @@ struct Forward {
         l[r] = l[r] * alpha + sum;
         m[r] = m_new;
       }
-      attn::pv_block(S, kBlockK, 1, rows, v.at(s.cu_k[b] + j0, hk), v.ld_t, n, D, Ob, D);
+      pv_block(S, kBlockK, 1, rows, v.at(s.k0[b] + j0, hk), v.ld_t, n, D, Ob, D);
     }
     for (int r = 0; r < rows; ++r) {
-      const int64_t row = s.cu_q[b] + q0 + r;
+      const int64_t row = s.q0[b] + q0 + r;
       T* o = out + (row * Hq + h) * D;
       // flash-attn's convention for a row that sees no key: output 0, lse +inf
       const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
@@ -244,7 +185,7 @@ struct Backward {
       const int n = std::min(kBlockK, lk - j0);
       std::fill(dK, dK + n * D, 0.f);
       std::fill(dV, dV + n * D, 0.f);
-      const float* Kj = k.at(s.cu_k[b] + j0, hk);
+      const float* Kj = k.at(s.k0[b] + j0, hk);
       const float* Kpanels = kp.block(hk, blk0 + j0 / kBlockK);
       const float* Vpanels = vp.block(hk, blk0 + j0 / kBlockK);
       // the first query row that sees key j0
@@ -253,11 +194,11 @@ struct Backward {
         const int h = hk * group + hh;
         for (int i0 = i_lo / kBlockQ * kBlockQ; i0 < lq; i0 += kBlockQ) {
           const int rows = std::min(kBlockQ, lq - i0);
-          const int64_t row0 = s.cu_q[b] + i0;
+          const int64_t row0 = s.q0[b] + i0;
           const float* Qi = q.at(row0, h);
           const float* dOi = dout.at(row0, h);
-          attn::qk_block(Qi, q.ld_t, rows, Kpanels, n, D, P, kBlockK);
-          attn::qk_block(dOi, dout.ld_t, rows, Vpanels, n, D, dS, kBlockK);  // dP = dO V^T
+          qk_block(Qi, q.ld_t, rows, Kpanels, n, D, P, kBlockK);
+          qk_block(dOi, dout.ld_t, rows, Vpanels, n, D, dS, kBlockK);  // dP = dO V^T
           for (int r = 0; r < rows; ++r) {
             const int valid = visible(causal, i0 + r, diag, j0, n);
             const float l2 = lse[h * total_q + row0 + r] * kLog2e;
@@ -273,14 +214,14 @@ struct Backward {
             std::fill(pr + valid, pr + n, 0.f);
             std::fill(dsr + valid, dsr + n, 0.f);
           }
-          attn::pv_block(P, 1, kBlockK, n, dOi, dout.ld_t, rows, D, dV, D);   // dV += P^T dO
-          attn::pv_block(dS, 1, kBlockK, n, Qi, q.ld_t, rows, D, dK, D);      // dK += dS^T Q
-          attn::pv_block(dS, kBlockK, 1, rows, Kj, k.ld_t, n, D, dQ + (int64_t(i0) * group + hh) * D,
+          pv_block(P, 1, kBlockK, n, dOi, dout.ld_t, rows, D, dV, D);   // dV += P^T dO
+          pv_block(dS, 1, kBlockK, n, Qi, q.ld_t, rows, D, dK, D);      // dK += dS^T Q
+          pv_block(dS, kBlockK, 1, rows, Kj, k.ld_t, n, D, dQ + (int64_t(i0) * group + hh) * D,
                          int64_t(group) * D);                                  // dQ += dS K
         }
       }
       for (int r = 0; r < n; ++r) {
-        const int64_t row = s.cu_k[b] + j0 + r;
+        const int64_t row = s.k0[b] + j0 + r;
         T* dkr = dk + (row * Hk + hk) * D;
         T* dvr = dv + (row * Hk + hk) * D;
 #pragma omp simd
@@ -292,7 +233,7 @@ struct Backward {
     }
     for (int i = 0; i < lq; ++i)
       for (int hh = 0; hh < group; ++hh) {
-        T* dqr = dq + ((s.cu_q[b] + int64_t(i)) * Hq + hk * group + hh) * D;
+        T* dqr = dq + ((s.q0[b] + int64_t(i)) * Hq + hk * group + hh) * D;
         const float* src = dQ + (int64_t(i) * group + hh) * D;
 #pragma omp simd
         for (int d = 0; d < D; ++d) store(dqr, d, src[d] * scale);
@@ -332,19 +273,14 @@ std::vector<at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k,
   const int Hq = int(q.size(1)), Hk = int(k.size(1)), D = int(q.size(2));
   at::Tensor out = empty_output({total_q, Hq, D}, q.scalar_type());
   at::Tensor lse = at::empty({Hq, total_q}, q.options().dtype(at::kFloat));
-  const Seqs s(cu_seqlens_q, cu_seqlens_k);
+  const Seqs s = Seqs::varlen(cu_seqlens_q, cu_seqlens_k);
   const Rows qf = f32_rows(q), kf = f32_rows(k), vf = f32_rows(v);
   const PackedKeys kp = pack_keys(kf, s, Hk, D);
   IFAST_DISPATCH_ATTN(q.scalar_type(), "flash_attn_fwd", [&] {
     Forward<scalar_t> fwd{qf, vf, kp, s, D, Hq, Hq / Hk, float(softmax_scale) * kLog2e, causal,
                           out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(), total_q, {}};
     fwd.plan();
-    struct Runner {
-      Forward<scalar_t>& f;
-      auto make_state() const { return f.make_state(); }
-      void operator()(int64_t t, typename Forward<scalar_t>::State& st) const { f(t, st); }
-    } runner{fwd};
-    run_tasks(int64_t(fwd.tasks.size()), runner);
+    run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
   });
   return {out, lse};
 }
@@ -361,7 +297,7 @@ std::vector<at::Tensor> flash_attn_bwd(const at::Tensor& dout, const at::Tensor&
               "flash_attn_bwd: lse must be fp32 (heads, total_q)");
   const int64_t total_q = q.size(0);
   const int Hq = int(q.size(1)), Hk = int(k.size(1)), D = int(q.size(2));
-  const Seqs s(cu_seqlens_q, cu_seqlens_k);
+  const Seqs s = Seqs::varlen(cu_seqlens_q, cu_seqlens_k);
   const Rows qf = f32_rows(q), kf = f32_rows(k), vf = f32_rows(v), df = f32_rows(dout);
   // delta_i = sum_d dO_i * O_i, the softmax-backward correction of row i
   at::Tensor delta = at::mul(df.t, out.to(at::kFloat)).sum(-1).contiguous();
@@ -374,12 +310,7 @@ std::vector<at::Tensor> flash_attn_bwd(const at::Tensor& dout, const at::Tensor&
                            D, Hq, Hk, Hq / Hk, float(softmax_scale), causal, total_q,
                            dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
                            dv.mutable_data_ptr<scalar_t>()};
-    struct Runner {
-      const Backward<scalar_t>& f;
-      auto make_state() const { return f.make_state(); }
-      void operator()(int64_t t, typename Backward<scalar_t>::State& st) const { f(t, st); }
-    } runner{bwd};
-    run_tasks(int64_t(s.batch) * Hk, runner);
+    run_tasks(int64_t(s.batch) * Hk, [&] { return bwd.make_state(); }, [&](int64_t t, auto& st) { bwd(t, st); });
   });
   return {dq, dk, dv};
 }
