@@ -20,6 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("rms_norm_bwd", &ifast::cpu::rms_norm_bwd, nogil);
   cpu.def("flash_attn_fwd", &ifast::cpu::flash_attn_fwd, nogil);
   cpu.def("flash_attn_bwd", &ifast::cpu::flash_attn_bwd, nogil);
+  cpu.def("flash_attn_kvcache_fwd", &ifast::cpu::flash_attn_kvcache_fwd, nogil);
 
 #ifdef IFAST_WITH_CUDA
   m.attr("with_cuda") = true;

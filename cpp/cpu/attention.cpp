@@ -15,6 +15,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/copy.h>
 
 #include <algorithm>
 #include <atomic>
@@ -313,6 +314,48 @@ std::vector<at::Tensor> flash_attn_bwd(const at::Tensor& dout, const at::Tensor&
     run_tasks(int64_t(s.batch) * Hk, [&] { return bwd.make_state(); }, [&](int64_t t, auto& st) { bwd(t, st); });
   });
   return {dq, dk, dv};
+}
+
+std::vector<at::Tensor> flash_attn_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache,
+                                               const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                                               double softmax_scale, bool causal) {
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  q.size(0) == k_cache.size(0) && q.size(3) == k_cache.size(3) && q.size(3) % 8 == 0 &&
+                  k_cache.size(2) > 0 && q.size(2) % k_cache.size(2) == 0,
+              "flash_attn_with_kvcache: shapes");
+  TORCH_CHECK(q.stride(3) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "flash_attn_with_kvcache: last dim must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "flash_attn_with_kvcache: dtypes");
+  TORCH_CHECK(cache_lens.scalar_type() == at::kInt && cache_lens.is_contiguous() &&
+                  cache_lens.numel() == q.size(0),
+              "flash_attn_with_kvcache: cache_seqlens");
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
+  at::Tensor out = empty_output({B, Sq, Hq, D}, q.scalar_type());
+  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  // a few query tokens: bound by reading the cache, so read it in place (decode_splitkv); a long
+  // chunk of new tokens (prefill into a cache): the blocked kernel, whose packing pays off
+  if (Sq <= 16) {
+    decode_splitkv(q, k_cache, v_cache, cache_lens, softmax_scale, causal, out, lse);
+    return {out, lse};
+  }
+  const int64_t Sc = k_cache.size(1), Hk = k_cache.size(2);
+  auto rows_view = [](const at::Tensor& t) {  // (B, S, H, D) -> (B*S, H, D), copying only if it must
+    const at::Tensor c = t.stride(0) == t.size(1) * t.stride(1) ? t : t.contiguous();
+    return c.as_strided({c.size(0) * c.size(1), c.size(2), c.size(3)}, {c.stride(1), c.stride(2), 1});
+  };
+  const Rows qf = f32_rows(rows_view(q)), kf = f32_rows(rows_view(k_cache)), vf = f32_rows(rows_view(v_cache));
+  const Seqs s = Seqs::cache(int(B), int(Sq), Sc, cache_lens);
+  const PackedKeys kp = pack_keys(kf, s, int(Hk), int(D));
+  at::Tensor lse_rows = at::empty({Hq, B * Sq}, q.options().dtype(at::kFloat));
+  IFAST_DISPATCH_ATTN(q.scalar_type(), "flash_attn_with_kvcache", [&] {
+    Forward<scalar_t> fwd{qf, vf, kp, s, int(D), int(Hq), int(Hq / Hk), float(softmax_scale) * kLog2e, causal,
+                          out.mutable_data_ptr<scalar_t>(), lse_rows.mutable_data_ptr<float>(), B * Sq, {}};
+    fwd.plan();
+    run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
+  });
+  lse.copy_(lse_rows.view({Hq, B, Sq}).transpose(0, 1));
+  return {out, lse};
 }
 
 }  // namespace ifast::cpu

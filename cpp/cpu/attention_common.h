@@ -97,4 +97,9 @@ inline int visible(bool causal, int i, int diag, int j0, int n) {
   return causal ? std::clamp(i + diag - j0 + 1, 0, n) : n;
 }
 
+// Decoding path (attention_decode.cpp): q (B, Sq, Hq, D) against caches (B, cache_len, Hk, D) holding
+// lens[b] valid keys; writes out (B, Sq, Hq, D) and lse (B, Hq, Sq).
+void decode_splitkv(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& lens, double softmax_scale, bool causal, at::Tensor& out, at::Tensor& lse);
+
 }  // namespace ifast::cpu::attn

@@ -30,5 +30,11 @@ std::vector<at::Tensor> flash_attn_bwd(const at::Tensor& dout, const at::Tensor&
                                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                        double softmax_scale, bool causal);
+// Attention of q (B, Sq, Hq, D) against KV caches (B, cache_len, Hk, D) of which the first
+// cache_lens[b] (int32) rows are valid (the new tokens already appended); causal aligned to the end.
+// Returns (out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32).
+std::vector<at::Tensor> flash_attn_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache,
+                                               const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                                               double softmax_scale, bool causal);
 
 }  // namespace ifast::cpu
