@@ -18,6 +18,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("output_cache_stats", &ifast::cpu::output_cache_stats);
   cpu.def("rms_norm_fwd", &ifast::cpu::rms_norm_fwd, nogil);
   cpu.def("rms_norm_bwd", &ifast::cpu::rms_norm_bwd, nogil);
+  cpu.def("rotary_fwd", &ifast::cpu::rotary_fwd, nogil, py::arg("x"), py::arg("cos"), py::arg("sin"),
+          py::arg("seqlen_offsets"), py::arg("cu_seqlens"), py::arg("interleaved"), py::arg("conjugate"),
+          py::arg("out"));
+  cpu.def("rotary_bwd", &ifast::cpu::rotary_bwd, nogil, py::arg("x"), py::arg("cos"), py::arg("sin"),
+          py::arg("seqlen_offsets"), py::arg("cu_seqlens"), py::arg("interleaved"), py::arg("conjugate"),
+          py::arg("out"));
 
 #ifdef IFAST_WITH_CUDA
   m.attr("with_cuda") = true;

@@ -19,4 +19,17 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
                                      const at::Tensor& weight, const at::Tensor& rstd,
                                      const std::optional<at::Tensor>& dresidual_out);
 
+// Rotary embedding (flash-attn's apply_rotary): x (batch, seqlen, heads, d), or (total, heads, d)
+// with cu_seqlens int32 (batch + 1,); last dim contiguous, other strides arbitrary. cos/sin
+// (seqlen_ro, rotary_dim / 2) contiguous, x's dtype or fp32; seqlen_offsets int64 (batch,).
+// Token t of sequence b uses row seqlen_offsets[b] + t; conjugate rotates by -angle. Writes into
+// out when given (out may be x), else into a new contiguous tensor; returns it.
+at::Tensor rotary_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      const at::Tensor& seqlen_offsets, const std::optional<at::Tensor>& cu_seqlens,
+                      bool interleaved, bool conjugate, const std::optional<at::Tensor>& out);
+// The gradient (x = dy): rotary_fwd with conjugate flipped; same arguments as the forward.
+at::Tensor rotary_bwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      const at::Tensor& seqlen_offsets, const std::optional<at::Tensor>& cu_seqlens,
+                      bool interleaved, bool conjugate, const std::optional<at::Tensor>& out);
+
 }  // namespace ifast::cpu
