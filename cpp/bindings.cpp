@@ -18,6 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("output_cache_stats", &ifast::cpu::output_cache_stats);
   cpu.def("rms_norm_fwd", &ifast::cpu::rms_norm_fwd, nogil);
   cpu.def("rms_norm_bwd", &ifast::cpu::rms_norm_bwd, nogil);
+  cpu.def("swiglu_fwd", &ifast::cpu::swiglu_fwd, nogil);
+  cpu.def("swiglu_bwd", &ifast::cpu::swiglu_bwd, nogil);
 
 #ifdef IFAST_WITH_CUDA
   m.attr("with_cuda") = true;
