@@ -31,5 +31,12 @@ at::Tensor rotary_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 at::Tensor rotary_bwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       const at::Tensor& seqlen_offsets, const std::optional<at::Tensor>& cu_seqlens,
                       bool interleaved, bool conjugate, const std::optional<at::Tensor>& out);
+// out = silu(gate) * up. gate and up: (rows, F), unit column stride, any row stride (the halves of
+// a packed (rows, 2F) tensor are passed as views). Returns a contiguous (rows, F) tensor.
+at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
+// dout contiguous (rows, F). Returns {dgate, dup}, or with packed {dx}: (rows, 2F), dgate in the
+// first F columns and dup in the last F.
+std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up,
+                                   bool packed);
 
 }  // namespace ifast::cpu

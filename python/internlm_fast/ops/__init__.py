@@ -6,6 +6,7 @@ Every op picks its backend by device (see `backend`) and checks its arguments be
 from .backend import BACKENDS, BackendUnavailable, available, use_backend
 from .rms_norm import rms_norm, rms_norm_ref
 from .rotary import apply_rotary, apply_rotary_ref
+from .swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
 
 __all__ = [
     "BACKENDS",
@@ -16,4 +17,8 @@ __all__ = [
     "rms_norm_ref",
     "apply_rotary",
     "apply_rotary_ref",
+    "swiglu",
+    "swiglu_packed",
+    "swiglu_packed_ref",
+    "swiglu_ref",
 ]
