@@ -68,7 +68,7 @@ def _extension():
 
     with_cuda = _want_cuda(torch.version.cuda, cuda_home)
     march = os.environ.get("INTERNLM_FAST_CPU_ARCH", "native")
-    cxx = ["-O3", "-fopenmp", f"-march={march}", "-fno-math-errno", "-DNDEBUG"]
+    cxx = ["-O3", "-fopenmp", f"-march={march}", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"]
     sources = ["cpp/bindings.cpp", *sorted(glob.glob("cpp/cpu/*.cpp"))]
     kwargs = dict(
         include_dirs=[os.path.join(ROOT, "cpp")],

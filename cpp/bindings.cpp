@@ -21,6 +21,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("flash_attn_fwd", &ifast::cpu::flash_attn_fwd, nogil);
   cpu.def("flash_attn_bwd", &ifast::cpu::flash_attn_bwd, nogil);
   cpu.def("flash_attn_kvcache_fwd", &ifast::cpu::flash_attn_kvcache_fwd, nogil);
+  cpu.def("rotary_fwd", &ifast::cpu::rotary_fwd, nogil, py::arg("x"), py::arg("cos"), py::arg("sin"),
+          py::arg("seqlen_offsets"), py::arg("cu_seqlens"), py::arg("interleaved"), py::arg("conjugate"),
+          py::arg("out"));
+  cpu.def("rotary_bwd", &ifast::cpu::rotary_bwd, nogil, py::arg("x"), py::arg("cos"), py::arg("sin"),
+          py::arg("seqlen_offsets"), py::arg("cu_seqlens"), py::arg("interleaved"), py::arg("conjugate"),
+          py::arg("out"));
+  cpu.def("swiglu_fwd", &ifast::cpu::swiglu_fwd, nogil);
+  cpu.def("swiglu_bwd", &ifast::cpu::swiglu_bwd, nogil);
 
 #ifdef IFAST_WITH_CUDA
   m.attr("with_cuda") = true;

@@ -1,0 +1,22 @@
+"""Triton kernels for internlm_fast: one file per op, each exposing `<op>_fwd` / `<op>_bwd` with the
+same arguments as the C++ backend (internlm_fast._C.cpu), so `internlm_fast.ops.backend` can
+swap one for the other.
+
+Installed as the package internlm_fast.triton_kernels (setup.py maps this folder there); in a
+source checkout run with PYTHONPATH=python, internlm_fast.ops.backend loads this folder under that
+same name. On CPU tensors the kernels run only in Triton's interpreter (TRITON_INTERPRET=1, set
+before triton is imported).
+"""
+
+from .rms_norm import rms_norm_bwd, rms_norm_fwd
+from .rotary import rotary_bwd, rotary_fwd
+from .swiglu import swiglu_bwd, swiglu_fwd
+
+__all__ = [
+    "rms_norm_bwd",
+    "rms_norm_fwd",
+    "rotary_bwd",
+    "rotary_fwd",
+    "swiglu_bwd",
+    "swiglu_fwd",
+]

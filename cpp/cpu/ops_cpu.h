@@ -36,5 +36,24 @@ std::vector<at::Tensor> flash_attn_bwd(const at::Tensor& dout, const at::Tensor&
 std::vector<at::Tensor> flash_attn_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache,
                                                const at::Tensor& v_cache, const at::Tensor& cache_lens,
                                                double softmax_scale, bool causal);
+// Rotary embedding (flash-attn's apply_rotary): x (batch, seqlen, heads, d), or (total, heads, d)
+// with cu_seqlens int32 (batch + 1,); last dim contiguous, other strides arbitrary. cos/sin
+// (seqlen_ro, rotary_dim / 2) contiguous, x's dtype or fp32; seqlen_offsets int64 (batch,).
+// Token t of sequence b uses row seqlen_offsets[b] + t; conjugate rotates by -angle. Writes into
+// out when given (out may be x), else into a new contiguous tensor; returns it.
+at::Tensor rotary_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      const at::Tensor& seqlen_offsets, const std::optional<at::Tensor>& cu_seqlens,
+                      bool interleaved, bool conjugate, const std::optional<at::Tensor>& out);
+// The gradient (x = dy): rotary_fwd with conjugate flipped; same arguments as the forward.
+at::Tensor rotary_bwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      const at::Tensor& seqlen_offsets, const std::optional<at::Tensor>& cu_seqlens,
+                      bool interleaved, bool conjugate, const std::optional<at::Tensor>& out);
+// out = silu(gate) * up. gate and up: (rows, F), unit column stride, any row stride (the halves of
+// a packed (rows, 2F) tensor are passed as views). Returns a contiguous (rows, F) tensor.
+at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
+// dout contiguous (rows, F). Returns {dgate, dup}, or with packed {dx}: (rows, 2F), dgate in the
+// first F columns and dup in the last F.
+std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up,
+                                   bool packed);
 
 }  // namespace ifast::cpu

@@ -5,6 +5,8 @@ Every op picks its backend by device (see `backend`) and checks its arguments be
 
 from .backend import BACKENDS, BackendUnavailable, available, use_backend
 from .rms_norm import rms_norm, rms_norm_ref
+from .rotary import apply_rotary, apply_rotary_ref
+from .swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
 
 __all__ = [
     "BACKENDS",
@@ -13,4 +15,10 @@ __all__ = [
     "use_backend",
     "rms_norm",
     "rms_norm_ref",
+    "apply_rotary",
+    "apply_rotary_ref",
+    "swiglu",
+    "swiglu_packed",
+    "swiglu_packed_ref",
+    "swiglu_ref",
 ]

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -88,9 +91,43 @@ def _import_backend(name: str) -> ModuleType:
             )
         return getattr(_C, name)
     try:
-        return importlib.import_module("internlm_fast.triton_kernels")
+        return _import_triton_kernels()
     except ImportError as err:
         raise BackendUnavailable(f"backend 'triton': Triton is not installed ({err}); pip install triton") from err
+
+
+TRITON_PACKAGE = "internlm_fast.triton_kernels"
+
+
+def _import_triton_kernels() -> ModuleType:
+    """The Triton kernels as the package internlm_fast.triton_kernels.
+
+    Installed, setup.py puts the repository's triton_kernels/ folder there. In a source checkout
+    run with PYTHONPATH=python that package does not exist, so the folder (two levels above this
+    package) is loaded under the same name: its relative imports, pickling and error messages then
+    read the same in both layouts, and nothing is symlinked or added to sys.path.
+    """
+    try:
+        return importlib.import_module(TRITON_PACKAGE)
+    except ModuleNotFoundError as err:
+        if err.name != TRITON_PACKAGE:
+            raise  # the package exists but something it imports (triton itself) is missing
+    source = Path(__file__).resolve().parents[3] / "triton_kernels"
+    init = source / "__init__.py"
+    if not init.is_file():
+        raise ModuleNotFoundError(f"{TRITON_PACKAGE} is not installed and no source folder {source} exists")
+    spec = importlib.util.spec_from_file_location(TRITON_PACKAGE, init, submodule_search_locations=[str(source)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[TRITON_PACKAGE] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[TRITON_PACKAGE]
+        raise
+    import internlm_fast
+
+    internlm_fast.triton_kernels = module
+    return module
 
 
 def available(name: str) -> bool:
