@@ -23,13 +23,17 @@ def attention_ref(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softmax_scale: float | None = None
 ) -> tuple[Tensor, Tensor]:
     """Plain attention on dense (batch, seqlen, heads, head_dim) tensors: the oracle.
-    Computes in fp32 (fp64 for fp64). Returns (out in q's dtype, lse (batch, heads, seqlen_q) fp32/fp64)."""
+
+    Computed the way a plain torch implementation does it in the inputs' dtype (as transformers'
+    eager attention): matmuls in that dtype, softmax in fp32 (fp64 for fp64). Run in fp64 it is the
+    oracle; run in bf16 it is the low-precision baseline of the 2x rule, as in flash-attn's tests.
+    Returns (out in q's dtype, lse (batch, heads, seqlen_q) in fp32, fp64 for fp64)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     group = q.shape[2] // k.shape[2]
-    qf, kf, vf = (t.to(acc).transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
-    kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
-    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
+    kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
+    scores = (torch.matmul(qt, kt.transpose(-1, -2)) * scale).to(acc)
     sq, sk = q.shape[1], k.shape[1]
     if causal:
         i = torch.arange(sq, device=q.device)[:, None]
@@ -38,7 +42,7 @@ def attention_ref(
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows with no visible key -> 0
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
-    out = torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)
+    out = torch.matmul(probs.to(q.dtype), vt).transpose(1, 2).to(q.dtype)
     return out, lse
 
 
@@ -215,8 +219,14 @@ def flash_attn_func(
     b, sq, hq, d = q.shape
     sk = k.shape[1]
     out, lse = _attention(
-        _flatten(q), _flatten(k), _flatten(v), _uniform_cu(b, sq, q.device), _uniform_cu(b, sk, q.device), scale,
-        bool(causal), impl,
+        _flatten(q),
+        _flatten(k),
+        _flatten(v),
+        _uniform_cu(b, sq, q.device),
+        _uniform_cu(b, sk, q.device),
+        scale,
+        bool(causal),
+        impl,
     )
     out = out.view(b, sq, hq, d)
     return (out, lse.view(hq, b, sq).transpose(0, 1)) if return_lse else out

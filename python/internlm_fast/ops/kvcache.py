@@ -45,7 +45,9 @@ def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens) -> 
         want = (q.shape[0], k.shape[1], k_cache.shape[2], k_cache.shape[3])
         for name, t in (("k", k), ("v", v)):
             if tuple(t.shape) != want:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected (batch, seqlen_new, kv_heads, head_dim) = {want}")
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)}; expected (batch, seqlen_new, kv_heads, head_dim) = {want}"
+                )
     lens = _lens_tensor(cache_seqlens, q.shape[0], q.device)
     new = 0 if k is None else k.shape[1]
     if lens.numel() and int(lens.max()) + new > k_cache.shape[1]:
@@ -83,9 +85,9 @@ def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, lens: Tensor
 
 
 @torch.library.custom_op("internlm_fast::flash_attn_kvcache_fwd", mutates_args=())
-def _fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, lens: Tensor, scale: float, causal: bool, impl: str) -> tuple[
-    Tensor, Tensor
-]:
+def _fwd(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, lens: Tensor, scale: float, causal: bool, impl: str
+) -> tuple[Tensor, Tensor]:
     out, lse = backend.kernels(impl).flash_attn_kvcache_fwd(q, k_cache, v_cache, lens, scale, causal)
     return out, lse
 
@@ -141,7 +143,9 @@ def flash_attn_with_kvcache(
     return (out, lse) if return_softmax_lse else out
 
 
-def flash_attn_with_kvcache_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
+def flash_attn_with_kvcache_ref(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, **kwargs
+) -> Tensor | tuple[Tensor, Tensor]:
     """The same call through the pure-torch reference (appends into the caches too)."""
     with backend.use_backend("ref"):
         return flash_attn_with_kvcache(q, k_cache, v_cache, **kwargs)

@@ -1,0 +1,228 @@
+import pytest
+import torch
+
+from internlm_fast.ops import use_backend
+from internlm_fast.ops.attention import (
+    attention_ref,
+    attention_varlen_ref,
+    flash_attn_func,
+    flash_attn_varlen_func,
+)
+
+from .conftest import ATOL, assert_matches_oracle
+
+# (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim)
+DENSE = [
+    (1, 1, 1, 2, 2, 64),
+    (2, 97, 97, 4, 4, 64),
+    (1, 128, 128, 32, 8, 80),  # GQA 32/8
+    (2, 61, 61, 6, 1, 128),  # MQA
+    (1, 33, 200, 4, 2, 128),  # seqlen_q < seqlen_k: causal aligned bottom-right
+    (1, 90, 40, 2, 2, 96),  # seqlen_q > seqlen_k: early rows see no key
+    (1, 20, 20, 2, 2, 256),
+    (1, 15, 15, 2, 2, 40),  # head_dim % 16 == 8
+]
+
+
+def _grads(fn, q, k, v, dout):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(dout)
+    return out, q.grad, k.grad, v.grad
+
+
+def _check_all(name, ours, lowp, fp64, dtype):
+    for label, a, b, c in zip(("out", "dq", "dk", "dv"), ours, lowp, fp64):
+        assert_matches_oracle(f"{name} {label}", a, b, c, atol=ATOL[dtype])
+
+
+@pytest.mark.parametrize("shape", DENSE, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_forward_backward_match_oracle(impl_device, shape, causal, dtype):
+    impl, device = impl_device
+    b, sq, sk, hq, hk, d = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    q = torch.randn(b, sq, hq, d, generator=g).to(device, dtype)
+    k = torch.randn(b, sk, hk, d, generator=g).to(device, dtype)
+    v = torch.randn(b, sk, hk, d, generator=g).to(device, dtype)
+    dout = torch.randn(b, sq, hq, d, generator=g).to(device, dtype)
+    with use_backend(impl):
+        ours = _grads(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), q, k, v, dout)
+    ref = lambda q, k, v: attention_ref(q, k, v, causal)[0]  # noqa: E731
+    lowp = _grads(ref, q, k, v, dout)
+    fp64 = _grads(ref, q.double(), k.double(), v.double(), dout.double())
+    _check_all("dense", ours, lowp, fp64, dtype)
+
+
+def test_lse_and_rows_without_keys():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, 2, 64, generator=g) for n in (6, 3, 3))
+    with use_backend("cpu"):
+        out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
+    ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), True)
+    assert lse.shape == (1, 2, 6) and lse.dtype == torch.float32
+    # rows 0..2 see no key (seqlen_q 6 > seqlen_k 3, bottom-right): zero output, lse +inf (flash-attn)
+    assert torch.equal(out[:, :3], torch.zeros_like(out[:, :3]))
+    assert torch.isinf(lse[..., :3]).all() and (lse[..., :3] > 0).all()
+    torch.testing.assert_close(lse[..., 3:].double(), ref_lse[..., 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+
+
+def _varlen_case(lens_q, lens_k, hq, hk, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(int(cu_q[-1]), hq, d, generator=g).to(dtype)
+    k = torch.randn(int(cu_k[-1]), hk, d, generator=g).to(dtype)
+    v = torch.randn(int(cu_k[-1]), hk, d, generator=g).to(dtype)
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize(
+    "lens_q, lens_k",
+    [
+        ([1, 97, 5, 64], [1, 97, 5, 64]),  # includes a 1-token sequence
+        ([3, 0, 40], [3, 0, 40]),  # an empty batch element
+        ([2, 7], [10, 7]),  # seqlen_q < seqlen_k per sequence
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_matches_oracle_and_never_crosses_sequences(lens_q, lens_k, causal, dtype):
+    q, k, v, cu_q, cu_k = _varlen_case(lens_q, lens_k, 8, 2, 64, dtype, seed=len(lens_q))
+    dout = torch.randn_like(q)
+    mq, mk = max(lens_q), max(lens_k)
+
+    def ours(q, k, v):
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, causal=causal)
+
+    def ref(q, k, v):
+        return attention_varlen_ref(q, k, v, cu_q, cu_k, causal)[0]
+
+    with use_backend("cpu"):
+        got = _grads(ours, q, k, v, dout)
+    lowp = _grads(ref, q, k, v, dout)
+    fp64 = _grads(ref, q.double(), k.double(), v.double(), dout.double())
+    _check_all("varlen", got, lowp, fp64, dtype)
+
+
+def test_varlen_equals_dense_per_sequence():
+    q, k, v, cu_q, cu_k = _varlen_case([5, 33, 1], [5, 33, 1], 4, 4, 64, torch.float32, seed=7)
+    with use_backend("cpu"):
+        packed = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 33, 33, causal=True)
+        for b in range(3):
+            s, e = int(cu_q[b]), int(cu_q[b + 1])
+            alone = flash_attn_func(q[None, s:e], k[None, s:e], v[None, s:e], causal=True)[0]
+            torch.testing.assert_close(packed[s:e], alone, atol=1e-6, rtol=1e-6)
+
+
+def test_strided_qkv_from_packed_projection():
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(2, 50, 3, 4, 64, generator=g)
+    q, k, v = qkv.unbind(2)  # strided views
+    with use_backend("cpu"):
+        out = flash_attn_func(q, k, v, causal=True)
+    ref, _ = attention_ref(q.double(), k.double(), v.double(), True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_softmax_scale_and_long_sequence():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1023, 2, 64, generator=g) for _ in range(3))
+    with use_backend("cpu"):
+        out = flash_attn_func(q, k, v, softmax_scale=0.3, causal=True)
+    ref, _ = attention_ref(q.double(), k.double(), v.double(), True, 0.3)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_seqlen_2048_forward(causal):
+    g = torch.Generator().manual_seed(2048)
+    q, k, v = (torch.randn(1, 2048, 2, 128, generator=g) for _ in range(3))
+    with use_backend("cpu"):
+        out = flash_attn_func(q, k, v, causal=causal)
+    ref, _ = attention_ref(q.double(), k.double(), v.double(), causal)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_gradcheck_small_fp32_against_fp64_autograd():
+    # the cpu kernels are fp32-only, so compare gradients with fp64 autograd on the reference
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 9, 4, 16, generator=g) for _ in range(3))
+    k, v = k[:, :, :2], v[:, :, :2]
+    dout = torch.randn(2, 9, 4, 16, generator=g)
+    with use_backend("cpu"):
+        got = _grads(lambda q, k, v: flash_attn_func(q, k, v, causal=True), q, k, v, dout)
+    exp = _grads(lambda q, k, v: attention_ref(q, k, v, True)[0], q.double(), k.double(), v.double(), dout.double())
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+def test_ref_backend_gradcheck_fp64():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 5, 2, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    with use_backend("ref"):
+        assert torch.autograd.gradcheck(lambda q, k, v: flash_attn_func(q, k, v, causal=True), (q, k, v))
+
+
+def test_torch_compile_fullgraph():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 40, 4, 64, generator=g, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        return flash_attn_func(q, k, v, causal=True).square().sum()
+
+    with use_backend("cpu"):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v).backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    (attention_ref(q, k, v, True)[0].square().sum()).backward()
+    for a, t in zip(got, (q, k, v)):
+        torch.testing.assert_close(a, t.grad, atol=1e-4, rtol=1e-4)
+
+
+def _qkv(b=1, s=8, h=4, hk=4, d=64, dtype=torch.float32):
+    return (
+        torch.randn(b, s, h, d, dtype=dtype),
+        torch.randn(b, s, hk, d, dtype=dtype),
+        torch.randn(b, s, hk, d, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda: (*_qkv(d=60),), ValueError, "head_dim must be a multiple of 8"),
+        (lambda: (*_qkv(d=264),), ValueError, "head_dim must be a multiple of 8 between 8 and 256"),
+        (lambda: (*_qkv(h=6, hk=4),), ValueError, "not a multiple of k/v's 4 heads"),
+        (lambda: (_qkv()[0], _qkv()[1], _qkv()[2].double()), TypeError, "v has dtype"),
+        (lambda: (_qkv()[0][0], *_qkv()[1:]), ValueError, "q must have 4 dimensions"),
+        (lambda: (_qkv()[0], _qkv(b=2)[1], _qkv(b=2)[2]), ValueError, "k has batch 2"),
+        (lambda: (_qkv()[0], _qkv()[1], _qkv()[2][:, :5]), ValueError, "k has shape"),
+        (lambda: (_qkv()[0].int(), *_qkv()[1:]), TypeError, "q has dtype int32"),
+        (lambda: (_qkv()[0], _qkv()[1].to("meta"), _qkv()[2].to("meta")), ValueError, "is on meta"),
+        (lambda: (torch.randn(1, 8, 4, 128)[..., ::2], *_qkv()[1:]), ValueError, "q must be contiguous in its last"),
+    ],
+)
+def test_bad_arguments_name_the_argument(make, exc, match):
+    with use_backend("cpu"), pytest.raises(exc, match=match):
+        flash_attn_func(*make(), causal=True)
+
+
+def test_bad_varlen_arguments():
+    q, k, v, cu_q, cu_k = _varlen_case([3, 4], [3, 4], 2, 2, 64, torch.float32, seed=0)
+    with use_backend("cpu"):
+        with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+            flash_attn_varlen_func(q, k, v, torch.tensor([0, 5, 3, 7], dtype=torch.int32), cu_k, 4, 4)
+        with pytest.raises(TypeError, match="cu_seqlens_k has dtype int64"):
+            flash_attn_varlen_func(q, k, v, cu_q, cu_k.long(), 4, 4)
+        with pytest.raises(ValueError, match="cu_seqlens_q ends at 6"):
+            flash_attn_varlen_func(q, k, v, torch.tensor([0, 3, 6], dtype=torch.int32), cu_k, 4, 4)
+        with pytest.raises(ValueError, match="max_seqlen_q=2 must be an int >= the longest"):
+            flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2, 4)
+        with pytest.raises(ValueError, match="cu_seqlens_q has 3 offsets but cu_seqlens_k has 2"):
+            flash_attn_varlen_func(q, k, v, cu_q, torch.tensor([0, 7], dtype=torch.int32), 4, 7)
+        with pytest.raises(ValueError, match="dropout_p"):
+            flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 4, dropout_p=0.1)
