@@ -18,6 +18,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("output_cache_stats", &ifast::cpu::output_cache_stats);
   cpu.def("rms_norm_fwd", &ifast::cpu::rms_norm_fwd, nogil);
   cpu.def("rms_norm_bwd", &ifast::cpu::rms_norm_bwd, nogil);
+  cpu.def("cross_entropy_fwd", &ifast::cpu::cross_entropy_fwd, nogil);
+  cpu.def("cross_entropy_bwd", &ifast::cpu::cross_entropy_bwd, nogil);
+  cpu.def("fused_linear_cross_entropy_fwd", &ifast::cpu::fused_linear_cross_entropy_fwd, nogil);
+  cpu.def("fused_linear_cross_entropy_bwd", &ifast::cpu::fused_linear_cross_entropy_bwd, nogil);
 
 #ifdef IFAST_WITH_CUDA
   m.attr("with_cuda") = true;

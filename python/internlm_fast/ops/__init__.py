@@ -4,6 +4,12 @@ Every op picks its backend by device (see `backend`) and checks its arguments be
 """
 
 from .backend import BACKENDS, BackendUnavailable, available, use_backend
+from .cross_entropy import (
+    cross_entropy,
+    cross_entropy_ref,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_ref,
+)
 from .rms_norm import rms_norm, rms_norm_ref
 
 __all__ = [
@@ -13,4 +19,8 @@ __all__ = [
     "use_backend",
     "rms_norm",
     "rms_norm_ref",
+    "cross_entropy",
+    "cross_entropy_ref",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_ref",
 ]
