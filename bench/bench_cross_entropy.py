@@ -14,30 +14,24 @@ come from it), so nothing the op holds is left out.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import torch
 import torch.nn.functional as F
 
-import internlm_fast
 from internlm_fast.ops import cross_entropy, fused_linear_cross_entropy, use_backend
 
-from .conftest import THREADS, report
+from .conftest import measure_in_subprocess, report
 
 N, H, V = 4096, 1024, 32000
 
 _MEASURE = r"""
-import json, resource, sys
+import sys
 import torch
 import torch.nn.functional as F
 from internlm_fast.ops import fused_linear_cross_entropy, use_backend
 from internlm_fast import _C
 
-N, H, V, threads, variant = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-torch.set_num_threads(threads)
+N, H, V, variant = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.set_num_threads(THREADS)
 g = torch.Generator().manual_seed(0)
 x = torch.randn(N, H, generator=g).requires_grad_()
 W = torch.randn(V, H, generator=g).mul_(0.02).requires_grad_()  # in place: no temporary in the peak
@@ -58,42 +52,24 @@ def step(x, W, y):
 tiny = torch.randn(4, 8).requires_grad_(), torch.randn(16, 8).requires_grad_(), torch.zeros(4, dtype=torch.long)
 step(*tiny)
 
-def rss_kb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-
 before = rss_kb()
-peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak_before = peak_kb()
 for _ in range(2):
     loss = step(x, W, y)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+peak = peak_kb()
 cached, live, _, _ = _C.cpu.output_cache_stats()
-print(json.dumps({
+result = {
     "peak_mb": (peak - before) / 1024,
     "setup_excess_mb": (peak_before - before) / 1024,
     "loss": loss.item(),
     "cache_mb": cached / 2**20,
     "live_mb": live / 2**20,
-}))
+}
 """
 
 
 def measure_peak(variant: str) -> dict:
-    env = dict(os.environ)
-    # the child imports the same internlm_fast as this process, wherever it lives
-    src = os.path.dirname(os.path.dirname(os.path.abspath(internlm_fast.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    out = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(N), str(H), str(V), str(THREADS), variant],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return measure_in_subprocess(_MEASURE, str(N), str(H), str(V), variant)
 
 
 def test_fused_linear_cross_entropy_memory_and_time(side_by_side):
