@@ -109,9 +109,8 @@ def side_by_side(benchmark):
         parts = [f"{k} {r:.2f}x" for k, r in ratios.items()]
         if moved_bytes is not None:
             frac = med["copy"] / med["ours"]
-            benchmark.extra_info.update(
-                gb_per_s=round(moved_bytes / med["ours"] / 1e9, 2), copy_fraction=round(frac, 3)
-            )
+            gbps = moved_bytes / med["ours"] / 1e9
+            benchmark.extra_info.update(gb_per_s=round(gbps, 2), copy_fraction=round(frac, 3))
             parts.append(f"{gbps:.1f} GB/s = {frac:.0%} of copy bandwidth")
         benchmark.extra_info.update(extra)
         benchmark.pedantic(ours, rounds=3, iterations=1, warmup_rounds=0)
