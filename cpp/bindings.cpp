@@ -29,6 +29,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("out"));
   cpu.def("swiglu_fwd", &ifast::cpu::swiglu_fwd, nogil);
   cpu.def("swiglu_bwd", &ifast::cpu::swiglu_bwd, nogil);
+  cpu.def("cross_entropy_fwd", &ifast::cpu::cross_entropy_fwd, nogil);
+  cpu.def("cross_entropy_bwd", &ifast::cpu::cross_entropy_bwd, nogil);
+  cpu.def("fused_linear_cross_entropy_fwd", &ifast::cpu::fused_linear_cross_entropy_fwd, nogil);
+  cpu.def("fused_linear_cross_entropy_bwd", &ifast::cpu::fused_linear_cross_entropy_bwd, nogil);
 
 #ifdef IFAST_WITH_CUDA
   m.attr("with_cuda") = true;

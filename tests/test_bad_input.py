@@ -54,7 +54,126 @@ def rms_norm_cases(draw) -> tuple[str, Callable[[], object]]:
     return bad, lambda: ops.rms_norm(x, w, eps, residual=r if bad.startswith("res") else None)
 
 
-CASES = {"rms_norm": rms_norm_cases}
+def swiglu_cases(draw) -> tuple[str, Callable[[], object]]:
+    rows, f = draw(st.integers(1, 5)), draw(st.integers(1, 40))
+    gate, up = _t((rows, f)), _t((rows, f))
+    bad = draw(
+        st.sampled_from(["shape", "dtype_mismatch", "int_dtype", "not_tensor", "device", "stride", "packed_odd"])
+    )
+    if bad == "packed_odd":
+        return bad, lambda: ops.swiglu_packed(_t((rows, 2 * f + 1)))
+    if bad == "shape":
+        up = _t((rows, f + draw(st.integers(1, 3))))
+    elif bad == "dtype_mismatch":
+        up = up.to(torch.bfloat16)
+    elif bad == "int_dtype":
+        gate = _t((rows, f), draw(st.sampled_from(BAD_DTYPES)))
+    elif bad == "not_tensor":
+        gate = gate.numpy()
+    elif bad == "device":
+        up = up.to("meta")
+    elif bad == "stride":
+        gate, up = _t((rows, 2 * f + 2))[:, ::2], _t((rows, f + 1))  # f + 1 >= 2 columns, stride 2
+    return bad, lambda: ops.swiglu(gate, up)
+
+
+def rotary_cases(draw) -> tuple[str, Callable[[], object]]:
+    b, s, h, half = draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 3)), draw(st.integers(1, 8))
+    d = 2 * half + 2 * draw(st.integers(0, 4))
+    x, cos, sin = _t((b, s, h, d)), _t((s + 4, half)), _t((s + 4, half))
+    kw: dict = {}
+    bad = draw(
+        st.sampled_from(
+            [
+                "ndim",
+                "rotary_too_wide",
+                "cos_sin_mismatch",
+                "beyond_table",
+                "offsets_shape",
+                "cu_decreasing",
+                "cu_dtype",
+                "cu_total",
+                "dtype",
+                "device",
+            ]
+        )
+    )
+    if bad == "ndim":
+        x = _t((b * s, h, d))
+    elif bad == "rotary_too_wide":
+        cos, sin = _t((s + 4, d)), _t((s + 4, d))
+    elif bad == "cos_sin_mismatch":
+        sin = _t((s + 4, half + 1))
+    elif bad == "beyond_table":
+        kw["seqlen_offsets"] = 5 + draw(st.integers(0, 5))
+    elif bad == "offsets_shape":
+        kw["seqlen_offsets"] = torch.zeros(b + 1, dtype=torch.int32)
+    elif bad.startswith("cu_"):
+        x = _t((b * s, h, d))
+        cu = torch.arange(0, b * s + 1, s, dtype=torch.int32)
+        if bad == "cu_decreasing":
+            cu = torch.tensor([0, b * s, 0, b * s], dtype=torch.int32)
+        elif bad == "cu_dtype":
+            cu = cu.float()
+        else:
+            cu = cu.clone()
+            cu[-1] += 1
+        kw.update(cu_seqlens=cu, max_seqlen=s)
+    elif bad == "dtype":
+        x = _t((b, s, h, d), draw(st.sampled_from(BAD_DTYPES)))
+    elif bad == "device":
+        cos = cos.to("meta")
+    return bad, lambda: ops.apply_rotary(x, cos, sin, **kw)
+
+
+def cross_entropy_cases(draw) -> tuple[str, Callable[[], object]]:
+    n, v, h = draw(st.integers(1, 6)), draw(st.integers(1, 30)), draw(st.integers(1, 16))
+    logits, labels = _t((n, v)), torch.randint(0, v, (n,))
+    hidden, weight = _t((n, h)), _t((v, h))
+    bad = draw(
+        st.sampled_from(
+            [
+                "label_high",
+                "label_negative",
+                "label_dtype",
+                "label_shape",
+                "logits_dtype",
+                "reduction",
+                "fused_weight",
+                "fused_label_high",
+                "fused_device",
+            ]
+        )
+    )
+    if bad == "label_high":
+        labels[draw(st.integers(0, n - 1))] = v + draw(st.integers(0, 5))
+    elif bad == "label_negative":
+        labels[0] = -draw(st.integers(1, 99))
+    elif bad == "label_dtype":
+        labels = labels.float()
+    elif bad == "label_shape":
+        labels = torch.randint(0, v, (n + 1,))
+    elif bad == "logits_dtype":
+        logits = _t((n, v), draw(st.sampled_from(BAD_DTYPES)))
+    if bad == "reduction":
+        return bad, lambda: ops.cross_entropy(logits, labels, reduction="avg")
+    if bad.startswith("fused"):
+        if bad == "fused_weight":
+            weight = _t((v, h + 1))
+        elif bad == "fused_label_high":
+            labels[0] = v
+        else:
+            weight = weight.to("meta")
+        return bad, lambda: ops.fused_linear_cross_entropy(hidden, weight, labels)
+    return bad, lambda: ops.cross_entropy(logits, labels)
+
+
+CASES = {
+    "rms_norm": rms_norm_cases,
+    "swiglu": swiglu_cases,
+    "apply_rotary": rotary_cases,
+    "cross_entropy": cross_entropy_cases,
+}
 
 
 @pytest.mark.parametrize("op", sorted(CASES))

@@ -75,13 +75,13 @@ def test_packed_with_row_strided_input_reads_in_place(dtype):
     base = torch.randn(2, 3, 2 * F + 10, generator=g).to(dtype)
     x = base[..., 3 : 3 + 2 * F]
     assert not x.is_contiguous()
-    x2 = _rows("x", x)
+    x2 = _rows(x)
     assert x2.data_ptr() == x.data_ptr() and x2.stride() == (2 * F + 10, 1)
     dout = torch.randn(2, 3, F, generator=g).to(dtype)
     _check_against_oracle("cpu", swiglu_packed, swiglu_packed_ref, [x], dout, dtype)
 
     gate, up = base[..., : 2 * F].chunk(2, dim=-1)
-    assert _rows("gate", gate).data_ptr() == gate.data_ptr()
+    assert _rows(gate).data_ptr() == gate.data_ptr()
     _check_against_oracle("cpu", swiglu, swiglu_ref, [gate, up], dout, dtype)
 
     # leading dims that do not collapse into rows are copied, still correct

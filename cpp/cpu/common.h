@@ -50,12 +50,20 @@ inline void store(c10::BFloat16* p, int64_t i, float v) {
 }
 inline void store(c10::Half* p, int64_t i, float v) { p[i] = static_cast<c10::Half>(v); }
 
+// c ? a : b as bit masks. GCC 12 jump-threads two clamping ternaries into a 3-way branch (one
+// arm per constant) and then refuses to vectorise the loop ("control flow in loop"); masks keep
+// the select branch-free, so loops calling fast_exp vectorise.
+inline float select_bits(bool c, float a, float b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return bits_to_float((float_to_bits(a) & m) | (float_to_bits(b) & ~m));
+}
+
 // exp(x) for float to ~1 ulp over the normal range, branch-free so it vectorises:
 // x = n*ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n by exponent bits.
 inline float fast_exp(float x) {
-  // ternaries, not fmin/fmax: a NaN input must stay NaN (the trainer detects NaN losses)
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.7f ? 88.7f : x;
+  // compares, not fmin/fmax: a NaN input must stay NaN (the trainer detects NaN losses)
+  x = select_bits(x < -87.3f, -87.3f, x);
+  x = select_bits(x > 88.7f, 88.7f, x);
   float n = std::nearbyint(x * 1.44269504088896341f);
   float r = std::fma(n, -0.693145751953125f, x);
   r = std::fma(n, -1.428606765330187045e-06f, r);

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -55,5 +56,27 @@ at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
 // first F columns and dup in the last F.
 std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up,
                                    bool packed);
+// Cross-entropy of logits (rows, V) against int64 labels (rows,); rows whose label equals
+// ignore_index count for nothing. reduction is "mean" (over the non-ignored rows; 0.0 when there
+// are none) or "sum". Returns (loss: 0-d, lse: (rows,) log-sum-exp, 0 for ignored rows), both
+// fp32 (fp64 for fp64 logits). Labels outside [0, V) that are not ignore_index: ValueError.
+std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& labels,
+                                          int64_t ignore_index, const std::string& reduction);
+// dlogits (rows, V) in logits' dtype = dloss * d loss / d logits, from the forward's lse.
+at::Tensor cross_entropy_bwd(const at::Tensor& dloss, const at::Tensor& logits, const at::Tensor& labels,
+                             const at::Tensor& lse, int64_t ignore_index, const std::string& reduction);
+
+// cross_entropy(hidden @ weight^T, labels) without the (rows, V) logits: hidden (rows, H),
+// weight (V, H) of hidden's dtype, labels as above. chunk_size: tokens per chunk, 0 = the
+// backend's own choice. Computes the gradients of the loss (for a unit incoming gradient) in the
+// same pass when asked. Returns (loss: 0-d fp32 (fp64 for fp64), dhidden (rows, H) or (0,),
+// dweight (V, H) or (0,)), the gradients in hidden's dtype.
+std::vector<at::Tensor> fused_linear_cross_entropy_fwd(const at::Tensor& hidden, const at::Tensor& weight,
+                                                       const at::Tensor& labels, int64_t ignore_index,
+                                                       const std::string& reduction, int64_t chunk_size,
+                                                       bool need_dhidden, bool need_dweight);
+// (dloss * dhidden, dloss * dweight) as new tensors; (0,) inputs give (0,) outputs.
+std::vector<at::Tensor> fused_linear_cross_entropy_bwd(const at::Tensor& dloss, const at::Tensor& dhidden,
+                                                       const at::Tensor& dweight);
 
 }  // namespace ifast::cpu

@@ -1,3 +1,5 @@
 """internlm_fast: InternLM, fast. Compiled kernels, a lean trainer, inference and serving."""
 
+import torch  # noqa: F401  (loads libtorch, which internlm_fast._C links against)
+
 __version__ = "0.1.0"

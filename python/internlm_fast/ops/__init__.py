@@ -4,6 +4,12 @@ Every op picks its backend by device (see `backend`) and checks its arguments be
 """
 
 from .backend import BACKENDS, BackendUnavailable, available, use_backend
+from .cross_entropy import (
+    cross_entropy,
+    cross_entropy_ref,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_ref,
+)
 from .rms_norm import rms_norm, rms_norm_ref
 from .rotary import apply_rotary, apply_rotary_ref
 from .swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
@@ -21,4 +27,8 @@ __all__ = [
     "swiglu_packed",
     "swiglu_packed_ref",
     "swiglu_ref",
+    "cross_entropy",
+    "cross_entropy_ref",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_ref",
 ]

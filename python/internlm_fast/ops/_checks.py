@@ -48,13 +48,18 @@ def same_shape(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) 
             raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}")
 
 
-def last_dim_contiguous(name: str, t: torch.Tensor) -> torch.Tensor:
-    """Kernels read rows; a row-strided layout is copied, an element-strided last dim is refused."""
+def unit_last_stride(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Kernels read rows: an element-strided last dimension is refused (row strides are free)."""
     if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(
             f"{name} must be contiguous in its last dimension (strides {tuple(t.stride())}); call .contiguous()"
         )
-    return t.contiguous()
+    return t
+
+
+def last_dim_contiguous(name: str, t: torch.Tensor) -> torch.Tensor:
+    """`unit_last_stride`, then a contiguous copy of a row-strided layout for kernels that need one."""
+    return unit_last_stride(name, t).contiguous()
 
 
 def finite_float(name: str, value: object, *, positive: bool = False) -> float:

@@ -44,20 +44,21 @@ def _check(gate: object, up: object) -> None:
     _checks.same_device("gate", gate, up=up)
     _checks.same_dtype("gate", gate, up=up)
     _checks.same_shape("gate", gate, up=up)
+    _checks.unit_last_stride("gate", gate)
+    _checks.unit_last_stride("up", up)
 
 
 def _check_packed(x: object) -> int:
     x = _checks.tensor("x", x)
     if x.shape[-1] % 2:
         raise ValueError(f"x's last dimension must be even (gate and up halves), got shape {tuple(x.shape)}")
+    _checks.unit_last_stride("x", x)
     return x.shape[-1] // 2
 
 
-def _rows(name: str, t: Tensor) -> Tensor:
+def _rows(t: Tensor) -> Tensor:
     """t as (rows, last dim) for the kernels: a view when the leading dims collapse, so row-strided
     inputs (the halves of a packed tensor, slices) are read in place; a copy otherwise."""
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        _checks.last_dim_contiguous(name, t)  # raises, naming the argument
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
@@ -143,7 +144,7 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     impl = backend.select("swiglu", gate)
     if impl == "ref":
         return swiglu_ref(gate, up)
-    out = _fwd(_rows("gate", gate), _rows("up", up), impl)
+    out = _fwd(_rows(gate), _rows(up), impl)
     return out.view(gate.shape)
 
 
@@ -154,5 +155,5 @@ def swiglu_packed(x: Tensor) -> Tensor:
     impl = backend.select("swiglu", x)
     if impl == "ref":
         return swiglu_packed_ref(x)
-    out = _packed_fwd(_rows("x", x), impl)
+    out = _packed_fwd(_rows(x), impl)
     return out.view(*x.shape[:-1], f)
