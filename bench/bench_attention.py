@@ -47,8 +47,10 @@ def test_causal_forward_2048(side_by_side):
     flops = 4 * 2048 * 2048 * 128 * 16 / 2
     mm = _mm_gflops()
     ours = flops / med["ours"] / 1e9
-    report(f"flash_attn fwd: {ours:.0f} GFLOP/s = {ours / mm:.0%} of torch.mm 1024^2 ({mm:.0f} GFLOP/s); "
-           f"SDPA {flops / med['sdpa'] / 1e9:.0f} GFLOP/s")
+    report(
+        f"flash_attn fwd: {ours:.0f} GFLOP/s = {ours / mm:.0%} of torch.mm 1024^2 ({mm:.0f} GFLOP/s); "
+        f"SDPA {flops / med['sdpa'] / 1e9:.0f} GFLOP/s"
+    )
     assert ratios["sdpa"] >= 1.1, f"causal forward only {ratios['sdpa']:.2f}x SDPA (bar 1.1x)"
 
 

@@ -11,6 +11,8 @@ from internlm_fast.ops.attention import (
 
 from .conftest import ATOL, assert_matches_oracle
 
+OP = "flash_attn"
+
 # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim)
 DENSE = [
     (1, 1, 1, 2, 2, 64),

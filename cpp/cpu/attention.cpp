@@ -73,24 +73,23 @@ struct Forward {
   std::vector<Task> tasks;
 
   struct State {
-    std::vector<float> Qb, Ob, S, m, l;
+    std::vector<float> Qb, Ob, S, m, l, Vb;
   };
   State make_state() const {
     return {std::vector<float>(kBlockQ * D), std::vector<float>(kBlockQ * D), std::vector<float>(kBlockQ * kBlockK),
-            std::vector<float>(kBlockQ), std::vector<float>(kBlockQ)};
+            std::vector<float>(kBlockQ), std::vector<float>(kBlockQ), std::vector<float>(kBlockK * D)};
   }
 
+  // Tasks of one kv head run back to back, so its K panels and V rows stay in the shared cache while
+  // both threads work through them; within a head the costliest (latest, under a causal mask) query
+  // blocks go first, so each head's tail is short ones.
   void plan() {
-    std::vector<std::pair<int64_t, Task>> costed;
-    for (int b = 0; b < s.batch; ++b)
-      for (int q0 = 0; q0 < s.lq(b); q0 += kBlockQ) {
-        const int rows = std::min(kBlockQ, s.lq(b) - q0);
-        const int64_t kv_end = causal ? std::clamp(q0 + rows + s.lk(b) - s.lq(b), 0, s.lk(b)) : s.lk(b);
-        for (int h = 0; h < Hq; ++h) costed.push_back({(kv_end + 1) * rows, {b, h, q0}});
-      }
-    // longest first, so the last tasks to finish are short ones
-    std::stable_sort(costed.begin(), costed.end(), [](auto& a, auto& b) { return a.first > b.first; });
-    for (auto& c : costed) tasks.push_back(c.second);
+    for (int b = 0; b < s.batch; ++b) {
+      const int nq = (s.lq(b) + kBlockQ - 1) / kBlockQ;
+      for (int hk = 0; hk < Hq / group; ++hk)
+        for (int i = nq - 1; i >= 0; --i)
+          for (int g = 0; g < group; ++g) tasks.push_back({b, hk * group + g, i * kBlockQ});
+    }
   }
 
   void operator()(int64_t t, State& st) const {
@@ -110,14 +109,12 @@ struct Forward {
     const int64_t blk0 = s.kblock0[b];
     for (int j0 = 0; j0 < kv_end; j0 += kBlockK) {
       const int n = std::min(kBlockK, kv_end - j0);
-      qk_block(Qb, D, rows, kp.block(hk, blk0 + j0 / kBlockK), n, D, S, kBlockK);
+      const int off = causal ? q0 + diag - j0 : kNoMask;  // row r sees columns c <= r + off
+      qk_block(Qb, D, rows, kp.block(hk, blk0 + j0 / kBlockK), n, D, S, kBlockK, off);
       for (int r = 0; r < rows; ++r) {
         float* sr = S + r * kBlockK;
         const int valid = visible(causal, q0 + r, diag, j0, n);
-        float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-        for (int c = 0; c < valid; ++c) mx = std::max(mx, sr[c]);
-        const float m_new = std::max(m[r], mx);
+        const float m_new = row_max(sr, valid, m[r]);
         if (m_new == kNegInf) {  // nothing visible to this row yet
           std::fill(sr, sr + n, 0.f);
           continue;
@@ -139,7 +136,11 @@ struct Forward {
         l[r] = l[r] * alpha + sum;
         m[r] = m_new;
       }
-      pv_block(S, kBlockK, 1, rows, v.at(s.k0[b] + j0, hk), v.ld_t, n, D, Ob, D);
+      // V rows are heads * D apart in the input; P V walks them once per 16 columns, so gather them
+      // into a contiguous block first (see f32_rows_head_major for why the stride hurts)
+      float* Vb = st.Vb.data();
+      for (int j = 0; j < n; ++j) std::memcpy(Vb + j * D, v.at(s.k0[b] + j0 + j, hk), sizeof(float) * D);
+      pv_block(S, kBlockK, 1, rows, Vb, D, n, D, Ob, D, off);
     }
     for (int r = 0; r < rows; ++r) {
       const int64_t row = s.q0[b] + q0 + r;
@@ -299,9 +300,11 @@ std::vector<at::Tensor> flash_attn_bwd(const at::Tensor& dout, const at::Tensor&
   const int64_t total_q = q.size(0);
   const int Hq = int(q.size(1)), Hk = int(k.size(1)), D = int(q.size(2));
   const Seqs s = Seqs::varlen(cu_seqlens_q, cu_seqlens_k);
-  const Rows qf = f32_rows(q), kf = f32_rows(k), vf = f32_rows(v), df = f32_rows(dout);
-  // delta_i = sum_d dO_i * O_i, the softmax-backward correction of row i
-  at::Tensor delta = at::mul(df.t, out.to(at::kFloat)).sum(-1).contiguous();
+  // head-major fp32 copies: the backward walks each head's rows of q, k, v and dout many times
+  const Rows qf = f32_rows_head_major(q), kf = f32_rows_head_major(k), vf = f32_rows_head_major(v),
+             df = f32_rows_head_major(dout);
+  // delta_i = sum_d dO_i * O_i, the softmax-backward correction of row i: (total_q, Hq)
+  at::Tensor delta = at::mul(dout.to(at::kFloat), out.to(at::kFloat)).sum(-1).contiguous();
   const PackedKeys kp = pack_keys(kf, s, Hk, D), vp = pack_keys(vf, s, Hk, D);
   at::Tensor dq = empty_output(q.sizes(), q.scalar_type());
   at::Tensor dk = empty_output(k.sizes(), k.scalar_type());

@@ -13,7 +13,7 @@
 
 namespace ifast::cpu::attn {
 
-constexpr int kBlockQ = 64;
+constexpr int kBlockQ = 128;
 constexpr int kBlockK = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -31,6 +31,14 @@ struct Rows {
 inline Rows f32_rows(const at::Tensor& x) {
   at::Tensor t = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   return {t, t.const_data_ptr<float>(), t.stride(0), t.stride(1)};
+}
+
+// fp32 rows laid out head-major, (heads, tokens, D) contiguous: consecutive tokens of one head are
+// D floats apart. In the (tokens, heads, D) layout they are heads * D apart, a multiple of 4 KB for
+// 8+ heads of 128, so a block of rows maps onto one L1 set and thrashes it.
+inline Rows f32_rows_head_major(const at::Tensor& x) {
+  at::Tensor t = x.to(at::kFloat).transpose(0, 1).contiguous();
+  return {t, t.const_data_ptr<float>(), t.size(2), t.size(1) * t.size(2)};
 }
 
 // Where each sequence's query rows and keys are, in token rows of the (tokens, heads, D) views:

@@ -72,10 +72,7 @@ struct Decode {
         const int t = r / group;
         float* sr = S + r * kDecodeBlock;
         const int valid = visible(causal, t, diag, int(j0), n);
-        float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-        for (int j = 0; j < valid; ++j) mx = std::max(mx, sr[j]);
-        const float m_new = std::max(m[r], mx);
+        const float m_new = row_max(sr, valid, m[r]);
         if (m_new == kNegInf) {
           std::fill(sr, sr + n, 0.f);
           continue;

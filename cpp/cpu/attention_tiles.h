@@ -3,6 +3,7 @@
 // build machine), a plain loop elsewhere; both compute the same sums in the same order per lane.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -74,13 +75,18 @@ inline void qk_tile(const float* Q, int64_t ldq, const float* panel, int D, floa
 #endif
 }
 
+// No causal limit (see qk_block / pv_block).
+constexpr int kNoMask = 1 << 29;
+
 // S (rows x ncols, ncols rounded up to kPanel) = Q (rows x D) K^T from the packed panels.
-inline void qk_block(const float* Q, int64_t ldq, int rows, const float* packed, int ncols, int D,
-                     float* S, int64_t lds) {
+// causal_off: row r needs only columns c <= r + causal_off; a panel is skipped for the rows that
+// see none of it (on the causal diagonal that is half the block).
+inline void qk_block(const float* Q, int64_t ldq, int rows, const float* packed, int ncols, int D, float* S,
+                     int64_t lds, int causal_off = kNoMask) {
   const int panels = (ncols + kPanel - 1) / kPanel;
   for (int p = 0; p < panels; ++p) {
     const float* panel = packed + static_cast<int64_t>(p) * D * kPanel;
-    int r = 0;
+    int r = std::max(0, std::min(rows, p * kPanel - causal_off));  // first row that sees column p*kPanel
     for (; r + kTileRows <= rows; r += kTileRows)
       qk_tile<kTileRows>(Q + r * ldq, ldq, panel, D, S + r * lds + p * kPanel, lds);
     const float* q = Q + r * ldq;
@@ -148,22 +154,50 @@ inline void pv_rows(const float* P, int64_t rs, int64_t cs, const float* V, int6
 
 // O (rows x D) += P (rows x n) V (n x D). P's element (r, j) is at P[r * rs + j * cs], so a
 // transposed P (rs = 1, cs = ld) costs nothing extra: it is only ever broadcast. V rows are ldv
-// apart and read in place (no packing).
+// apart and read in place (no packing). causal_off: P[r][j] is zero for j > r + causal_off, so a
+// row tile stops at its last row's last visible column.
 inline void pv_block(const float* P, int64_t rs, int64_t cs, int rows, const float* V, int64_t ldv, int n, int D,
-                     float* O, int64_t ldo) {
+                     float* O, int64_t ldo, int causal_off = kNoMask) {
+  auto cols = [&](int r_last) { return std::max(0, std::min(n, r_last + causal_off + 1)); };
   int r = 0;
   for (; r + kTileRows <= rows; r += kTileRows)
-    pv_rows<kTileRows>(P + r * rs, rs, cs, V, ldv, n, D, O + r * ldo, ldo);
+    pv_rows<kTileRows>(P + r * rs, rs, cs, V, ldv, cols(r + kTileRows - 1), D, O + r * ldo, ldo);
   const float* p = P + r * rs;
   float* o = O + r * ldo;
+  const int nr = cols(rows - 1);
   switch (rows - r) {
-    case 5: pv_rows<5>(p, rs, cs, V, ldv, n, D, o, ldo); break;
-    case 4: pv_rows<4>(p, rs, cs, V, ldv, n, D, o, ldo); break;
-    case 3: pv_rows<3>(p, rs, cs, V, ldv, n, D, o, ldo); break;
-    case 2: pv_rows<2>(p, rs, cs, V, ldv, n, D, o, ldo); break;
-    case 1: pv_rows<1>(p, rs, cs, V, ldv, n, D, o, ldo); break;
+    case 5: pv_rows<5>(p, rs, cs, V, ldv, nr, D, o, ldo); break;
+    case 4: pv_rows<4>(p, rs, cs, V, ldv, nr, D, o, ldo); break;
+    case 3: pv_rows<3>(p, rs, cs, V, ldv, nr, D, o, ldo); break;
+    case 2: pv_rows<2>(p, rs, cs, V, ldv, nr, D, o, ldo); break;
+    case 1: pv_rows<1>(p, rs, cs, V, ldv, nr, D, o, ldo); break;
     default: break;
   }
+}
+
+// max(init, x[0..n)), NaN entries ignored (a NaN score still poisons the row through exp2).
+// Explicit vectors: GCC leaves a float max reduction scalar, a 4-cycle dependency per element.
+inline float row_max(const float* x, int n, float init) {
+  int i = 0;
+  float m = init;
+#ifdef IFAST_ATTN_AVX2
+  if (n >= 32) {
+    __m256 a0 = _mm256_set1_ps(init), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 32 <= n; i += 32) {
+      a0 = _mm256_max_ps(_mm256_loadu_ps(x + i), a0);
+      a1 = _mm256_max_ps(_mm256_loadu_ps(x + i + 8), a1);
+      a2 = _mm256_max_ps(_mm256_loadu_ps(x + i + 16), a2);
+      a3 = _mm256_max_ps(_mm256_loadu_ps(x + i + 24), a3);
+    }
+    a0 = _mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    m = _mm_cvtss_f32(h);
+  }
+#endif
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
 }
 
 // 2^x, branch-free and vectorisable: x = n + f, |f| <= 1/2, 2^f by a degree-6 polynomial.
