@@ -98,10 +98,12 @@ struct Forward {
     const int rows = std::min(kBlockQ, lq - q0);
     const int kv_end = causal ? std::clamp(q0 + rows + diag, 0, lk) : lk;
     float *Qb = st.Qb.data(), *Ob = st.Ob.data(), *S = st.S.data(), *m = st.m.data(), *l = st.l.data();
+    const float qs = qscale;  // a local: through `this` it would be reloaded after every store
     for (int r = 0; r < rows; ++r) {
-      const float* src = q.at(s.q0[b] + q0 + r, h);
+      const float* __restrict src = q.at(s.q0[b] + q0 + r, h);
+      float* __restrict dst = Qb + r * D;
 #pragma omp simd
-      for (int d = 0; d < D; ++d) Qb[r * D + d] = src[d] * qscale;
+      for (int d = 0; d < D; ++d) dst[d] = src[d] * qs;
     }
     std::fill(Ob, Ob + rows * D, 0.f);
     std::fill(m, m + rows, kNegInf);
