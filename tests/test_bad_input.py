@@ -168,11 +168,77 @@ def cross_entropy_cases(draw) -> tuple[str, Callable[[], object]]:
     return bad, lambda: ops.cross_entropy(logits, labels)
 
 
+def attention_cases(draw) -> tuple[str, Callable[[], object]]:
+    b, sq, hk, group = (
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 9)),
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, 3)),
+    )
+    d = 8 * draw(st.integers(1, 4))
+    q, k, v = _t((b, sq, hk * group, d)), _t((b, sq, hk, d)), _t((b, sq, hk, d))
+    bad = draw(
+        st.sampled_from(
+            [
+                "head_dim",
+                "heads",
+                "kv_shape",
+                "dtype",
+                "ndim",
+                "device",
+                "dropout",
+                "cu_decreasing",
+                "cu_total",
+                "cu_dtype",
+                "max_seqlen",
+                "cache_overflow",
+                "cache_lens_negative",
+                "cache_kv_pair",
+            ]
+        )
+    )
+    if bad == "head_dim":
+        q, k, v = (_t((*t.shape[:-1], d + 4)) for t in (q, k, v))
+    elif bad == "heads":  # 3 query heads cannot share 2 kv heads
+        q, k, v = _t((b, sq, 3, d)), _t((b, sq, 2, d)), _t((b, sq, 2, d))
+    elif bad == "kv_shape":
+        v = _t((b, sq + 1, hk, d))
+    elif bad == "dtype":
+        k = _t(k.shape, draw(st.sampled_from(BAD_DTYPES)))
+    elif bad == "ndim":
+        q = _t((sq, hk * group, d))
+    elif bad == "device":
+        v = v.to("meta")
+    if bad == "dropout":
+        return bad, lambda: ops.flash_attn_func(q, k, v, dropout_p=0.5)
+    if bad.startswith("cu_") or bad == "max_seqlen":
+        qv, kv_, vv = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
+        cu = torch.arange(0, b * sq + 1, sq, dtype=torch.int32)
+        m = sq
+        if bad == "cu_decreasing":
+            cu = torch.tensor([0, b * sq, 0, b * sq], dtype=torch.int32)
+        elif bad == "cu_total":
+            cu = cu.clone()
+            cu[-1] += 1
+        elif bad == "cu_dtype":
+            cu = cu.long()
+        else:
+            m = sq - 1 if sq > 1 else -1
+        return bad, lambda: ops.flash_attn_varlen_func(qv, kv_, vv, cu, cu, m, m, causal=True)
+    if bad.startswith("cache"):
+        kc, vc = _t((b, sq + 2, hk, d)), _t((b, sq + 2, hk, d))
+        lens = {"cache_overflow": 3, "cache_lens_negative": -1}.get(bad, 0)
+        kn, vn = _t((b, sq, hk, d)), (None if bad == "cache_kv_pair" else _t((b, sq, hk, d)))
+        return bad, lambda: ops.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens)
+    return bad, lambda: ops.flash_attn_func(q, k, v, causal=True)
+
+
 CASES = {
     "rms_norm": rms_norm_cases,
     "swiglu": swiglu_cases,
     "apply_rotary": rotary_cases,
     "cross_entropy": cross_entropy_cases,
+    "attention": attention_cases,
 }
 
 

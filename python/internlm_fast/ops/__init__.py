@@ -3,6 +3,7 @@
 Every op picks its backend by device (see `backend`) and checks its arguments before any kernel.
 """
 
+from .attention import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func
 from .backend import BACKENDS, BackendUnavailable, available, use_backend
 from .cross_entropy import (
     cross_entropy,
@@ -10,6 +11,7 @@ from .cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_ref,
 )
+from .kvcache import flash_attn_with_kvcache, flash_attn_with_kvcache_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rotary import apply_rotary, apply_rotary_ref
 from .swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
@@ -31,4 +33,10 @@ __all__ = [
     "cross_entropy_ref",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_ref",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "attention_ref",
+    "attention_varlen_ref",
+    "flash_attn_with_kvcache_ref",
 ]
