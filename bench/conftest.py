@@ -45,7 +45,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], min_time: float = 
 
 
 _MEASURE_PRELUDE = """
-import json, resource
+import json
 THREADS = {threads}
 
 def rss_kb():
@@ -55,15 +55,20 @@ def rss_kb():
                 return int(line.split()[1])
 
 def peak_kb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; never goes down
+    # VmHWM, this address space's peak resident set: unlike ru_maxrss it does not inherit the
+    # parent's peak across fork + exec, so a child smaller than pytest still measures itself
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
 
 result = None
 """
 
 
 def measure_in_subprocess(script: str, *args: str) -> dict:
-    """Runs `script` in a fresh interpreter (peak RSS is per process and never goes down, so each
-    memory measurement needs its own) and returns the dict it leaves in `result`. The script gets
+    """Runs `script` in a fresh interpreter (the peak resident set is per process and never goes
+    down, so each memory measurement needs its own) and returns the dict it leaves in `result`. The script gets
     rss_kb(), peak_kb(), THREADS and sys.argv[1:] = args."""
     import internlm_fast
 
