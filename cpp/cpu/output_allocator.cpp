@@ -7,7 +7,9 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <list>
 #include <map>
+#include <vector>
 #include <mutex>
 #include <string>
 
@@ -44,7 +46,8 @@ class CachingOutputAllocator final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = free_.find(size);
       if (it != free_.end()) {
-        b = it->second;
+        b = *it->second;
+        lru_.erase(it->second);
         free_.erase(it);
         cached_ -= size;
         ++hits_;
@@ -73,11 +76,12 @@ class CachingOutputAllocator final : public c10::Allocator {
   int64_t clear() {
     std::lock_guard<std::mutex> lock(mu_);
     int64_t freed = 0;
-    for (auto& [size, b] : free_) {
+    for (Block* b : lru_) {
       std::free(b->ptr);
-      freed += static_cast<int64_t>(size);
+      freed += static_cast<int64_t>(b->size);
       delete b;
     }
+    lru_.clear();
     free_.clear();
     cached_ = 0;
     return freed;
@@ -96,22 +100,42 @@ class CachingOutputAllocator final : public c10::Allocator {
  private:
   static void release(void* ctx) { get().put(static_cast<Block*>(ctx)); }
 
+  // Keeps the freed block, evicting the least recently freed ones beyond the cap: the shapes a
+  // training or decoding loop uses now are the ones worth keeping, not the first ones ever seen.
   void put(Block* b) {
+    std::vector<Block*> evicted;
     {
       std::lock_guard<std::mutex> lock(mu_);
       live_ -= b->size;
-      if (cached_ + b->size <= cap_) {
-        free_.emplace(b->size, b);
+      if (b->size <= cap_) {
+        lru_.push_back(b);
+        free_.emplace(b->size, std::prev(lru_.end()));
         cached_ += b->size;
-        return;
+        b = nullptr;
+        while (cached_ > cap_) {
+          Block* old = lru_.front();
+          auto range = free_.equal_range(old->size);
+          for (auto it = range.first; it != range.second; ++it)
+            if (*it->second == old) {
+              free_.erase(it);
+              break;
+            }
+          lru_.pop_front();
+          cached_ -= old->size;
+          evicted.push_back(old);
+        }
       }
     }
-    std::free(b->ptr);
-    delete b;
+    if (b != nullptr) evicted.push_back(b);
+    for (Block* e : evicted) {  // outside the lock: freeing a large block can take a while
+      std::free(e->ptr);
+      delete e;
+    }
   }
 
   std::mutex mu_;
-  std::multimap<size_t, Block*> free_;
+  std::list<Block*> lru_;                                    // freed blocks, oldest first
+  std::multimap<size_t, std::list<Block*>::iterator> free_;  // the same blocks by size
   size_t cap_;
   size_t cached_ = 0;
   size_t live_ = 0;

@@ -7,8 +7,9 @@
 // (like the CUDA caching allocator) removes that cost; blocks are 2 MB-aligned and marked
 // MADV_HUGEPAGE so a block that is new still faults 512x less.
 //
-// Bounded: at most INTERNLM_FAST_OUTPUT_CACHE_MB (default 1024) of freed blocks are kept; 0 turns
-// caching off. Small outputs (< 256 KB) go to torch's allocator.
+// Bounded: at most INTERNLM_FAST_OUTPUT_CACHE_MB (default 1024) of freed blocks are kept, the least
+// recently freed evicted first; 0 turns caching off. Small outputs (< 256 KB) go to torch's
+// allocator.
 #pragma once
 
 #include <ATen/core/Tensor.h>
