@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             error = check()
             t_ours = _median_seconds(ours, args.repeat)
             t_eager = _median_seconds(eager, args.repeat)
-            print(f"  {name:<40} max |err| vs fp64 {error:.1e}   {t_eager / t_ours:5.1f}x")
+            print(f"  {name:<42} max |err| vs fp64 {error:.1e}   {t_eager / t_ours:5.1f}x")
 
 
 if __name__ == "__main__":
