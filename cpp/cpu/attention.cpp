@@ -113,31 +113,8 @@ struct Forward {
       const int n = std::min(kBlockK, kv_end - j0);
       const int off = causal ? q0 + diag - j0 : kNoMask;  // row r sees columns c <= r + off
       qk_block(Qb, D, rows, kp.block(hk, blk0 + j0 / kBlockK), n, D, S, kBlockK, off);
-      for (int r = 0; r < rows; ++r) {
-        float* sr = S + r * kBlockK;
-        const int valid = visible(causal, q0 + r, diag, j0, n);
-        const float m_new = row_max(sr, valid, m[r]);
-        if (m_new == kNegInf) {  // nothing visible to this row yet
-          std::fill(sr, sr + n, 0.f);
-          continue;
-        }
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int c = 0; c < valid; ++c) {
-          const float p = exp2_approx(sr[c] - m_new);
-          sr[c] = p;
-          sum += p;
-        }
-        std::fill(sr + valid, sr + n, 0.f);
-        const float alpha = exp2_approx(m[r] - m_new);  // 0 when m[r] = -inf
-        if (alpha != 1.f) {
-          float* o = Ob + r * D;
-#pragma omp simd
-          for (int d = 0; d < D; ++d) o[d] *= alpha;
-        }
-        l[r] = l[r] * alpha + sum;
-        m[r] = m_new;
-      }
+      for (int r = 0; r < rows; ++r)
+        online_softmax_row(S + r * kBlockK, visible(causal, q0 + r, diag, j0, n), n, m[r], l[r], Ob + r * D, D);
       // V rows are heads * D apart in the input; P V walks them once per 16 columns, so gather them
       // into a contiguous block first (see f32_rows_head_major for why the stride hurts)
       float* Vb = st.Vb.data();

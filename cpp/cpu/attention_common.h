@@ -105,6 +105,33 @@ inline int visible(bool causal, int i, int diag, int j0, int n) {
   return causal ? std::clamp(i + diag - j0 + 1, 0, n) : n;
 }
 
+// One online-softmax step of one query row over a block of scores s[0..n) in log2 units, of which
+// the first `valid` are visible: s becomes the unnormalised probabilities (zero past `valid`), the
+// running max m and sum l advance, and the row's output accumulator o (D floats) is rescaled to the
+// new max. A row that has seen no visible score yet is left at m = -inf, l = 0.
+inline void online_softmax_row(float* s, int valid, int n, float& m, float& l, float* o, int D) {
+  const float m_new = row_max(s, valid, m);
+  if (m_new == kNegInf) {
+    std::fill(s, s + n, 0.f);
+    return;
+  }
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int j = 0; j < valid; ++j) {
+    const float p = exp2_approx(s[j] - m_new);
+    s[j] = p;
+    sum += p;
+  }
+  std::fill(s + valid, s + n, 0.f);
+  const float alpha = exp2_approx(m - m_new);  // 0 when m = -inf
+  if (alpha != 1.f) {
+#pragma omp simd
+    for (int d = 0; d < D; ++d) o[d] *= alpha;
+  }
+  l = l * alpha + sum;
+  m = m_new;
+}
+
 // Decoding path (attention_decode.cpp): q (B, Sq, Hq, D) against caches (B, cache_len, Hk, D) holding
 // lens[b] valid keys; writes out (B, Sq, Hq, D) and lse (B, Hq, Sq).
 void decode_splitkv(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

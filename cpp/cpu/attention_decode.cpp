@@ -73,31 +73,9 @@ struct Decode {
               S[r * kDecodeBlock + j] = acc;
             }
         }
-      for (int r = 0; r < rows; ++r) {
-        float* sr = S + r * kDecodeBlock;
-        const int valid = visible(causal, r / Hq, diag, int(j0), n);
-        const float m_new = row_max(sr, valid, m[r]);
-        if (m_new == kNegInf) {
-          std::fill(sr, sr + n, 0.f);
-          continue;
-        }
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < valid; ++j) {
-          const float p = exp2_approx(sr[j] - m_new);
-          sr[j] = p;
-          sum += p;
-        }
-        std::fill(sr + valid, sr + n, 0.f);
-        const float alpha = exp2_approx(m[r] - m_new);
-        if (alpha != 1.f) {
-          float* o = O + r * ld;
-#pragma omp simd
-          for (int d = 0; d < D; ++d) o[d] *= alpha;
-        }
-        l[r] = l[r] * alpha + sum;
-        m[r] = m_new;
-      }
+      for (int r = 0; r < rows; ++r)
+        online_softmax_row(S + r * kDecodeBlock, visible(causal, r / Hq, diag, int(j0), n), n, m[r], l[r],
+                           O + r * ld, D);
       // O += P V, token-major again: each value row is read once and added into its heads' rows
       for (int j = 0; j < n; ++j)
         for (int hk = 0; hk < Hk; ++hk) {
