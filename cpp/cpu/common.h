@@ -38,7 +38,16 @@ inline double load(const double* p, int64_t i) { return p[i]; }
 inline float load(const c10::BFloat16* p, int64_t i) {
   return bits_to_float(static_cast<uint32_t>(p[i].x) << 16);
 }
-inline float load(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+// fp16 by bit manipulation, branch-free so loops vectorise (c10::Half's converters branch).
+// Exact: a half's exponent and mantissa shifted into a float's place, rescaled by 2^112 (exact for
+// normals and subnormals); all-ones exponents (inf, NaN) mapped explicitly.
+inline float load(const c10::Half* p, int64_t i) {
+  const uint32_t h = p[i].x;
+  const uint32_t em = h & 0x7fffu;
+  const uint32_t finite = float_to_bits(bits_to_float(em << 13) * 0x1p112f);
+  const uint32_t special = 0x7f800000u | ((em & 0x3ffu) << 13);
+  return bits_to_float(((h & 0x8000u) << 16) | (em >= 0x7c00u ? special : finite));
+}
 
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
 inline void store(double* p, int64_t i, double v) { p[i] = v; }
@@ -48,7 +57,20 @@ inline void store(c10::BFloat16* p, int64_t i, float v) {
   uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   p[i].x = static_cast<uint16_t>(std::isnan(v) ? 0x7FC0u : rounded);
 }
-inline void store(c10::Half* p, int64_t i, float v) { p[i] = static_cast<c10::Half>(v); }
+// Round to nearest even (F. Giesen's float_to_half_fast3_rtne, made branch-free): subnormal
+// results by adding 0.5f, which lets the FPU round; normal ones by rebiasing the exponent and
+// adding half an ulp (plus the odd bit, for ties to even); overflow to inf, NaN stays NaN.
+inline void store(c10::Half* p, int64_t i, float v) {
+  uint32_t f = float_to_bits(v);
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  const uint32_t sub = float_to_bits(bits_to_float(f) + 0.5f) - 0x3f000000u;
+  const uint32_t norm = (f + 0xc8000fffu + ((f >> 13) & 1u)) >> 13;
+  const uint32_t big = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  uint32_t o = f < 0x38800000u ? sub : norm;
+  o = f >= 0x47800000u ? big : o;
+  p[i].x = static_cast<uint16_t>(o | (sign >> 16));
+}
 
 // c ? a : b as bit masks. GCC 12 jump-threads two clamping ternaries into a 3-way branch (one
 // arm per constant) and then refuses to vectorise the loop ("control flow in loop"); masks keep
