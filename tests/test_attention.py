@@ -129,22 +129,16 @@ def test_strided_qkv_from_packed_projection():
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_softmax_scale_and_long_sequence():
-    g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, 1023, 2, 64, generator=g) for _ in range(3))
+@pytest.mark.parametrize(
+    "seqlen, head_dim, scale, causal",
+    [(1023, 64, 0.3, True), (2048, 128, None, False), (2048, 128, None, True)],
+)
+def test_long_sequences_and_softmax_scale(seqlen, head_dim, scale, causal):
+    g = torch.Generator().manual_seed(seqlen)
+    q, k, v = (torch.randn(1, seqlen, 2, head_dim, generator=g) for _ in range(3))
     with use_backend("cpu"):
-        out = flash_attn_func(q, k, v, softmax_scale=0.3, causal=True)
-    ref, _ = attention_ref(q.double(), k.double(), v.double(), True, 0.3)
-    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_seqlen_2048_forward(causal):
-    g = torch.Generator().manual_seed(2048)
-    q, k, v = (torch.randn(1, 2048, 2, 128, generator=g) for _ in range(3))
-    with use_backend("cpu"):
-        out = flash_attn_func(q, k, v, causal=causal)
-    ref, _ = attention_ref(q.double(), k.double(), v.double(), causal)
+        out = flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+    ref, _ = attention_ref(q.double(), k.double(), v.double(), causal, scale)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
 
 
