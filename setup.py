@@ -100,7 +100,7 @@ setup(
     description="InternLM, fast: compiled kernels, trainer, inference and server for InternLM models",
     python_requires=">=3.11",
     package_dir={"": "python", "internlm_fast.triton_kernels": "triton_kernels"},
-    packages=["internlm_fast", "internlm_fast.ops", "internlm_fast.triton_kernels"],
+    packages=["internlm_fast", "internlm_fast.ops", "internlm_fast.model", "internlm_fast.triton_kernels"],
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext.with_options(no_python_abi_suffix=False)},
     install_requires=["torch", "numpy"],

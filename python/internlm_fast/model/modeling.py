@@ -1,0 +1,163 @@
+"""The InternLM decoder (LLaMA architecture with biased q/k/v/o projections), built only on
+internlm_fast.ops. Parameter names match Hugging Face's, so an HF state dict loads as it is.
+
+forward(input_ids, labels=None, cu_seqlens=None) takes a (batch, seqlen) batch, or one packed row
+(1, total) of documents delimited by int32 cu_seqlens: attention never crosses a document and
+positions restart at 0 in each. Labels have input_ids' shape and are shifted inside (-100 ignored,
+and in a packed row the last token of a document does not predict the next document).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from internlm_fast import ops
+
+from .config import InternLMConfig
+
+
+@dataclass
+class CausalLMOutput:
+    loss: Tensor | None = None
+    logits: Tensor | None = None  # None when the loss was computed without materialising them
+
+
+def rotary_tables(config: InternLMConfig, device=None) -> tuple[Tensor, Tensor]:
+    """cos/sin (max_position_embeddings, head_dim / 2) in fp32, half-rotated layout."""
+    d = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+    angles = torch.arange(config.max_position_embeddings, dtype=torch.float64, device=device)[:, None] * inv_freq
+    return angles.cos().float(), angles.sin().float()
+
+
+class Attention(nn.Module):
+    def __init__(self, config: InternLMConfig) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        self.q_proj = nn.Linear(h, self.heads * d, bias=config.bias)
+        self.k_proj = nn.Linear(h, self.kv_heads * d, bias=config.bias)
+        self.v_proj = nn.Linear(h, self.kv_heads * d, bias=config.bias)
+        self.o_proj = nn.Linear(self.heads * d, h, bias=config.bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None, max_seqlen: int) -> Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        if cu_seqlens is None:
+            q, k = ops.apply_rotary(q, cos, sin), ops.apply_rotary(k, cos, sin)
+            out = ops.flash_attn_func(q, k, v, causal=True)
+        else:  # one packed row: (total, heads, head_dim) with per-document positions
+            q, k, v = q[0], k[0], v[0]
+            q = ops.apply_rotary(q, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            k = ops.apply_rotary(k, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            out = ops.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+        return self.o_proj(out.reshape(b, s, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: InternLMConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: InternLMConfig) -> None:
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.input_layernorm = nn.Module()
+        self.input_layernorm.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.post_attention_layernorm = nn.Module()
+        self.post_attention_layernorm.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, residual: Tensor | None, cos, sin, cu_seqlens, max_seqlen) -> tuple[Tensor, Tensor]:
+        """x: the previous sublayer's output (or the embeddings when residual is None). Returns this
+        layer's MLP output and the residual stream before it; the next norm adds them (fused)."""
+        if residual is None:
+            residual, h = x, ops.rms_norm(x, self.input_layernorm.weight, self.eps)
+        else:
+            h, residual = ops.rms_norm(x, self.input_layernorm.weight, self.eps, residual=residual)
+        attn = self.self_attn(h, cos, sin, cu_seqlens, max_seqlen)
+        h, residual = ops.rms_norm(attn, self.post_attention_layernorm.weight, self.eps, residual=residual)
+        return self.mlp(h), residual
+
+
+class InternLMModel(nn.Module):
+    def __init__(self, config: InternLMConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(torch.ones(config.hidden_size))
+
+
+class InternLMForCausalLM(nn.Module):
+    def __init__(self, config: InternLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = InternLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rotary_tables(config)
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden_states(self, input_ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+        """The final normed hidden states, (batch, seqlen, hidden)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+        if cu_seqlens is not None and input_ids.shape[0] != 1:
+            raise ValueError(f"a packed batch is one row (1, total) with cu_seqlens; got {tuple(input_ids.shape)}")
+        seqlen = input_ids.shape[1]
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens is not None else seqlen
+        if max_seqlen > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {max_seqlen} tokens exceeds max_position_embeddings {self.config.max_position_embeddings}"
+            )
+        cos, sin = self.rotary_cos, self.rotary_sin
+        x, residual = self.model.embed_tokens(input_ids), None
+        for layer in self.model.layers:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, residual = checkpoint(layer, x, residual, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+            else:
+                x, residual = layer(x, residual, cos, sin, cu_seqlens, max_seqlen)
+        h, _ = ops.rms_norm(x, self.model.norm.weight, self.config.rms_norm_eps, residual=residual)
+        return h
+
+    def forward(
+        self, input_ids: Tensor, labels: Tensor | None = None, cu_seqlens: Tensor | None = None, return_logits=None
+    ) -> CausalLMOutput:
+        h = self.hidden_states(input_ids, cu_seqlens)
+        if labels is None:
+            return CausalLMOutput(logits=self.lm_head(h))
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}")
+        target = labels[:, 1:].clone()
+        if cu_seqlens is not None:  # a document's last token does not predict the next document
+            ends = cu_seqlens[1:-1].long() - 1
+            target[0, ends[(ends >= 0) & (ends < target.shape[1])]] = -100
+        hs = h[:, :-1].reshape(-1, h.shape[-1])
+        loss = ops.fused_linear_cross_entropy(hs, self.lm_head.weight, target.reshape(-1))
+        logits = self.lm_head(h) if return_logits else None
+        return CausalLMOutput(loss=loss, logits=logits)
