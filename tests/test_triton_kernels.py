@@ -256,3 +256,60 @@ def test_rotary_bwd_is_the_transpose(tk, interleaved):
     torch.testing.assert_close(fx, rotary_ref(x, cos, sin, offsets, None, interleaved), rtol=1e-12, atol=1e-12)
     back = tk.rotary_bwd(fx, cos, sin, offsets, None, interleaved, False, None)
     torch.testing.assert_close(back, x, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- cross_entropy
+
+
+@pytest.mark.parametrize("dtype", LOWP[:2])
+def test_cross_entropy_kernels_multi_block_rows(monkeypatch, tk, dtype):
+    """Vocabulary blocks smaller than the row (the online max/sum across blocks, a partial last
+    block) and several rows per program with a partial last tile, against the contract: lse per row
+    (0 where ignored), per-row losses summed, and dlogits = dloss * (softmax - onehot) / valid."""
+    import internlm_fast.triton_kernels.cross_entropy as mod
+
+    monkeypatch.setattr(mod, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(mod, "TILE", 64)  # 4 rows per program, 11 rows: a partial last tile
+    rows, V = 11, 37
+    x = _randn(rows, V, dtype=dtype, scale=3.0)
+    labels = torch.randint(0, V, (rows,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    labels[::3] = -100
+    keep = labels != -100
+    x64 = x.double()
+    lse64 = torch.where(keep, torch.logsumexp(x64, 1), 0.0)
+    loss_rows = torch.where(keep, lse64 - x64.gather(1, labels.clamp(min=0)[:, None])[:, 0], 0.0)
+    dloss = torch.tensor(0.75, device=DEVICE)
+    grad64 = torch.softmax(x64, 1) - torch.nn.functional.one_hot(labels.clamp(min=0), V)
+    grad64 = torch.where(keep[:, None], grad64, 0.0)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    for reduction, div in (("mean", int(keep.sum())), ("sum", 1)):
+        loss, lse = tk.cross_entropy_fwd(x, labels, -100, reduction)
+        assert loss.dtype == lse.dtype == torch.float32
+        torch.testing.assert_close(lse.double(), lse64, rtol=1e-5, atol=1e-5)
+        assert (lse[~keep] == 0).all()
+        torch.testing.assert_close(loss.double(), loss_rows.sum() / div, rtol=1e-5, atol=1e-5)
+        dx = tk.cross_entropy_bwd(dloss, x, labels, lse, -100, reduction)
+        assert dx.dtype == dtype and (dx[~keep] == 0).all()
+        torch.testing.assert_close(dx.double(), grad64 * 0.75 / div, **tol)
+        # fused with the identity as lm_head: the same loss, dhidden = dlogits for a unit dloss
+        eye = torch.eye(V, dtype=dtype, device=DEVICE)
+        floss, dh, dw = tk.fused_linear_cross_entropy_fwd(x, eye, labels, -100, reduction, 4, True, True)
+        torch.testing.assert_close(floss.double(), loss_rows.sum() / div, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dh.double(), grad64 / div, **tol)
+        torch.testing.assert_close(dw.double(), (grad64 / div).T @ x64, **tol)
+        dh2, dw2 = tk.fused_linear_cross_entropy_bwd(dloss, dh, dw)
+        torch.testing.assert_close(dh2, dh * 0.75)
+        torch.testing.assert_close(dw2, dw * 0.75)
+
+
+def test_cross_entropy_kernels_empty_and_all_ignored(tk):
+    x = _randn(0, 7)
+    labels = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    loss, lse = tk.cross_entropy_fwd(x, labels, -100, "mean")
+    assert loss.item() == 0.0 and lse.shape == (0,)
+    x = _randn(3, 7)
+    labels = torch.full((3,), -100, device=DEVICE)
+    loss, dh, dw = tk.fused_linear_cross_entropy_fwd(x, _randn(5, 7, seed=1), labels, -100, "mean", 0, True, True)
+    assert loss.item() == 0.0 and not dh.any() and not dw.any()
+    loss, dh, dw = tk.fused_linear_cross_entropy_fwd(x, _randn(5, 7, seed=1), labels, -100, "sum", 0, False, False)
+    assert loss.item() == 0.0 and dh.shape == (0,) and dw.shape == (0,)

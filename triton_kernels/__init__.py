@@ -8,11 +8,21 @@ same name. On CPU tensors the kernels run only in Triton's interpreter (TRITON_I
 before triton is imported).
 """
 
+from .cross_entropy import (
+    cross_entropy_bwd,
+    cross_entropy_fwd,
+    fused_linear_cross_entropy_bwd,
+    fused_linear_cross_entropy_fwd,
+)
 from .rms_norm import rms_norm_bwd, rms_norm_fwd
 from .rotary import rotary_bwd, rotary_fwd
 from .swiglu import swiglu_bwd, swiglu_fwd
 
 __all__ = [
+    "cross_entropy_bwd",
+    "cross_entropy_fwd",
+    "fused_linear_cross_entropy_bwd",
+    "fused_linear_cross_entropy_fwd",
     "rms_norm_bwd",
     "rms_norm_fwd",
     "rotary_bwd",
