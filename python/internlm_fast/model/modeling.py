@@ -34,6 +34,18 @@ def rotary_tables(config: InternLMConfig, device=None) -> tuple[Tensor, Tensor]:
     return angles.cos().float(), angles.sin().float()
 
 
+class RMSNorm(nn.Module):
+    """A weight and an eps for ops.rms_norm; with a residual, the add is fused into the norm."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        return ops.rms_norm(x, self.weight, self.eps, residual=residual)
+
+
 class Attention(nn.Module):
     def __init__(self, config: InternLMConfig) -> None:
         super().__init__()
@@ -74,11 +86,8 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: InternLMConfig) -> None:
         super().__init__()
-        self.eps = config.rms_norm_eps
-        self.input_layernorm = nn.Module()
-        self.input_layernorm.weight = nn.Parameter(torch.ones(config.hidden_size))
-        self.post_attention_layernorm = nn.Module()
-        self.post_attention_layernorm.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.mlp = MLP(config)
 
@@ -86,11 +95,11 @@ class DecoderLayer(nn.Module):
         """x: the previous sublayer's output (or the embeddings when residual is None). Returns this
         layer's MLP output and the residual stream before it; the next norm adds them (fused)."""
         if residual is None:
-            residual, h = x, ops.rms_norm(x, self.input_layernorm.weight, self.eps)
+            residual, h = x, self.input_layernorm(x)
         else:
-            h, residual = ops.rms_norm(x, self.input_layernorm.weight, self.eps, residual=residual)
+            h, residual = self.input_layernorm(x, residual)
         attn = self.self_attn(h, cos, sin, cu_seqlens, max_seqlen)
-        h, residual = ops.rms_norm(attn, self.post_attention_layernorm.weight, self.eps, residual=residual)
+        h, residual = self.post_attention_layernorm(attn, residual)
         return self.mlp(h), residual
 
 
@@ -99,8 +108,7 @@ class InternLMModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = nn.Module()
-        self.norm.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class InternLMForCausalLM(nn.Module):
@@ -142,11 +150,15 @@ class InternLMForCausalLM(nn.Module):
                 x, residual = checkpoint(layer, x, residual, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
                 x, residual = layer(x, residual, cos, sin, cu_seqlens, max_seqlen)
-        h, _ = ops.rms_norm(x, self.model.norm.weight, self.config.rms_norm_eps, residual=residual)
+        h, _ = self.model.norm(x, residual)
         return h
 
     def forward(
-        self, input_ids: Tensor, labels: Tensor | None = None, cu_seqlens: Tensor | None = None, return_logits=None
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        return_logits: bool = False,
     ) -> CausalLMOutput:
         h = self.hidden_states(input_ids, cu_seqlens)
         if labels is None:
