@@ -96,7 +96,7 @@ class CkptSection:
 @dataclass
 class LogSection:
     folder: str | None = _key(None, "folder of metrics.jsonl and TensorBoard logs; None: runs/{job_name}")
-    every: int = _key(1, "log metrics every N steps", check=POSITIVE)
+    every: int = _key(10, "print a metrics line every N steps (metrics.jsonl and TensorBoard get every step)", check=POSITIVE)
     eval_every: int = _key(100, "validation loss every N steps and at the end (0 = only at end)", check=NON_NEGATIVE)
     eval_batches: int = _key(8, "micro batches per validation", check=POSITIVE)
     tensorboard: bool = _key(True, "also write TensorBoard event files")

@@ -1,0 +1,186 @@
+"""Atomic training checkpoints.
+
+A checkpoint is a folder `step-00000123/` holding
+  model.safetensors   the weights, Hugging Face names (loads into transformers' LlamaForCausalLM)
+  optimizer.pt        optimizer and scheduler state
+  rng.pt              torch / CUDA / numpy / python RNG states
+  trainer.json        step, data loader position, counters, the full training config
+  checksums.json      sha256 of every file above; written last
+
+It is written into a hidden temporary folder beside the final one, every file is fsynced, and the
+folder is renamed into place, so a kill at any moment leaves either no new checkpoint (a stray
+`.tmp-*` folder that the next save removes) or a complete one. Loading verifies the checksums; a
+damaged checkpoint is reported and the next older one is used instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+_NAME = re.compile(r"^step-(\d{8})$")
+_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "trainer.json")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    trainer_state: dict
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict
+    rng_state: dict
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as safetensors wants it: contiguous CPU tensors, tied weights stored once."""
+    out, seen = {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
+        if key is not None and key in seen:
+            continue  # a tied weight (tie_word_embeddings): load_state_dict(strict=False) restores it
+        seen[key] = name
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_checkpoint(
+    folder: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    trainer_state: dict,
+    keep_last: int = 2,
+) -> Path:
+    """Write step `step` atomically into `folder`, then delete all but the newest `keep_last`.
+    model_state: name -> tensor, as model_tensors(model) gives."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".tmp-step-*"):  # left by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    final = folder / f"step-{step:08d}"
+    tmp = folder / f".tmp-{final.name}-{os.getpid()}"
+    tmp.mkdir()
+    save_file(model_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
+    sums = {}
+    for name in _FILES:
+        _fsync(tmp / name)
+        sums[name] = _sha256(tmp / name)
+    (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
+    _fsync(tmp / "checksums.json")
+    if final.exists():  # the same step saved again (a resumed run): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(folder)
+    for old in list_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Checkpoint folders in `folder`, oldest first (by step)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when the checkpoint is complete and intact, else what is wrong with it."""
+    path = Path(path)
+    sums_file = path / "checksums.json"
+    if not sums_file.is_file():
+        return f"{sums_file} is missing (incomplete checkpoint)"
+    try:
+        sums = json.loads(sums_file.read_text())
+    except json.JSONDecodeError as e:
+        return f"{sums_file} is not valid JSON: {e}"
+    for name in _FILES:
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if sums.get(name) != _sha256(f):
+            return f"{f} does not match its checksum (damaged)"
+    return None
+
+
+def latest_valid_checkpoint(folder: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint in `folder` (or None) and a message for each newer damaged one."""
+    skipped = []
+    for path in reversed(list_checkpoints(folder)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, skipped
+        skipped.append(f"skipping {path.name}: {problem}")
+    return None, skipped
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a folder")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is not usable: {problem}")
+    trainer_state = json.loads((path / "trainer.json").read_text())
+    return Checkpoint(
+        path=path,
+        step=int(trainer_state["step"]),
+        trainer_state=trainer_state,
+        model_state=load_file(str(path / "model.safetensors"), device=str(map_location)),
+        optimizer_state=torch.load(path / "optimizer.pt", map_location=map_location, weights_only=False),
+        rng_state=torch.load(path / "rng.pt", weights_only=False),
+    )

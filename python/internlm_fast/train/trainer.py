@@ -1,0 +1,377 @@
+"""The training loop: one loop for CPU and GPU.
+
+Per step: micro_num micro-batches (gradient accumulation), gradient clipping, a skipped update when
+the loss or the gradient norm is not finite (counted as inf_nan_skip_batches, as InternLM does),
+the warmup + cosine learning rate, metrics, periodic validation and checkpoints. bf16 runs the
+model in bf16 and keeps fp32 master weights in the optimizer, as InternLM's optimizer does.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from internlm_fast.data import PackedBatch, PackedLoader, TokenDataset, Tokenizer, prepare_builtin_corpus
+from internlm_fast.data.token_file import unigram_entropy
+from internlm_fast.infer import generate_tokens
+from internlm_fast.model import InternLMConfig, InternLMForCausalLM
+
+from .checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint, model_tensors, save_checkpoint, set_rng_state
+from .config import TrainConfig, config_to_dict
+from .flops import train_flops_per_step
+from .metrics import MetricsLogger, memory_mib
+from .optim import build_optimizer
+from .schedule import WarmupCosine
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # training loss of each step this run
+    val_loss: float | None = None
+    unigram_entropy: float | None = None
+    inf_nan_skip_batches: int = 0
+    checkpoint: Path | None = None
+    sample: str | None = None
+
+
+class MasterWeights:
+    """fp32 copies of low-precision parameters: the optimizer steps these, the model gets them cast."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.model_params = params
+        self.params = [nn.Parameter(p.detach().float().clone()) for p in params]
+
+    def grads_to_master(self) -> None:
+        for m, p in zip(self.params, self.model_params):
+            m.grad = None if p.grad is None else p.grad.float()
+
+    def master_to_model(self) -> None:
+        with torch.no_grad():
+            for m, p in zip(self.params, self.model_params):
+                p.copy_(m)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.device = _device(cfg.device)
+        self.run_dir = Path(cfg.log.folder or Path("runs") / cfg.job_name)
+        self.ckpt_dir = Path(cfg.ckpt.folder or self.run_dir / "checkpoints")
+        self._prepare_data()
+        torch.manual_seed(cfg.seed)
+        self.model_config: InternLMConfig = cfg.model.build()
+        if self.tokenizer is not None and self.tokenizer.vocab_size > self.model_config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
+                f"{self.model_config.vocab_size}; set model.vocab_size >= {self.tokenizer.vocab_size}"
+            )
+        if self.train_data.vocab_size > self.model_config.vocab_size:
+            raise ValueError(
+                f"data.train was tokenized with vocab_size {self.train_data.vocab_size} but model.vocab_size is "
+                f"{self.model_config.vocab_size}"
+            )
+        self.model = InternLMForCausalLM(self.model_config).to(self.device)
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.dtype]
+        self.master = None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.dtype != torch.float32:
+            self._to_low_precision()
+            self.master = MasterWeights([p for p in self.model.parameters() if p.requires_grad])
+            params = self.master.params
+        self.params = params
+        o = cfg.optimizer
+        self.optimizer = build_optimizer(
+            self._named_for_optimizer(),
+            lr=o.lr,
+            betas=(o.adam_beta1, o.adam_beta2),
+            eps=o.adam_eps,
+            weight_decay=o.weight_decay,
+        )
+        self.schedule = WarmupCosine(o.lr, cfg.data.total_steps, cfg.lr_scheduler.warmup_ratio, cfg.lr_scheduler.eta_min)
+        d = cfg.data
+        self.loader = PackedLoader(self.train_data, d.seq_len, d.micro_bsz, seed=cfg.seed, shuffle=d.shuffle)
+        self.step = 0
+        self.inf_nan_skip_batches = 0
+        self.flops_per_step = train_flops_per_step(
+            self.model_config, d.micro_bsz * d.micro_num, d.seq_len, cfg.model.checkpointing
+        )
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _prepare_data(self) -> None:
+        d = self.cfg.data
+        self.tokenizer = None
+        self.unigram_entropy = None
+        if d.train == "builtin":
+            vocab = self.cfg.model.build().vocab_size
+            corpus = prepare_builtin_corpus(vocab_size=vocab, progress=self.cfg.log.progress)
+            train_prefix, val_prefix = corpus.train_prefix, corpus.val_prefix
+            tokenizer_path = d.tokenizer or corpus.tokenizer_path
+            self.unigram_entropy = corpus.unigram_entropy
+        else:
+            train_prefix, val_prefix, tokenizer_path = Path(d.train), d.val, d.tokenizer
+        self.train_data = TokenDataset(train_prefix)
+        self.val_data = TokenDataset(val_prefix) if val_prefix else None
+        if tokenizer_path:
+            self.tokenizer = Tokenizer(tokenizer_path)
+        if self.unigram_entropy is None:
+            self.unigram_entropy = unigram_entropy(self.train_data)
+
+    def _to_low_precision(self) -> None:
+        # rotary tables stay fp32: positions up to max_position_embeddings need more than bf16's 8 bits
+        cos, sin = self.model.rotary_cos, self.model.rotary_sin
+        self.model.to(self.dtype)
+        self.model.rotary_cos, self.model.rotary_sin = cos, sin
+
+    def _named_for_optimizer(self) -> nn.Module | list[tuple[str, nn.Parameter]]:
+        if self.master is None:
+            return self.model
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        return list(zip(names, self.master.params))
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def _batch_to_device(self, batch: PackedBatch) -> PackedBatch:
+        if self.device.type == "cpu":
+            return batch
+        return PackedBatch(
+            input_ids=batch.input_ids.to(self.device, non_blocking=True),
+            labels=batch.labels.to(self.device, non_blocking=True),
+            cu_seqlens=batch.cu_seqlens.to(self.device, non_blocking=True),
+            max_seqlen=batch.max_seqlen,
+            num_tokens=batch.num_tokens,
+        )
+
+    def train_step(self, batches: list[PackedBatch]) -> dict:
+        """Forward/backward over the micro-batches, then clip and update (or skip). Returns metrics."""
+        self.model.train()
+        self.model.config.gradient_checkpointing = self.cfg.model.checkpointing
+        total_loss = 0.0
+        for batch in batches:
+            batch = self._batch_to_device(batch)
+            out = self.model(batch.input_ids, labels=batch.labels, cu_seqlens=batch.cu_seqlens)
+            (out.loss / len(batches)).backward()
+            total_loss += out.loss.item() / len(batches)
+        if self.master is not None:
+            self.master.grads_to_master()
+        clip = self.cfg.optimizer.clip_grad_norm
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf))
+        lr = self.schedule(self.step)
+        skipped = not (math.isfinite(total_loss) and math.isfinite(grad_norm))
+        if skipped:
+            self.inf_nan_skip_batches += 1
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            if self.master is not None:
+                self.master.master_to_model()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+        return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int) -> float | None:
+        """Mean validation loss per target token over the first max_batches packed rows of val."""
+        if self.val_data is None or len(self.val_data) == 0:
+            return None
+        self.model.eval()
+        d = self.cfg.data
+        loader = PackedLoader(self.val_data, d.seq_len, d.micro_bsz, seed=0, shuffle=False, loop=False)
+        loss_sum, count = 0.0, 0
+        for i, batch in enumerate(loader):
+            if i >= max_batches:
+                break
+            batch = self._batch_to_device(batch)
+            out = self.model(batch.input_ids, labels=batch.labels, cu_seqlens=batch.cu_seqlens)
+            n = _num_targets(batch)
+            loss_sum += out.loss.item() * n
+            count += n
+        self.model.train()
+        return loss_sum / count if count else None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _trainer_state(self) -> dict:
+        return {
+            "loader": self.loader.state_dict(),
+            "inf_nan_skip_batches": self.inf_nan_skip_batches,
+            "config": config_to_dict(self.cfg),
+        }
+
+    def save(self) -> Path:
+        if self.master is None:
+            tensors = model_tensors(self.model)
+        else:  # the fp32 masters are the exact state; the model holds their cast
+            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            tensors = {n: m.detach().cpu().contiguous() for n, m in zip(names, self.master.params)}
+        return save_checkpoint(
+            self.ckpt_dir,
+            self.step,
+            tensors,
+            {"optimizer": self.optimizer.state_dict()},
+            self._trainer_state(),
+            keep_last=self.cfg.ckpt.keep_last,
+        )
+
+    def resume(self, where: str) -> Path | None:
+        """Load a checkpoint: 'auto' = the newest intact one in ckpt.folder (None if there is none)."""
+        if where == "auto":
+            path, skipped = latest_valid_checkpoint(self.ckpt_dir)
+            for msg in skipped:
+                _say(msg)
+            if path is None:
+                _say(f"--ckpt.resume=auto: no checkpoint in {self.ckpt_dir}, starting from scratch")
+                return None
+        else:
+            path = Path(where)
+        ckpt = load_checkpoint(path)
+        missing, unexpected = self.model.load_state_dict(
+            {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in ckpt.model_state.items()}, strict=False
+        )
+        tied = {"lm_head.weight"} if self.model_config.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+        if self.master is not None:
+            with torch.no_grad():
+                for (name, _), m in zip(
+                    [(n, p) for n, p in self.model.named_parameters() if p.requires_grad], self.master.params
+                ):
+                    m.copy_(ckpt.model_state[name])
+        self.optimizer.load_state_dict(ckpt.optimizer_state["optimizer"])
+        self.loader.load_state_dict(ckpt.trainer_state["loader"])
+        self.inf_nan_skip_batches = int(ckpt.trainer_state["inf_nan_skip_batches"])
+        self.step = ckpt.step
+        set_rng_state(ckpt.rng_state)
+        _say(f"resumed from {path} (step {self.step})")
+        return path
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        if not (cfg.ckpt.resume and self.resume(cfg.ckpt.resume)):
+            self._archive_previous_run()
+        total = cfg.data.total_steps
+        result = TrainResult(steps=total, unigram_entropy=self.unigram_entropy)
+        logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        _say(
+            f"training {n_params / 1e6:.1f}M parameters on {self.device} ({cfg.model.dtype}), "
+            f"{len(self.train_data)} documents / {self.train_data.num_tokens / 1e6:.2f}M tokens, "
+            f"unigram entropy {self.unigram_entropy:.3f} nats; logs in {self.run_dir}"
+        )
+        bar = _progress(total, self.step, enabled=cfg.log.progress)
+        iterator = iter(self.loader)
+        last_ckpt = None
+        try:
+            while self.step < total:
+                t0 = time.perf_counter()
+                batches = [next(iterator) for _ in range(cfg.data.micro_num)]
+                t_data = time.perf_counter() - t0
+                metrics = self.train_step(batches)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                step_s = time.perf_counter() - t0
+                tokens = sum(b.input_ids.numel() for b in batches)
+                mem, peak = memory_mib(self.device)
+                metrics.update(
+                    tgs=tokens / step_s,
+                    tflops=self.flops_per_step / step_s / 1e12,
+                    mem_mib=mem,
+                    peak_mem_mib=peak,
+                    step_s=step_s,
+                    data_share=t_data / step_s,
+                    inf_nan_skip_batches=self.inf_nan_skip_batches,
+                )
+                metrics["skipped"] = int(metrics["skipped"])
+                self.step += 1
+                result.losses.append(metrics["loss"])
+                logger.log(self.step, metrics)
+                bar.update(1)
+                bar.set_postfix_str(f"loss {metrics['loss']:.3f} lr {metrics['lr']:.1e} tgs {metrics['tgs']:.0f}")
+                if cfg.log.every and self.step % cfg.log.every == 0:
+                    bar.write(MetricsLogger.console_line(self.step, total, metrics))
+                if cfg.log.eval_every and self.step % cfg.log.eval_every == 0 and self.step < total:
+                    self._validate(logger, bar)
+                if cfg.ckpt.checkpoint_every and self.step % cfg.ckpt.checkpoint_every == 0 and self.step < total:
+                    last_ckpt = self.save()
+            result.val_loss = self._validate(logger, bar)
+            if cfg.ckpt.checkpoint_every >= 0:
+                last_ckpt = self.save()
+        finally:
+            bar.close()
+            logger.close()
+        result.checkpoint = last_ckpt
+        result.inf_nan_skip_batches = self.inf_nan_skip_batches
+        if last_ckpt is not None:
+            _say(f"checkpoint: {last_ckpt}")
+        if result.val_loss is not None:
+            ratio = result.val_loss / self.unigram_entropy
+            _say(
+                f"final validation loss {result.val_loss:.4f} nats = {ratio:.1%} of the unigram entropy "
+                f"({self.unigram_entropy:.3f} nats)"
+            )
+        if self.tokenizer is not None and cfg.generate.max_new_tokens > 0:
+            result.sample = self.sample(cfg.generate.prompt)
+            _say(f"sample (prompt {cfg.generate.prompt!r}):\n{cfg.generate.prompt}{result.sample}")
+        return result
+
+    def _archive_previous_run(self) -> None:
+        """A fresh run never overwrites an earlier one: its folders are renamed with a timestamp."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for folder, marker in ((self.run_dir, "metrics.jsonl"), (self.ckpt_dir, None)):
+            if folder.is_dir() and ((marker and (folder / marker).exists()) or list_checkpoints(folder)):
+                target = folder.with_name(f"{folder.name}-{stamp}")
+                folder.rename(target)
+                _say(f"{folder} held an earlier run; moved it to {target} (use --resume auto to continue a run)")
+
+    def _validate(self, logger: MetricsLogger, bar) -> float | None:
+        val = self.evaluate(self.cfg.log.eval_batches)
+        if val is not None:
+            logger.log(self.step, {"split": "val", "loss": val})
+            bar.write(f"step {self.step}: validation loss {val:.4f}")
+        return val
+
+    def sample(self, prompt: str) -> str:
+        g = self.cfg.generate
+        ids = self.tokenizer.encode(prompt, bos=True)
+        new = generate_tokens(
+            self.model, ids, g.max_new_tokens, g.temperature, g.top_p, self.tokenizer.stop_ids, seed=self.cfg.seed
+        )
+        return self.tokenizer.decode(new)
+
+
+def _num_targets(batch: PackedBatch) -> int:
+    """Tokens that have a label in the model's shifted loss (what its mean divides by)."""
+    target = batch.labels[0, 1:].clone()
+    ends = batch.cu_seqlens[1:-1].long() - 1
+    target[ends[(ends >= 0) & (ends < target.numel())]] = -100
+    return int((target != -100).sum())
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
