@@ -1,0 +1,168 @@
+"""The sentencepiece tokenizer with InternLM's special tokens and chat template.
+
+Works with a model trained by `train_tokenizer` and with the official InternLM `tokenizer.model`.
+
+Chat template (DESIGN.md), one turn:  ``<s><|User|>:{query}<eoh>\\n<|Bot|>:{answer}<eoa>\\n``.
+A system message comes first as ``<s><|System|>:{content}\\n``; the first user turn then omits its own
+``<s>`` (one sequence start, as InternLM's ``build_inputs`` does).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+BOS, EOS, UNK, EOH, EOA = "<s>", "</s>", "<unk>", "<eoh>", "<eoa>"
+ROLES = ("system", "user", "assistant")
+# literal special-token strings in text become their ids; the split keeps the delimiters
+_SPECIAL_RE = re.compile(r"(<s>|</s>|<eoh>|<eoa>)")
+
+
+class Tokenizer:
+    """A sentencepiece model plus InternLM's special tokens and chat template.
+
+    `pad_id` is the model's pad id when it defines one, else `unk_id` (0): a padded position is always
+    masked out of the loss, so any valid id serves, and InternLM's own models define no pad piece.
+    """
+
+    def __init__(self, model_path: str | Path) -> None:
+        path = Path(model_path)
+        if path.is_dir() and (path / "tokenizer.model").is_file():
+            path = path / "tokenizer.model"  # a Hugging Face checkpoint folder
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {path}")
+        self.model_path = path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+        self.vocab_size: int = self.sp.GetPieceSize()
+        self.unk_id: int = self.sp.unk_id()
+        self.bos_id: int = self.sp.bos_id()
+        self.eos_id: int = self.sp.eos_id()
+        self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.unk_id
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{path}: the model defines no {BOS} or {EOS} token (bos_id/eos_id are -1)")
+        missing = [p for p in (EOH, EOA) if self.sp.PieceToId(p) == self.unk_id]
+        if missing:
+            raise ValueError(f"{path}: the model has no {' or '.join(missing)} token; InternLM chat needs both")
+        self.eoh_id: int = self.sp.PieceToId(EOH)
+        self.eoa_id: int = self.sp.PieceToId(EOA)
+        self._special_ids = {BOS: self.bos_id, EOS: self.eos_id, EOH: self.eoh_id, EOA: self.eoa_id}
+        self._special_pieces = {i: p for p, i in self._special_ids.items()}
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size})"
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Generation stops at either of these."""
+        return {self.eos_id, self.eoa_id}
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text`; the literal strings <s>, </s>, <eoh>, <eoa> become their single ids
+        (whether or not the sentencepiece model itself knows them as user-defined symbols)."""
+        ids = [self.bos_id] if bos else []
+        if "<" in text:
+            for part in _SPECIAL_RE.split(text):
+                if part in self._special_ids:
+                    ids.append(self._special_ids[part])
+                elif part:
+                    ids.extend(self.sp.EncodeAsIds(part))
+        elif text:
+            ids.extend(self.sp.EncodeAsIds(text))
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """Text of `ids`; special tokens are dropped, or written as their literal strings when
+        `skip_special` is False."""
+        out: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i in self._special_pieces:
+                if run:
+                    out.append(self.sp.DecodeIds(run))
+                    run = []
+                if not skip_special:
+                    out.append(self._special_pieces[i])
+            else:
+                if not 0 <= i < self.vocab_size:
+                    raise ValueError(f"token id {i} out of range for vocab_size {self.vocab_size}")
+                run.append(i)
+        if run:
+            out.append(self.sp.DecodeIds(run))
+        return "".join(out)
+
+    def encode_chat(self, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
+        """Ids of a conversation in InternLM's chat template and its loss mask.
+
+        The mask is True exactly on the tokens the model must learn to generate: each assistant
+        answer and the <eoa> that ends it. The "\\n" after <eoa> is template glue that generation
+        never produces (it stops at <eoa>), so it is masked out like the system and user parts.
+        A conversation may end with a user message; the ids then end in "<|Bot|>:" (see chat_prompt).
+        """
+        _check_messages(messages)
+        ids: list[int] = []
+        mask: list[bool] = []
+
+        def add(tokens: list[int], target: bool) -> None:
+            ids.extend(tokens)
+            mask.extend([target] * len(tokens))
+
+        after_system = False
+        for msg in messages:
+            role, content = msg["role"], msg["content"]
+            if role == "system":
+                add([self.bos_id] + self.encode(f"<|System|>:{content}\n"), False)
+                after_system = True
+            elif role == "user":
+                start = [] if after_system else [self.bos_id]
+                after_system = False
+                add(start + self.encode(f"<|User|>:{content}"), False)
+                add([self.eoh_id] + self.encode("\n<|Bot|>:"), False)
+            else:
+                # the answer is encoded on its own so its tokens are the same whether or not the
+                # prompt before it is in the same string (training vs generation)
+                add(self.encode(content) + [self.eoa_id], True)
+                add(self.encode("\n"), False)
+        return ids, mask
+
+    def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
+        """Ids of a conversation that ends with a user message, ending in "<|Bot|>:" so the model
+        generates the answer; the same ids `encode_chat` gives for the same messages."""
+        _check_messages(messages)
+        if messages[-1]["role"] != "user":
+            raise ValueError(f"message {len(messages) - 1}: a chat prompt must end with a user message")
+        return self.encode_chat(messages)[0]
+
+
+def _check_messages(messages: Sequence[dict]) -> None:
+    """Raise ValueError naming the message index when `messages` is not: an optional system message,
+    then user and assistant messages alternating, starting with user."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    expected = "user"
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {msg!r:.80}")
+        role, content = msg["role"], msg["content"]
+        if role not in ROLES:
+            raise ValueError(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+        if role == "system":
+            if i != 0:
+                raise ValueError(f"message {i}: a 'system' message is only allowed first")
+            continue
+        if role != expected:
+            raise ValueError(f"message {i}: expected a {expected!r} message, got {role!r} (user, assistant alternate)")
+        expected = "assistant" if role == "user" else "user"
+    if messages[-1]["role"] == "system":
+        raise ValueError("messages: a conversation needs a user message after the system message")
