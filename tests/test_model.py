@@ -93,3 +93,26 @@ def test_presets_and_config_errors():
         InternLMConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=3)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         InternLMForCausalLM(InternLMConfig(**CFG))(torch.zeros(1, 200, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_fused_projections_equal_transformers_and_the_unfused_path(kv_heads, monkeypatch):
+    # FUSED_GEMM_MIN_TOKENS = 1 forces one GEMM for q/k/v and one for gate/up; 10**9 separate linears
+    from internlm_fast.model import modeling
+
+    hf, ours = _pair(kv_heads)
+    ids = torch.randint(0, CFG["vocab_size"], (2, 120))
+    grads, losses = {}, {}
+    for min_tokens in (1, 10**9):  # fused, then separate linears
+        monkeypatch.setattr(modeling, "FUSED_GEMM_MIN_TOKENS", min_tokens)
+        ours.zero_grad()
+        with use_backend("cpu"):
+            losses[min_tokens] = ours(ids, labels=ids).loss
+            losses[min_tokens].backward()
+            if min_tokens == 1:
+                with torch.no_grad():
+                    torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
+        grads[min_tokens] = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    torch.testing.assert_close(losses[1], losses[10**9], atol=1e-6, rtol=1e-6)
+    for n in grads[1]:
+        torch.testing.assert_close(grads[1][n], grads[10**9][n], atol=1e-6, rtol=1e-5, msg=n)

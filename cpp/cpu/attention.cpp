@@ -178,8 +178,11 @@ struct Backward {
           const int64_t row0 = s.q0[b] + i0;
           const float* Qi = q.at(row0, h);
           const float* dOi = dout.at(row0, h);
-          qk_block(Qi, q.ld_t, rows, Kpanels, n, D, P, kBlockK);
-          qk_block(dOi, dout.ld_t, rows, Vpanels, n, D, dS, kBlockK);  // dP = dO V^T
+          // row r of the tile sees keys c <= r + off: on the diagonal tile half of every product is
+          // masked and skipped (the masked scores are never read; their P and dS are set to 0)
+          const int off = causal ? i0 + diag - j0 : kNoMask;
+          qk_block(Qi, q.ld_t, rows, Kpanels, n, D, P, kBlockK, off);
+          qk_block(dOi, dout.ld_t, rows, Vpanels, n, D, dS, kBlockK, off);  // dP = dO V^T
           for (int r = 0; r < rows; ++r) {
             const int valid = visible(causal, i0 + r, diag, j0, n);
             const float l2 = lse[h * total_q + row0 + r] * kLog2e;
@@ -195,10 +198,11 @@ struct Backward {
             std::fill(pr + valid, pr + n, 0.f);
             std::fill(dsr + valid, dsr + n, 0.f);
           }
-          pv_block(P, 1, kBlockK, n, dOi, dout.ld_t, rows, D, dV, D);   // dV += P^T dO
-          pv_block(dS, 1, kBlockK, n, Qi, q.ld_t, rows, D, dK, D);      // dK += dS^T Q
+          // transposed, key c gets contributions from query rows r >= c - off only
+          pv_block(P, 1, kBlockK, n, dOi, dout.ld_t, rows, D, dV, D, kNoMask, -off);  // dV += P^T dO
+          pv_block(dS, 1, kBlockK, n, Qi, q.ld_t, rows, D, dK, D, kNoMask, -off);     // dK += dS^T Q
           pv_block(dS, kBlockK, 1, rows, Kj, k.ld_t, n, D, dQ + (int64_t(i0) * group + hh) * D,
-                         int64_t(group) * D);                                  // dQ += dS K
+                   int64_t(group) * D, off);  // dQ += dS K
         }
       }
       for (int r = 0; r < n; ++r) {

@@ -154,23 +154,29 @@ inline void pv_rows(const float* P, int64_t rs, int64_t cs, const float* V, int6
 
 // O (rows x D) += P (rows x n) V (n x D). P's element (r, j) is at P[r * rs + j * cs], so a
 // transposed P (rs = 1, cs = ld) costs nothing extra: it is only ever broadcast. V rows are ldv
-// apart and read in place (no packing). causal_off: P[r][j] is zero for j > r + causal_off, so a
-// row tile stops at its last row's last visible column.
+// apart and read in place (no packing). Causal limits let a row tile skip P's zeros: P[r][j] is zero
+// for j > r + causal_off (forward, dQ) and for j < r + causal_lo (the transposed products of the
+// backward, dK and dV), so a tile of rows runs from its first row's first to its last row's last
+// nonzero column.
+template <int R>
+inline void pv_tile_rows(const float* P, int64_t rs, int64_t cs, int r, const float* V, int64_t ldv, int n, int D,
+                         float* O, int64_t ldo, int causal_off, int causal_lo) {
+  const int j0 = std::clamp(r + causal_lo, 0, n);
+  const int j1 = std::max(0, std::min(n, r + R + causal_off));  // last row r + R - 1 sees j <= r + R - 1 + off
+  if (j1 > j0) pv_rows<R>(P + r * rs + j0 * cs, rs, cs, V + j0 * ldv, ldv, j1 - j0, D, O + r * ldo, ldo);
+}
+
 inline void pv_block(const float* P, int64_t rs, int64_t cs, int rows, const float* V, int64_t ldv, int n, int D,
-                     float* O, int64_t ldo, int causal_off = kNoMask) {
-  auto cols = [&](int r_last) { return std::max(0, std::min(n, r_last + causal_off + 1)); };
+                     float* O, int64_t ldo, int causal_off = kNoMask, int causal_lo = -kNoMask) {
   int r = 0;
   for (; r + kTileRows <= rows; r += kTileRows)
-    pv_rows<kTileRows>(P + r * rs, rs, cs, V, ldv, cols(r + kTileRows - 1), D, O + r * ldo, ldo);
-  const float* p = P + r * rs;
-  float* o = O + r * ldo;
-  const int nr = cols(rows - 1);
+    pv_tile_rows<kTileRows>(P, rs, cs, r, V, ldv, n, D, O, ldo, causal_off, causal_lo);
   switch (rows - r) {
-    case 5: pv_rows<5>(p, rs, cs, V, ldv, nr, D, o, ldo); break;
-    case 4: pv_rows<4>(p, rs, cs, V, ldv, nr, D, o, ldo); break;
-    case 3: pv_rows<3>(p, rs, cs, V, ldv, nr, D, o, ldo); break;
-    case 2: pv_rows<2>(p, rs, cs, V, ldv, nr, D, o, ldo); break;
-    case 1: pv_rows<1>(p, rs, cs, V, ldv, nr, D, o, ldo); break;
+    case 5: pv_tile_rows<5>(P, rs, cs, r, V, ldv, n, D, O, ldo, causal_off, causal_lo); break;
+    case 4: pv_tile_rows<4>(P, rs, cs, r, V, ldv, n, D, O, ldo, causal_off, causal_lo); break;
+    case 3: pv_tile_rows<3>(P, rs, cs, r, V, ldv, n, D, O, ldo, causal_off, causal_lo); break;
+    case 2: pv_tile_rows<2>(P, rs, cs, r, V, ldv, n, D, O, ldo, causal_off, causal_lo); break;
+    case 1: pv_tile_rows<1>(P, rs, cs, r, V, ldv, n, D, O, ldo, causal_off, causal_lo); break;
     default: break;
   }
 }
