@@ -6,4 +6,4 @@ PY=${PYTHON:-python3.11}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q -r requirements.txt
 .venv/bin/pip install -q --no-build-isolation .
-exec .venv/bin/python -m internlm_fast.demo "$@"
+exec .venv/bin/python -m internlm_fast.train "$@"

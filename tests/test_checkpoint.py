@@ -22,7 +22,9 @@ from internlm_fast.train.schedule import WarmupCosine
 
 def _model(tie: bool = False) -> InternLMForCausalLM:
     torch.manual_seed(0)
-    cfg = preset("tiny", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    cfg = preset(
+        "tiny", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4
+    )
     cfg.tie_word_embeddings = tie
     return InternLMForCausalLM(cfg)
 

@@ -41,20 +41,27 @@ def random_docs(n: int, seed: int = 0, max_len: int = 40, vocab: int = 1000, emp
     return docs
 
 
-def epoch_order(ds: ListDataset, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    nonempty = np.array([i for i in range(len(ds)) if len(ds.tokens(i))])
-    return np.random.default_rng([seed, epoch]).permutation(nonempty) if shuffle else nonempty
+def pieces(ds: ListDataset, seq_len: int) -> list[tuple[int, int]]:
+    """(document, offset) of every seq_len slice of every non-empty document, in document order."""
+    return [(i, o) for i in range(len(ds)) for o in range(0, len(ds.tokens(i)), seq_len)]
 
 
-def reference_stream(ds: ListDataset, seed: int, epochs: int, shuffle: bool = True):
-    """Token stream, label stream and document-end offsets, built one document at a time."""
+def epoch_order(ds: ListDataset, seed: int, epoch: int, seq_len: int, shuffle: bool = True) -> list[tuple[int, int]]:
+    all_pieces = pieces(ds, seq_len)
+    if not shuffle:
+        return all_pieces
+    return [all_pieces[k] for k in np.random.default_rng([seed, epoch]).permutation(len(all_pieces))]
+
+
+def reference_stream(ds: ListDataset, seed: int, epochs: int, seq_len: int, shuffle: bool = True):
+    """Token stream, label stream and piece-end offsets, built one piece at a time."""
     ids, labels, ends = [], [], []
     for epoch in range(epochs):
-        for i in epoch_order(ds, seed, epoch, shuffle):
-            tokens = ds.tokens(i).astype(np.int64)
+        for i, o in epoch_order(ds, seed, epoch, seq_len, shuffle):
+            tokens = ds.tokens(i)[o : o + seq_len].astype(np.int64)
             mask = ds.loss_mask(i)
             ids.append(tokens)
-            labels.append(tokens if mask is None else np.where(mask, tokens, -100))
+            labels.append(tokens if mask is None else np.where(mask[o : o + seq_len], tokens, -100))
             ends.append(sum(map(len, ids)))
     return np.concatenate(ids), np.concatenate(labels), np.array(ends)
 
@@ -75,9 +82,9 @@ def test_rows_are_the_document_stream_in_permutation_order():
     seq_len, mbs, seed = 16, 3, 5
     batches = list(PackedLoader(ds, seq_len, mbs, seed=seed, loop=False))
     got = np.concatenate([b.input_ids[0, : b.num_tokens].numpy() for b in batches])
-    ids, _, _ = reference_stream(ds, seed, epochs=1)
+    ids, _, _ = reference_stream(ds, seed, epochs=1, seq_len=seq_len)
     np.testing.assert_array_equal(got, ids)
-    assert sorted(epoch_order(ds, seed, 0)) == [i for i in range(60) if i % 7]  # empty documents skipped
+    assert sorted({i for i, _ in epoch_order(ds, seed, 0, seq_len)}) == [i for i in range(60) if i % 7]  # empty skipped
     assert all(b.input_ids.shape == (1, seq_len * mbs) and b.input_ids.dtype == torch.int64 for b in batches)
 
 
@@ -87,7 +94,7 @@ def test_cu_seqlens_mark_document_and_subrow_boundaries(seq_len, mbs):
     loader = PackedLoader(ds, seq_len, mbs, seed=2, loop=True)
     row_len = seq_len * mbs
     n_rows = 3 * loader.rows_per_epoch  # crosses two epoch boundaries
-    _, _, ends = reference_stream(ds, 2, epochs=4)
+    _, _, ends = reference_stream(ds, 2, epochs=4, seq_len=seq_len)
     for row in range(n_rows):
         b = next(loader)
         cu = b.cu_seqlens
@@ -105,7 +112,7 @@ def test_sft_mask_sets_labels_to_ignore():
     masks = [rng.random(len(d)) < 0.5 if i % 3 else None for i, d in enumerate(docs)]
     ds = ListDataset(docs, masks)
     batches = list(PackedLoader(ds, 32, 2, seed=1, loop=False))
-    ids, labels, _ = reference_stream(ds, 1, epochs=1)
+    ids, labels, _ = reference_stream(ds, 1, epochs=1, seq_len=32)
     got_labels = np.concatenate([b.labels[0].numpy() for b in batches])
     got_ids = np.concatenate([b.input_ids[0].numpy() for b in batches])
     np.testing.assert_array_equal(got_labels[: len(labels)], labels)
@@ -196,7 +203,7 @@ def test_ranks_are_disjoint_and_cover_the_rows():
 def test_row_longer_than_an_epoch():
     ds = ListDataset([np.array([1, 2, 3]), np.array([], dtype=np.int32), np.array([4, 5])])
     loader = PackedLoader(ds, seq_len=4, micro_batch_size=3, seed=0)
-    ids, _, ends = reference_stream(ds, 0, epochs=10)
+    ids, _, ends = reference_stream(ds, 0, epochs=10, seq_len=4)
     for row in range(4):
         b = next(loader)
         np.testing.assert_array_equal(b.input_ids[0].numpy(), ids[row * 12 : (row + 1) * 12])

@@ -2,16 +2,17 @@
 
 from .builtin_corpus import BuiltinCorpus, prepare_builtin_corpus
 from .documents import MalformedLineError
+from .packed_loader import PackedBatch, PackedLoader
 from .token_file import TokenDataset, TokenFileWriter, unigram_entropy
 from .tokenize_corpus import TokenizeStats, tokenize_files, tokenize_texts
 from .tokenizer import Tokenizer
 from .tokenizer_trainer import train_tokenizer
 
-# from .packed_loader import PackedBatch, PackedLoader
-
 __all__ = [
     "BuiltinCorpus",
     "MalformedLineError",
+    "PackedBatch",
+    "PackedLoader",
     "TokenDataset",
     "TokenFileWriter",
     "TokenizeStats",

@@ -1,9 +1,12 @@
-"""Packed batches as InternLM builds them: documents, in a per-epoch shuffled order, are concatenated
-into one stream that is cut into rows of micro_batch_size * seq_len tokens. A document that does not
-fit continues in the next row. cu_seqlens marks every document boundary and every sub-row boundary
-(multiples of seq_len), so no segment is longer than seq_len; the model restarts positions at each
-segment and never lets a segment's last token predict the next one.
-
+"""Packed batches as InternLM builds them: documents, cut into pieces of at most seq_len tokens, in a
+per-epoch shuffled order of pieces, are concatenated into one stream that is cut into rows of
+micro_batch_size * seq_len tokens. A piece that does not fit continues in the next row. cu_seqlens
+marks every piece boundary and every sub-row boundary (multiples of seq_len), so no segment is longer
+than seq_len; the model restarts positions at each segment and never lets a segment's last token
+predict the next one.
+Shuffling pieces rather than whole documents matters when documents are long (source files, books):
+otherwise one step's rows would come from one or two documents and its gradient would be dominated by
+them. A piece is where a segment would have been cut anyway, so no context is lost.
 Row g of the stream depends only on (seed, shuffle, g), so the loader's whole state is the number of
 rows consumed: resuming is exact, and rank r of world w takes rows r, r + w, r + 2w, ...
 """
@@ -79,10 +82,17 @@ class PackedLoader:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if len(dataset) == 0:
             raise ValueError("dataset is empty: it has no documents to pack")
-        lengths = _document_lengths(dataset)
-        self._docs = np.flatnonzero(lengths > 0)
-        if self._docs.size == 0:
+        doc_lengths = _document_lengths(dataset)
+        if not (doc_lengths > 0).any():
             raise ValueError(f"dataset has {len(dataset)} documents but all are empty: nothing to pack")
+        # pieces: (document, offset) of every seq_len-long slice of every non-empty document
+        per_doc = -(-doc_lengths // seq_len)
+        self._piece_doc = np.repeat(np.arange(len(doc_lengths)), per_doc)
+        first = np.cumsum(per_doc) - per_doc
+        self._piece_offset = (np.arange(self._piece_doc.size) - first[self._piece_doc]) * seq_len
+        lengths = np.minimum(doc_lengths[self._piece_doc] - self._piece_offset, seq_len)
+        self._docs = np.arange(self._piece_doc.size)
+        self._num_documents = len(doc_lengths)
         self.dataset = dataset
         self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
         self.seed, self.shuffle, self.loop, self.pad_id = seed, shuffle, loop, pad_id
@@ -135,6 +145,8 @@ class PackedLoader:
         ids = np.full(self.row_len, self.pad_id, dtype=np.int64)
         docs, begin, end, doc_ends = self._pieces(start, stop)
         out = np.concatenate(([0], np.cumsum(end - begin)))
+        piece_offset = self._piece_offset[docs]
+        begin, end, docs = begin + piece_offset, end + piece_offset, self._piece_doc[docs]
         for doc, b, e, o in zip(docs.tolist(), begin.tolist(), end.tolist(), out.tolist()):
             ids[o : o + e - b] = self.dataset.tokens(doc)[b:e]
         labels = ids.copy()
@@ -174,7 +186,7 @@ class PackedLoader:
             "loop": self.loop,
             "seq_len": self.seq_len,
             "micro_batch_size": self.micro_batch_size,
-            "num_documents": len(self._lengths),
+            "num_documents": self._num_documents,
             "num_tokens": self.tokens_per_epoch,
             "rows_consumed": self._rows_consumed,
         }

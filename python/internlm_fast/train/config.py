@@ -65,7 +65,7 @@ class DataSection:
     seq_len: int = _key(512, "tokens per packed sequence (no segment is longer)", check=POSITIVE)
     micro_bsz: int = _key(4, "sequences per micro batch", check=POSITIVE)
     micro_num: int = _key(1, "micro batches per optimizer step (gradient accumulation)", check=POSITIVE)
-    total_steps: int = _key(600, "optimizer steps to train", check=POSITIVE)
+    total_steps: int = _key(900, "optimizer steps to train", check=POSITIVE)
     shuffle: bool = _key(True, "shuffle documents, in a new deterministic order each epoch")
 
 
@@ -96,8 +96,10 @@ class CkptSection:
 @dataclass
 class LogSection:
     folder: str | None = _key(None, "folder of metrics.jsonl and TensorBoard logs; None: runs/{job_name}")
-    every: int = _key(10, "print a metrics line every N steps (metrics.jsonl and TensorBoard get every step)", check=POSITIVE)
-    eval_every: int = _key(100, "validation loss every N steps and at the end (0 = only at end)", check=NON_NEGATIVE)
+    every: int = _key(
+        10, "print a metrics line every N steps (metrics.jsonl and TensorBoard get every step)", check=POSITIVE
+    )
+    eval_every: int = _key(150, "validation loss every N steps and at the end (0 = only at end)", check=NON_NEGATIVE)
     eval_batches: int = _key(8, "micro batches per validation", check=POSITIVE)
     tensorboard: bool = _key(True, "also write TensorBoard event files")
     progress: bool = _key(True, "show a progress bar (only on a terminal)")

@@ -52,7 +52,9 @@ class MetricsLogger:
             except ImportError as e:
                 print(f"tensorboard logging is off ({e}); pip install tensorboard to enable it", file=sys.stderr)
             else:
-                self._tb = SummaryWriter(str(self.folder / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+                self._tb = SummaryWriter(
+                    str(self.folder / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+                )
 
     def _truncate_after(self, resume_step: int) -> None:
         if not self.jsonl_path.exists():

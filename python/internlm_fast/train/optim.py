@@ -12,17 +12,21 @@ whose sqrt/div/lerp each sweep every parameter separately. Same update, same fp3
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 _FUSED_DEVICES = ("cpu", "cuda")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module | Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
     """Two AdamW groups of the trainable parameters: decayed (ndim >= 2) and not decayed (ndim < 2).
-    A parameter shared by two modules (tied embeddings) appears once."""
+    A parameter shared by two modules (tied embeddings) appears once. `model` may also be the
+    parameters themselves (the trainer's fp32 master copies in bf16 training)."""
     decay, no_decay = [], []
-    for p in model.parameters():  # parameters() already yields a shared parameter once
+    params = model.parameters() if isinstance(model, nn.Module) else model
+    for p in params:  # parameters() already yields a shared parameter once
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [
@@ -32,7 +36,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    model: nn.Module,
+    model: nn.Module | Iterable[nn.Parameter],
     lr: float,
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,

@@ -22,7 +22,14 @@ from internlm_fast.data.token_file import unigram_entropy
 from internlm_fast.infer import generate_tokens
 from internlm_fast.model import InternLMConfig, InternLMForCausalLM
 
-from .checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint, model_tensors, save_checkpoint, set_rng_state
+from .checkpoint import (
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    model_tensors,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig, config_to_dict
 from .flops import train_flops_per_step
 from .metrics import MetricsLogger, memory_mib
@@ -102,13 +109,15 @@ class Trainer:
         self.params = params
         o = cfg.optimizer
         self.optimizer = build_optimizer(
-            self._named_for_optimizer(),
+            self._optimized_params(),
             lr=o.lr,
             betas=(o.adam_beta1, o.adam_beta2),
             eps=o.adam_eps,
             weight_decay=o.weight_decay,
         )
-        self.schedule = WarmupCosine(o.lr, cfg.data.total_steps, cfg.lr_scheduler.warmup_ratio, cfg.lr_scheduler.eta_min)
+        self.schedule = WarmupCosine(
+            o.lr, cfg.data.total_steps, cfg.lr_scheduler.warmup_ratio, cfg.lr_scheduler.eta_min
+        )
         d = cfg.data
         self.loader = PackedLoader(self.train_data, d.seq_len, d.micro_bsz, seed=cfg.seed, shuffle=d.shuffle)
         self.step = 0
@@ -144,11 +153,8 @@ class Trainer:
         self.model.to(self.dtype)
         self.model.rotary_cos, self.model.rotary_sin = cos, sin
 
-    def _named_for_optimizer(self) -> nn.Module | list[tuple[str, nn.Parameter]]:
-        if self.master is None:
-            return self.model
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        return list(zip(names, self.master.params))
+    def _optimized_params(self) -> nn.Module | list[nn.Parameter]:
+        return self.model if self.master is None else self.master.params
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -374,4 +380,12 @@ def _num_targets(batch: PackedBatch) -> int:
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+    # a bar only on a terminal: redirected to a file it is noise; the metrics lines carry the same
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="train",
+        unit="step",
+        disable=not (enabled and sys.stderr.isatty()),
+        dynamic_ncols=True,
+    )
