@@ -29,7 +29,7 @@ def test_defaults():
     cfg = load_config()
     assert cfg == TrainConfig()
     assert (cfg.job_name, cfg.seed, cfg.device, cfg.threads) == ("tiny-pycorpus", 0, "auto", 0)
-    assert (cfg.data.seq_len, cfg.data.micro_bsz, cfg.data.micro_num, cfg.data.total_steps) == (512, 4, 1, 900)
+    assert (cfg.data.seq_len, cfg.data.micro_bsz, cfg.data.micro_num, cfg.data.total_steps) == (512, 4, 1, 800)
     assert (cfg.optimizer.lr, cfg.optimizer.adam_beta2, cfg.optimizer.clip_grad_norm) == (3e-3, 0.95, 1.0)
     assert (cfg.lr_scheduler.warmup_ratio, cfg.lr_scheduler.eta_min) == (0.05, 3e-4)
     assert (cfg.ckpt.checkpoint_every, cfg.ckpt.keep_last, cfg.ckpt.resume) == (200, 2, None)

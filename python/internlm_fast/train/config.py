@@ -65,7 +65,7 @@ class DataSection:
     seq_len: int = _key(512, "tokens per packed sequence (no segment is longer)", check=POSITIVE)
     micro_bsz: int = _key(4, "sequences per micro batch", check=POSITIVE)
     micro_num: int = _key(1, "micro batches per optimizer step (gradient accumulation)", check=POSITIVE)
-    total_steps: int = _key(900, "optimizer steps to train", check=POSITIVE)
+    total_steps: int = _key(800, "optimizer steps to train", check=POSITIVE)
     shuffle: bool = _key(True, "shuffle documents, in a new deterministic order each epoch")
 
 
