@@ -87,7 +87,7 @@ class LRSchedulerSection:
 
 @dataclass
 class CkptSection:
-    folder: str | None = _key(None, "checkpoint folder; None: runs/{job_name}/checkpoints")
+    folder: str | None = _key(None, "checkpoint folder; None: checkpoints/ in the log folder")
     checkpoint_every: int = _key(200, "save every N steps and at the end (0 = only at the end)", check=NON_NEGATIVE)
     keep_last: int = _key(2, "keep the newest K checkpoints, delete older ones", check=POSITIVE)
     resume: str | None = _key(None, "None: start fresh; 'auto': the newest valid checkpoint; or a checkpoint path")
@@ -133,7 +133,7 @@ class TrainConfig:
 
     @property
     def checkpoint_folder(self) -> Path:
-        return Path(self.ckpt.folder) if self.ckpt.folder is not None else Path("runs") / self.job_name / "checkpoints"
+        return Path(self.ckpt.folder) if self.ckpt.folder is not None else self.log_folder / "checkpoints"
 
 
 SECTIONS: dict[str, type] = {

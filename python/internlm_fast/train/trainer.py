@@ -83,11 +83,10 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.device = _device(cfg.device)
-        self.run_dir = Path(cfg.log.folder or Path("runs") / cfg.job_name)
-        self.ckpt_dir = Path(cfg.ckpt.folder or self.run_dir / "checkpoints")
+        self.run_dir, self.ckpt_dir = cfg.log_folder, cfg.checkpoint_folder
+        self.model_config: InternLMConfig = cfg.model.build()
         self._prepare_data()
         torch.manual_seed(cfg.seed)
-        self.model_config: InternLMConfig = cfg.model.build()
         if self.tokenizer is not None and self.tokenizer.vocab_size > self.model_config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -133,8 +132,7 @@ class Trainer:
         self.tokenizer = None
         self.unigram_entropy = None
         if d.train == "builtin":
-            vocab = self.cfg.model.build().vocab_size
-            corpus = prepare_builtin_corpus(vocab_size=vocab, progress=self.cfg.log.progress)
+            corpus = prepare_builtin_corpus(vocab_size=self.model_config.vocab_size, progress=self.cfg.log.progress)
             train_prefix, val_prefix = corpus.train_prefix, corpus.val_prefix
             tokenizer_path = d.tokenizer or corpus.tokenizer_path
             self.unigram_entropy = corpus.unigram_entropy
