@@ -100,7 +100,10 @@ class LogSection:
         10, "print a metrics line every N steps (metrics.jsonl and TensorBoard get every step)", check=POSITIVE
     )
     eval_every: int = _key(150, "validation loss every N steps and at the end (0 = only at end)", check=NON_NEGATIVE)
-    eval_batches: int = _key(8, "micro batches per validation", check=POSITIVE)
+    eval_batches: int = _key(
+        8, "micro batches per periodic validation (a fixed random sample); the final one uses the whole split",
+        check=POSITIVE,
+    )
     tensorboard: bool = _key(True, "also write TensorBoard event files")
     progress: bool = _key(True, "show a progress bar (only on a terminal)")
 

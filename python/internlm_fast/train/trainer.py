@@ -196,16 +196,18 @@ class Trainer:
         return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
 
     @torch.no_grad()
-    def evaluate(self, max_batches: int) -> float | None:
-        """Mean validation loss per target token over the first max_batches packed rows of val."""
+    def evaluate(self, max_batches: int | None = None) -> float | None:
+        """Mean validation loss per target token: over the whole validation split, or over the first
+        max_batches micro batches of it in a fixed shuffled order (a sample of every file, not the
+        first file or two, which would bias the figure toward whatever those files hold)."""
         if self.val_data is None or len(self.val_data) == 0:
             return None
         self.model.eval()
         d = self.cfg.data
-        loader = PackedLoader(self.val_data, d.seq_len, d.micro_bsz, seed=0, shuffle=False, loop=False)
+        loader = PackedLoader(self.val_data, d.seq_len, d.micro_bsz, seed=0, shuffle=True, loop=False)
         loss_sum, count = 0.0, 0
         for i, batch in enumerate(loader):
-            if i >= max_batches:
+            if max_batches is not None and i >= max_batches:
                 break
             batch = self._batch_to_device(batch)
             out = self.model(batch.input_ids, labels=batch.labels, cu_seqlens=batch.cu_seqlens)
@@ -321,7 +323,7 @@ class Trainer:
                     self._validate(logger, bar)
                 if cfg.ckpt.checkpoint_every and self.step % cfg.ckpt.checkpoint_every == 0 and self.step < total:
                     last_ckpt = self.save()
-            result.val_loss = self._validate(logger, bar)
+            result.val_loss = self._validate(logger, bar, final=True)
             if cfg.ckpt.checkpoint_every >= 0:
                 last_ckpt = self.save()
         finally:
@@ -351,11 +353,11 @@ class Trainer:
                 folder.rename(target)
                 _say(f"{folder} held an earlier run; moved it to {target} (use --resume auto to continue a run)")
 
-    def _validate(self, logger: MetricsLogger, bar) -> float | None:
-        val = self.evaluate(self.cfg.log.eval_batches)
+    def _validate(self, logger: MetricsLogger, bar, final: bool = False) -> float | None:
+        val = self.evaluate(None if final else self.cfg.log.eval_batches)
         if val is not None:
-            logger.log(self.step, {"split": "val", "loss": val})
-            bar.write(f"step {self.step}: validation loss {val:.4f}")
+            logger.log(self.step, {"split": "val", "loss": val, "full": final})
+            bar.write(f"step {self.step}: validation loss {val:.4f}" + (" (whole validation split)" if final else ""))
         return val
 
     def sample(self, prompt: str) -> str:
