@@ -207,7 +207,8 @@ def test_round_trip_through_a_plain_dict(tmp_path):
         ["--model.hidden_size=512", "--model.dtype=bf16", "--ckpt.resume=auto", "--data.val=x/val", "--seed=3"],
     )
     d = config_to_dict(cfg)
-    assert d["model"] == {"preset": "tiny", "dtype": "bf16", "checkpointing": False, "hidden_size": 512}
+    model = {"preset": "tiny", "dtype": "bf16", "checkpointing": False, "init_from": None, "hidden_size": 512}
+    assert d["model"] == model
     restored = config_from_dict(json.loads(json.dumps(d)))
     assert restored == cfg
     assert config_to_dict(restored) == d

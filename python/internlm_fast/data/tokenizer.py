@@ -9,7 +9,10 @@ A system message comes first as ``<s><|System|>:{content}\\n``; the first user t
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -54,6 +57,20 @@ class Tokenizer:
         self.eoa_id: int = self.sp.PieceToId(EOA)
         self._special_ids = {BOS: self.bos_id, EOS: self.eos_id, EOH: self.eoh_id, EOA: self.eoa_id}
         self._special_pieces = {i: p for p, i in self._special_ids.items()}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """The tokenizer of a model folder (its tokenizer.model), or of a sentencepiece .model file."""
+        path = Path(path)
+        if path.is_dir() and not (path / "tokenizer.model").is_file():
+            raise FileNotFoundError(f"{path} has no tokenizer.model")
+        return cls(path)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json into the folder
+        `path`, so transformers' AutoTokenizer loads it (offline, without remote code)."""
+        save_tokenizer_files(self.model_path, path)
+        return Path(path)
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size})"
@@ -166,3 +183,49 @@ def _check_messages(messages: Sequence[dict]) -> None:
         expected = "assistant" if role == "user" else "user"
     if messages[-1]["role"] == "system":
         raise ValueError("messages: a conversation needs a user message after the system message")
+
+
+def save_tokenizer_files(model_file: str | Path, folder: str | Path) -> dict:
+    """Copy a sentencepiece model into `folder` as tokenizer.model with the tokenizer_config.json and
+    special_tokens_map.json of transformers' LlamaTokenizer, which encodes plain text to the same ids
+    (add_prefix_space follows the model's add_dummy_prefix; <s> is added in front, as InternLM does).
+    Works for any sentencepiece model with <s> and </s>. Returns bos/eos (and <eoa>, or None) ids."""
+    path = Path(model_file)
+    if path.is_dir():
+        path = path / "tokenizer.model"
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer model not found: {path}")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+    if sp.bos_id() < 0 or sp.eos_id() < 0:
+        raise ValueError(f"{path}: the model defines no {BOS} or {EOS} token (bos_id/eos_id are -1)")
+    pieces = {"bos_token": sp.IdToPiece(sp.bos_id()), "eos_token": sp.IdToPiece(sp.eos_id())}
+    pieces["unk_token"] = sp.IdToPiece(sp.unk_id())
+    # sentencepiece marks a word start with U+2581; a model with add_dummy_prefix marks the first word too
+    add_prefix_space = sp.EncodeAsPieces("a")[0].startswith("\u2581")
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        **pieces,
+        "pad_token": None,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "add_prefix_space": add_prefix_space,
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+        "spaces_between_special_tokens": False,
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "tokenizer.model"
+    if not (target.exists() and os.path.samefile(path, target)):
+        tmp = folder / ".tokenizer.model.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+    for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", pieces)):
+        (folder / name).write_text(json.dumps(data, indent=2) + "\n")
+    eoa = sp.PieceToId(EOA)
+    eoa_id = eoa if eoa != sp.unk_id() else None
+    return {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "eoa_token_id": eoa_id}

@@ -10,6 +10,7 @@ and in a packed row the last token of a document does not predict the next docum
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -193,3 +194,19 @@ class InternLMForCausalLM(nn.Module):
         loss = ops.fused_linear_cross_entropy(hs, self.lm_head.weight, target.reshape(-1))
         logits = self.lm_head(h) if return_logits else None
         return CausalLMOutput(loss=loss, logits=logits)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> InternLMForCausalLM:
+        """A model folder, transformers LLaMA/InternLM folder or checkpoint: see model.pretrained.load_pretrained."""
+        from .pretrained import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB", tokenizer=None) -> Path:
+        """This model (and the tokenizer, if given) as a transformers LLaMA folder: see
+        model.pretrained.save_pretrained."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer=tokenizer)

@@ -43,6 +43,7 @@ def _key(default: Any, doc: str, choices: tuple = (), check: _Check | None = Non
 
 # model keys taken directly from InternLMConfig; gradient checkpointing is spelled model.checkpointing
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(InternLMConfig) if f.name != "gradient_checkpointing")
+INIT_FROM_OVERRIDABLE = ("max_position_embeddings",)  # model fields that may differ from model.init_from's
 
 
 @dataclass
@@ -50,11 +51,31 @@ class ModelSection:
     preset: str = _key("tiny", "model preset from internlm_fast.model.PRESETS", choices=tuple(PRESETS))
     dtype: str = _key("fp32", "parameter and compute dtype", choices=("fp32", "bf16"))
     checkpointing: bool = _key(False, "activation checkpointing: recompute each layer in the backward to save memory")
+    init_from: str | None = _key(
+        None,
+        "start from these weights: a model folder (ours, HF LLaMA/InternLM), a checkpoint or an InternLM training "
+        "checkpoint; the model config is read from it (preset ignored)",
+    )
     # InternLMConfig fields written directly in the section (model.hidden_size=512), set over the preset
     fields: dict = field(default_factory=dict)
 
     def build(self) -> InternLMConfig:
-        return preset(self.preset, **self.fields, gradient_checkpointing=self.checkpointing)
+        if self.init_from is None:
+            return preset(self.preset, **self.fields, gradient_checkpointing=self.checkpointing)
+        from internlm_fast.model.pretrained import load_model_config
+
+        try:
+            config = load_model_config(self.init_from)
+        except OSError as e:
+            raise ValueError(f"model.init_from: {e}") from None
+        for name, value in self.fields.items():
+            # rotary tables are computed, not stored: the context length may change when training on
+            if name not in INIT_FROM_OVERRIDABLE and getattr(config, name) != value:
+                raise ValueError(
+                    f"model.{name}={value!r} conflicts with {getattr(config, name)!r} in model.init_from "
+                    f"{self.init_from}; remove model.{name}"
+                )
+        return dataclasses.replace(config, **self.fields, gradient_checkpointing=self.checkpointing)
 
 
 @dataclass

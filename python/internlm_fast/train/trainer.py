@@ -21,6 +21,7 @@ from internlm_fast.data import PackedBatch, PackedLoader, TokenDataset, Tokenize
 from internlm_fast.data.token_file import unigram_entropy
 from internlm_fast.infer import generate_tokens
 from internlm_fast.model import InternLMConfig, InternLMForCausalLM
+from internlm_fast.model.pretrained import atomic_output_folder, load_pretrained, save_pretrained
 
 from .checkpoint import (
     latest_valid_checkpoint,
@@ -49,6 +50,7 @@ class TrainResult:
     unigram_entropy: float | None = None
     inf_nan_skip_batches: int = 0
     checkpoint: Path | None = None
+    final: Path | None = None  # the trained model as a Hugging Face folder (with the tokenizer)
     sample: str | None = None
 
 
@@ -97,7 +99,11 @@ class Trainer:
                 f"data.train was tokenized with vocab_size {self.train_data.vocab_size} but model.vocab_size is "
                 f"{self.model_config.vocab_size}"
             )
-        self.model = InternLMForCausalLM(self.model_config).to(self.device)
+        if cfg.model.init_from:  # weights in fp32 like a fresh model; bf16 runs cast below as usual
+            self.model = load_pretrained(cfg.model.init_from, torch.float32, self.device, config=self.model_config)
+            _say(f"initialised from {cfg.model.init_from}")
+        else:
+            self.model = InternLMForCausalLM(self.model_config).to(self.device)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.dtype]
         self.master = None
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -140,6 +146,14 @@ class Trainer:
             train_prefix, val_prefix, tokenizer_path = Path(d.train), d.val, d.tokenizer
         self.train_data = TokenDataset(train_prefix)
         self.val_data = TokenDataset(val_prefix) if val_prefix else None
+        init_tokenizer = Path(self.cfg.model.init_from or "") / "tokenizer.model"
+        if self.cfg.model.init_from and init_tokenizer.is_file():
+            if d.train == "builtin" and not d.tokenizer and init_tokenizer.read_bytes() != tokenizer_path.read_bytes():
+                raise ValueError(
+                    f"model.init_from has its own tokenizer ({init_tokenizer}), not the built-in corpus' one; "
+                    "tokenize your data with it and set data.train and data.tokenizer"
+                )
+            tokenizer_path = tokenizer_path or init_tokenizer
         if tokenizer_path:
             self.tokenizer = Tokenizer(tokenizer_path)
         if self.unigram_entropy is None:
@@ -224,6 +238,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "inf_nan_skip_batches": self.inf_nan_skip_batches,
             "config": config_to_dict(self.cfg),
+            "model_config": self.model_config.to_dict(),
         }
 
     def save(self) -> Path:
@@ -240,6 +255,14 @@ class Trainer:
             self._trainer_state(),
             keep_last=self.cfg.ckpt.keep_last,
         )
+
+    def export(self) -> Path:
+        """The model (in its training dtype) and tokenizer as a Hugging Face folder `final/` in the log
+        folder, replaced atomically."""
+        final = self.run_dir / "final"
+        with atomic_output_folder(final, force=True) as tmp:
+            save_pretrained(self.model, tmp, tokenizer=self.tokenizer, progress=False)
+        return final
 
     def resume(self, where: str) -> Path | None:
         """Load a checkpoint: 'auto' = the newest intact one in ckpt.folder (None if there is none)."""
@@ -326,6 +349,7 @@ class Trainer:
             result.val_loss = self._validate(logger, bar, final=True)
             if cfg.ckpt.checkpoint_every >= 0:
                 last_ckpt = self.save()
+            result.final = self.export()
         finally:
             bar.close()
             logger.close()
@@ -333,6 +357,7 @@ class Trainer:
         result.inf_nan_skip_batches = self.inf_nan_skip_batches
         if last_ckpt is not None:
             _say(f"checkpoint: {last_ckpt}")
+        _say(f"model: {result.final} (Hugging Face folder; loads with InternLMForCausalLM.from_pretrained)")
         if result.val_loss is not None:
             ratio = result.val_loss / self.unigram_entropy
             _say(

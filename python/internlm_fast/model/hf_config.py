@@ -1,0 +1,133 @@
+"""config.json <-> InternLMConfig: transformers' LLaMA and InternLM's own (model_type internlm) configs,
+and the model config of our trainer checkpoints (trainer.json)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from .config import InternLMConfig, preset
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# rope scalings that leave positions below max_position_embeddings untouched: within the lengths our
+# model accepts they compute exactly the default rotary embedding
+_SAME_WITHIN_MAX_POSITIONS = {None, "default", "origin", "dynamic"}
+_FIELDS = {f.name for f in dataclasses.fields(InternLMConfig)}
+
+
+def config_to_hf(config: InternLMConfig, dtype: torch.dtype, bos_token_id: int = 1, eos_token_id: int = 2) -> dict:
+    """config.json of transformers' LlamaForCausalLM computing the same function (attention_bias for
+    InternLM's q/k/v/o biases). rope_theta is written both top-level (transformers 4) and in
+    rope_parameters (transformers 5)."""
+    dtype_name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "attention_bias": config.bias,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": None,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+    }
+
+
+def config_from_hf(d: dict, where: str) -> InternLMConfig:
+    """InternLMConfig of a LLaMA (model_type llama) or InternLM (model_type internlm) config.json.
+    `where` names the file in error messages."""
+    model_type = d.get("model_type")
+    if model_type not in ("llama", "internlm"):
+        raise ValueError(
+            f"{where}: model_type {model_type!r} is not supported; this reads LLaMA ('llama') and InternLM "
+            "('internlm') checkpoints"
+        )
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(missing)}")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only silu / SwiGLU)")
+    if d.get("mlp_bias", False):
+        raise ValueError(f"{where}: mlp_bias true is not supported (InternLM has no MLP bias)")
+    heads = d["num_attention_heads"]
+    if d.get("head_dim") not in (None, d["hidden_size"] // heads):
+        raise ValueError(f"{where}: head_dim {d['head_dim']} != hidden_size / num_attention_heads is not supported")
+    rope = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or (d.get("rotary") if model_type == "internlm" else None) or rope
+    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    if kind not in _SAME_WITHIN_MAX_POSITIONS:
+        raise ValueError(f"{where}: rope scaling {kind!r} is not supported (only the default rotary embedding)")
+    theta = rope.get("rope_theta", d.get("rope_theta", (d.get("rotary") or {}).get("base", 10000.0)))
+    bias = d.get("bias", True) if model_type == "internlm" else d.get("attention_bias", False)
+    try:
+        return InternLMConfig(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            bias=bool(bias),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def config_from_trainer_state(state: dict, where: str) -> InternLMConfig:
+    """The model config of a trainer checkpoint's trainer.json: the `model_config` it records, or
+    (older checkpoints) the preset and fields of its training config."""
+    if isinstance(state.get("model_config"), dict):
+        values = {k: v for k, v in state["model_config"].items() if k in _FIELDS}
+        return InternLMConfig(**{**values, "gradient_checkpointing": False})
+    model = (state.get("config") or {}).get("model")
+    if not isinstance(model, dict) or "preset" not in model:
+        raise ValueError(f"{where}: no model config (expected 'model_config' or 'config.model.preset')")
+    fields = {k: v for k, v in model.items() if k in _FIELDS and k != "gradient_checkpointing"}
+    return preset(model["preset"], **fields)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d
+
+
+def dtype_from_name(name: str | torch.dtype | None) -> torch.dtype | None:
+    """torch dtype of 'bf16' / 'bfloat16' / 'fp32' / 'float32' / 'fp16' / 'float16' (or a dtype, or None)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    aliases = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "half": "float16", "float": "float32"}
+    canonical = aliases.get(name.lower(), name.lower())
+    for dtype, dtype_name in DTYPE_NAMES.items():
+        if dtype_name == canonical:
+            return dtype
+    raise ValueError(f"dtype {name!r} is not one of bf16, fp16, fp32")
