@@ -28,15 +28,15 @@ def write(tmp_path, text: str, name: str = "cfg.py"):
 def test_defaults():
     cfg = load_config()
     assert cfg == TrainConfig()
-    assert (cfg.job_name, cfg.seed, cfg.device, cfg.threads) == ("tiny-pycorpus", 0, "auto", 0)
-    assert (cfg.data.seq_len, cfg.data.micro_bsz, cfg.data.micro_num, cfg.data.total_steps) == (512, 4, 1, 800)
+    assert (cfg.job_name, cfg.seed, cfg.device, cfg.threads) == ("nano-pycorpus", 0, "auto", 0)
+    assert (cfg.data.seq_len, cfg.data.micro_bsz, cfg.data.micro_num, cfg.data.total_steps) == (512, 4, 1, 1500)
     assert (cfg.optimizer.lr, cfg.optimizer.adam_beta2, cfg.optimizer.clip_grad_norm) == (3e-3, 0.95, 1.0)
     assert (cfg.lr_scheduler.warmup_ratio, cfg.lr_scheduler.eta_min) == (0.05, 3e-4)
-    assert (cfg.ckpt.checkpoint_every, cfg.ckpt.keep_last, cfg.ckpt.resume) == (200, 2, None)
+    assert (cfg.ckpt.checkpoint_every, cfg.ckpt.keep_last, cfg.ckpt.resume) == (250, 2, None)
     assert (cfg.generate.prompt, cfg.generate.temperature, cfg.generate.top_p) == ("def ", 0.8, 0.8)
-    assert str(cfg.checkpoint_folder) == "runs/tiny-pycorpus/checkpoints"
-    assert str(cfg.log_folder) == "runs/tiny-pycorpus"
-    assert cfg.model.build() == preset("tiny")
+    assert str(cfg.checkpoint_folder) == "runs/nano-pycorpus/checkpoints"
+    assert str(cfg.log_folder) == "runs/nano-pycorpus"
+    assert cfg.model.build() == preset("nano")
 
 
 def test_file_with_constants_imports_and_helpers(tmp_path):
@@ -135,7 +135,7 @@ def test_values_are_coerced_to_the_key_type(override, key, value):
         ("--seed=-1", "seed must be >= 0"),
         ("--data.seq_len=4096", "data.seq_len 4096 exceeds the model's max_position_embeddings 1024"),
         ("--lr_scheduler.eta_min=0.1", "eta_min 0.1 exceeds optimizer.lr"),
-        ("--model.hidden_size=100", "hidden_size 100 is not a multiple of num_attention_heads"),
+        ("--model.hidden_size=130", "hidden_size 130 is not a multiple of num_attention_heads"),
         ("--optimizer=3", "'optimizer' is a section"),
         ("justaword", "'justaword' is not --key=value"),
     ],
@@ -207,7 +207,7 @@ def test_round_trip_through_a_plain_dict(tmp_path):
         ["--model.hidden_size=512", "--model.dtype=bf16", "--ckpt.resume=auto", "--data.val=x/val", "--seed=3"],
     )
     d = config_to_dict(cfg)
-    model = {"preset": "tiny", "dtype": "bf16", "checkpointing": False, "init_from": None, "hidden_size": 512}
+    model = {"preset": "nano", "dtype": "bf16", "checkpointing": False, "init_from": None, "hidden_size": 512}
     assert d["model"] == model
     restored = config_from_dict(json.loads(json.dumps(d)))
     assert restored == cfg

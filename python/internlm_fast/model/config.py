@@ -65,6 +65,18 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=8,
         max_position_embeddings=1024,
     ),
+    # 4 layers, hidden 128, a 1024 vocabulary: 1.1M parameters, the default CPU training run. At a
+    # 10-minute budget on 2 cores it beats tiny by a wide margin: it runs ~3x the tokens per second
+    # and, on the built-in corpus, even learned faster per step (validation 3.73 vs 4.01-4.45 nats
+    # after 400 steps of 4x512 tokens at vocab 1024).
+    "nano": dict(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+    ),
     # 8 layers, hidden 512: 33.7M parameters
     "small": dict(
         vocab_size=8192,

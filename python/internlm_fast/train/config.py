@@ -48,7 +48,7 @@ INIT_FROM_OVERRIDABLE = ("max_position_embeddings",)  # model fields that may di
 
 @dataclass
 class ModelSection:
-    preset: str = _key("tiny", "model preset from internlm_fast.model.PRESETS", choices=tuple(PRESETS))
+    preset: str = _key("nano", "model preset from internlm_fast.model.PRESETS", choices=tuple(PRESETS))
     dtype: str = _key("fp32", "parameter and compute dtype", choices=("fp32", "bf16"))
     checkpointing: bool = _key(False, "activation checkpointing: recompute each layer in the backward to save memory")
     init_from: str | None = _key(
@@ -86,7 +86,7 @@ class DataSection:
     seq_len: int = _key(512, "tokens per packed sequence (no segment is longer)", check=POSITIVE)
     micro_bsz: int = _key(4, "sequences per micro batch", check=POSITIVE)
     micro_num: int = _key(1, "micro batches per optimizer step (gradient accumulation)", check=POSITIVE)
-    total_steps: int = _key(800, "optimizer steps to train", check=POSITIVE)
+    total_steps: int = _key(1500, "optimizer steps to train", check=POSITIVE)
     shuffle: bool = _key(True, "shuffle documents, in a new deterministic order each epoch")
 
 
@@ -109,7 +109,7 @@ class LRSchedulerSection:
 @dataclass
 class CkptSection:
     folder: str | None = _key(None, "checkpoint folder; None: checkpoints/ in the log folder")
-    checkpoint_every: int = _key(200, "save every N steps and at the end (0 = only at the end)", check=NON_NEGATIVE)
+    checkpoint_every: int = _key(250, "save every N steps and at the end (0 = only at the end)", check=NON_NEGATIVE)
     keep_last: int = _key(2, "keep the newest K checkpoints, delete older ones", check=POSITIVE)
     resume: str | None = _key(None, "None: start fresh; 'auto': the newest valid checkpoint; or a checkpoint path")
 
@@ -120,7 +120,7 @@ class LogSection:
     every: int = _key(
         10, "print a metrics line every N steps (metrics.jsonl and TensorBoard get every step)", check=POSITIVE
     )
-    eval_every: int = _key(150, "validation loss every N steps and at the end (0 = only at end)", check=NON_NEGATIVE)
+    eval_every: int = _key(250, "validation loss every N steps and at the end (0 = only at end)", check=NON_NEGATIVE)
     eval_batches: int = _key(
         8, "micro batches per periodic validation (a fixed random sample); the final one uses the whole split",
         check=POSITIVE,
@@ -139,7 +139,7 @@ class GenerateSection:
 
 @dataclass
 class TrainConfig:
-    job_name: str = _key("tiny-pycorpus", "name of the run; default folders are runs/{job_name}", check=NON_EMPTY)
+    job_name: str = _key("nano-pycorpus", "name of the run; default folders are runs/{job_name}", check=NON_EMPTY)
     seed: int = _key(0, "seed of initialisation, data order and sampling", check=NON_NEGATIVE)
     device: str = _key("auto", "where to train: auto (cuda if available), cpu or cuda", choices=("auto", "cpu", "cuda"))
     threads: int = _key(0, "CPU threads for torch (0 = all cores)", check=NON_NEGATIVE)
