@@ -114,6 +114,16 @@ class GenerateSection:
 
 
 @dataclass
+class DistSection:
+    bucket_mb: float = _key(25.0, "gradient bucket size in MB for the overlapped reduce-scatter (torchrun runs)", check=POSITIVE)
+    zero_stage: int = _key(
+        2, "1: all-reduce buckets, shard the optimizer; 2: reduce-scatter, shard gradients too", choices=(1, 2)
+    )
+    timeout_s: float = _key(300.0, "a collective waiting longer than this fails: a rank died or hung", check=POSITIVE)
+    backend: str = _key("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU)", choices=("auto", "nccl", "gloo"))
+
+
+@dataclass
 class TrainConfig:
     job_name: str = _key("tiny-pycorpus", "name of the run; default folders are runs/{job_name}", check=NON_EMPTY)
     seed: int = _key(0, "seed of initialisation, data order and sampling", check=NON_NEGATIVE)
@@ -126,6 +136,7 @@ class TrainConfig:
     ckpt: CkptSection = field(default_factory=CkptSection)
     log: LogSection = field(default_factory=LogSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
+    dist: DistSection = field(default_factory=DistSection)
 
     @property
     def log_folder(self) -> Path:
