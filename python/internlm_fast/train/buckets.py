@@ -20,7 +20,7 @@ torch 2.13's gloo implements reduce_scatter_tensor, so stage 2 runs on the CPU a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -51,25 +51,38 @@ class Bucket:
     launched_at: float = 0.0
 
 
-@dataclass
 class CommClock:
-    """Launch and completion times of collectives, and the time the training thread spent blocked."""
+    """Launch and completion times of async collectives, and the time the training thread spent
+    blocked on them. Completion is seen by polling (gloo's reduce-scatter has no future to hook):
+    at every gradient hook and forward pre-hook, and when a wait returns."""
 
-    intervals: list[tuple[str, float, list[float]]] = field(default_factory=list)  # (kind, launch, [done])
-    blocked_s: float = 0.0
+    def __init__(self) -> None:
+        self.intervals: list[list] = []  # [kind, launch time, work, completion time or None]
+        self.blocked_s = 0.0
 
     def track(self, kind: str, work: dist.Work) -> None:
-        done: list[float] = []
-        self.intervals.append((kind, time.perf_counter(), done))
-        work.get_future().then(lambda _: done.append(time.perf_counter()))
+        self.intervals.append([kind, time.perf_counter(), work, None])
+
+    def poll(self) -> None:
+        now = time.perf_counter()
+        for iv in self.intervals:
+            if iv[3] is None and iv[2].is_completed():
+                iv[3] = now
+
+    def wait(self, ctx: DistContext, work: dist.Work, what: str) -> None:
+        self.blocked_s += D.wait(ctx, work, what)
+        self.poll()
+        for iv in self.intervals:
+            if iv[2] is work and iv[3] is None:
+                iv[3] = time.perf_counter()
 
     def take(self, backward_end: float | None) -> dict:
         """Metrics of the collectives completed since the last call: comm_s (wall time with at least
         one in flight), comm_hidden (the share of it during which the training thread was not
         blocked waiting) and rs_hidden (the share of gradient-reduction time before the backward
         ended)."""
-        finished = [(k, t0, d[0]) for k, t0, d in self.intervals if d]
-        self.intervals = [iv for iv in self.intervals if not iv[2]]
+        finished = [(k, t0, t1) for k, t0, _, t1 in self.intervals if t1 is not None]
+        self.intervals = [iv for iv in self.intervals if iv[3] is None]
         comm = _union(iv[1:] for iv in finished)
         reduce = [iv[1:] for iv in finished if iv[0] == "reduce"]
         rs = _union(reduce)
@@ -198,6 +211,7 @@ class GradBuckets:
     def _on_grad(self, p: nn.Parameter) -> None:
         if not self.armed:
             return
+        self.clock.poll()
         b = self.bucket_of[p]
         b.ready += 1
         if b.ready == len(b.params):
@@ -226,6 +240,6 @@ class GradBuckets:
             if b.work is None:
                 self._launch(b)
         for b in self.buckets:
-            self.clock.blocked_s += D.wait(self.ctx, b.work, f"gradient reduction of bucket {b.index}")
+            self.clock.wait(self.ctx, b.work, f"gradient reduction of bucket {b.index}")
             b.work = None
         return [b.grad_shard for b in self.buckets]

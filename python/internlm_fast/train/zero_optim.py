@@ -120,10 +120,12 @@ class ZeroOptimizer:
 
     def wait_params(self, ids: list[int] | None = None) -> None:
         """Wait for the all-gathers of buckets `ids` (None: all) still in flight."""
+        if self._pending:
+            self.clock.poll()
         for i in list(self._pending) if ids is None else ids:
             work = self._pending.pop(i, None)
             if work is not None:
-                self.clock.blocked_s += D.wait(self.ctx, work, f"parameter all-gather of bucket {i}")
+                self.clock.wait(self.ctx, work, f"parameter all-gather of bucket {i}")
 
     # -- the step -------------------------------------------------------------------------------
 
