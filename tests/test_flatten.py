@@ -65,7 +65,10 @@ def test_non_contiguous_inputs_and_non_finite_values(impl_device):
         (lambda: (torch.zeros(3), [torch.ones(4)], 1.0), "out holds 3 elements"),
         (lambda: (torch.zeros(2, 4), [torch.ones(4)], 1.0), "out must have 1 dimensions"),
         (lambda: (torch.zeros(8)[::2], [torch.ones(4)], 1.0), "out must be contiguous"),
-        (lambda: (torch.zeros(8), [torch.ones(2), torch.ones(2, dtype=torch.float64)], 1.0), "tensors\\[1\\] has dtype"),
+        (
+            lambda: (torch.zeros(8), [torch.ones(2), torch.ones(2, dtype=torch.float64)], 1.0),
+            "tensors\\[1\\] has dtype",
+        ),
         (lambda: (torch.zeros(8, dtype=torch.bfloat16), [torch.ones(2)], 1.0), "out has dtype"),
         (lambda: (torch.zeros(8), torch.ones(2), 1.0), "tensors must be a list"),
         (lambda: (torch.zeros(8), [torch.ones(2, dtype=torch.int64)], 1.0), "tensors\\[0\\] has dtype int64"),

@@ -142,9 +142,10 @@ class GradBuckets:
             raise ValueError(f"ZeRO stage must be 1 or 2, got {stage!r}")
         self.ctx, self.stage, self.clock = ctx, stage, clock
         self.world, self.rank = ctx.world_size, ctx.rank
-        self.buckets = [self._build(b, [named_params[i] for i in idx]) for b, idx in enumerate(
-            assign_buckets(named_params, bucket_mb)
-        )]
+        self.buckets = [
+            self._build(b, [named_params[i] for i in idx])
+            for b, idx in enumerate(assign_buckets(named_params, bucket_mb))
+        ]
         self.bucket_of: dict[nn.Parameter, Bucket] = {p: b for b in self.buckets for p in b.params}
         self.armed = False
         self.backward_end: float | None = None
@@ -170,7 +171,9 @@ class GradBuckets:
                 p.data = view  # the parameter now lives in the flat buffer
         grad_flat = torch.zeros_like(param_flat)
         lo = self.rank * shard
-        grad_shard = torch.zeros(shard, dtype=p0.dtype, device=p0.device) if self.stage == 2 else grad_flat[lo:lo+shard]
+        grad_shard = (
+            torch.zeros(shard, dtype=p0.dtype, device=p0.device) if self.stage == 2 else grad_flat[lo : lo + shard]
+        )
         return Bucket(
             index=index,
             names=[name for name, _ in named],

@@ -115,12 +115,14 @@ class GenerateSection:
 
 @dataclass
 class DistSection:
-    bucket_mb: float = _key(25.0, "gradient bucket size in MB for the overlapped reduce-scatter (torchrun runs)", check=POSITIVE)
+    bucket_mb: float = _key(25.0, "gradient bucket size in MB (torchrun runs: see the README)", check=POSITIVE)
     zero_stage: int = _key(
         2, "1: all-reduce buckets, shard the optimizer; 2: reduce-scatter, shard gradients too", choices=(1, 2)
     )
     timeout_s: float = _key(300.0, "a collective waiting longer than this fails: a rank died or hung", check=POSITIVE)
-    backend: str = _key("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU)", choices=("auto", "nccl", "gloo"))
+    backend: str = _key(
+        "auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU)", choices=("auto", "nccl", "gloo")
+    )
 
 
 @dataclass

@@ -22,6 +22,7 @@ from internlm_fast.data.token_file import unigram_entropy
 from internlm_fast.infer import generate_tokens
 from internlm_fast.model import InternLMConfig, InternLMForCausalLM
 
+from . import distributed as D
 from .checkpoint import (
     latest_valid_checkpoint,
     list_checkpoints,
@@ -30,7 +31,6 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from . import distributed as D
 from .config import TrainConfig, config_to_dict
 from .flops import train_flops_per_step
 from .metrics import MetricsLogger, memory_mib
@@ -272,9 +272,8 @@ class Trainer:
 
     def save(self) -> Path:
         if self.zero is not None:
-            return save_zero_checkpoint(
-                self.dist, self.zero, self.model, self.ckpt_dir, self.step, self._trainer_state(), self.cfg.ckpt.keep_last
-            )
+            state, keep = self._trainer_state(), self.cfg.ckpt.keep_last
+            return save_zero_checkpoint(self.dist, self.zero, self.model, self.ckpt_dir, self.step, state, keep)
         if self.master is None:
             tensors = model_tensors(self.model)
         else:  # the fp32 masters are the exact state; the model holds their cast

@@ -81,7 +81,7 @@ class ZeroOptimizer:
             runs = _runs(b, lo, hi, [p.dim() >= 2 for p in b.params])
             self.runs.append(runs)
             self.views.append([master[s:e] for s, e, _ in runs])
-            for (s, e, decay), view in zip(runs, self.views[-1]):
+            for (_, _, decay), view in zip(runs, self.views[-1]):
                 groups[decay].append(view)
         param_groups = [
             {"params": groups[True], "weight_decay": weight_decay},
@@ -217,7 +217,9 @@ class ZeroOptimizer:
                         dst[a:e].copy_(src[a - off : e - off])
         self._load_masters(step, masters)
 
-    def load_shards(self, step: int, exp_avg: list[Tensor], exp_avg_sq: list[Tensor], masters: dict[str, Tensor]) -> None:
+    def load_shards(
+        self, step: int, exp_avg: list[Tensor], exp_avg_sq: list[Tensor], masters: dict[str, Tensor]
+    ) -> None:
         """Load this rank's own flat shards, saved by a run with the same world size and layout."""
         with torch.no_grad():
             for dst, src in zip(self.exp_avg + self.exp_avg_sq, exp_avg + exp_avg_sq):
