@@ -115,7 +115,9 @@ class GenerateSection:
 
 @dataclass
 class DistSection:
-    bucket_mb: float = _key(25.0, "gradient bucket size in MB (torchrun runs: see the README)", check=POSITIVE)
+    bucket_mb: float = _key(
+        25.0, "torchrun runs: gradient bucket size in MB (smaller starts reducing sooner)", check=POSITIVE
+    )
     zero_stage: int = _key(
         2, "1: all-reduce buckets, shard the optimizer; 2: reduce-scatter, shard gradients too", choices=(1, 2)
     )
