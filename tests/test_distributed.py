@@ -1,7 +1,8 @@
 """Data-parallel training with the ZeRO optimizer on real torch.distributed (gloo, CPU), each rank a
 real process started as torchrun would: 2 ranks with half the global batch each equal one process
-step for step with about half the optimizer state per rank; their checkpoint resumes exactly on 2
-ranks and on a plain single process (same global batch), data position included.
+step for step with about half the optimizer state per rank (fp32 and bf16); their checkpoint
+resumes exactly on 2 ranks (in ZeRO stage 1 too) and on a plain single process (same global batch),
+data position included.
 Resharding onto 4 ranks and dead or hung ranks: test_distributed_faults.py."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from internlm_fast.train.checkpoint import load_checkpoint, verify_checkpoint
 from internlm_fast.train.zero_checkpoint import is_sharded
@@ -29,10 +31,15 @@ def runs(corpus, tmp_path_factory) -> Path:
     """One process with micro_num=2 and two ranks with micro_num=1 (the same global batch), side by side."""
     tmp = tmp_path_factory.mktemp("runs")
     every = {"ckpt.checkpoint_every": RESUME_AT}
-    procs = worker(None, corpus, tmp, "single", **every, **{"data.micro_num": 2})
-    procs += worker(2, corpus, tmp, "dp2", **every, **{"data.micro_num": 1})
-    wait_ok(procs[:1], tmp / "single.log")
-    wait_ok(procs[1:], tmp / "dp2.log")
+    bf16 = {"model.dtype": "bf16", "data.total_steps": 4}
+    procs = {
+        "single": worker(None, corpus, tmp, "single", **every, **{"data.micro_num": 2}),
+        "dp2": worker(2, corpus, tmp, "dp2", **every, **{"data.micro_num": 1}),
+        "bf16_single": worker(None, corpus, tmp, "bf16_single", **bf16, **{"data.micro_num": 2}),
+        "bf16_dp2": worker(2, corpus, tmp, "bf16_dp2", **bf16),
+    }
+    for name, p in procs.items():
+        wait_ok(p, tmp / f"{name}.log")
     return tmp
 
 
@@ -46,6 +53,18 @@ def test_two_ranks_equal_one_process_with_half_the_optimizer_state(runs):
     for r in (rank0, rank1):
         assert r["state_bytes"] <= 0.55 * single["state_bytes"], (r["state_bytes"], single["state_bytes"])
     assert rank0["rows_consumed"] == single["rows_consumed"] == 2 * STEPS
+
+
+def test_bf16_keeps_fp32_master_shards(runs):
+    """bf16 model: each rank holds the fp32 masters and moments of its shards only (about half the
+    single process's optimizer memory); the checkpoint holds the fp32 masters, as a single process's does."""
+    single, rank0 = result(runs, "bf16_single"), result(runs, "bf16_dp2", 0)
+    assert rank0["state_bytes"] <= 0.55 * single["state_bytes"], (rank0["state_bytes"], single["state_bytes"])
+    assert max(abs(a - b) for a, b in zip(single["losses"], rank0["losses"])) <= 2e-2
+    ckpt = load_checkpoint(runs / "bf16_dp2" / "checkpoints" / "step-00000004")
+    assert all(t.dtype == torch.float32 for t in ckpt.model_state.values())
+    plain = load_checkpoint(runs / "bf16_single" / "checkpoints" / "step-00000004")
+    assert ckpt.model_state.keys() == plain.model_state.keys()
 
 
 def test_per_rank_metrics_include_communication(runs):
@@ -76,13 +95,13 @@ def test_sharded_checkpoint_layout_and_checksums(runs, tmp_path):
 def test_resume_on_two_ranks_and_on_one_plain_process(runs, corpus):
     resume = {"ckpt.resume": runs / "dp2" / "checkpoints" / f"step-{RESUME_AT:08d}"}
     procs = {
-        "re2": worker(2, corpus, runs, "re2", **resume),
+        "re2": worker(2, corpus, runs, "re2", **resume, **{"dist.zero_stage": 1}),  # all-reduce buckets
         "plain1": worker(None, corpus, runs, "plain1", **resume, **{"data.micro_num": 2}),
     }
     for name, p in procs.items():
         wait_ok(p, runs / f"{name}.log")
     expected = result(runs, "dp2")["losses"][RESUME_AT:]
-    assert result(runs, "re2")["losses"] == expected  # the same world size resumes bitwise
+    assert result(runs, "re2")["losses"] == expected  # the same world size resumes bitwise (even in stage 1)
     got = result(runs, "plain1")["losses"]  # 2 -> 1: AdamW state rebuilt from the shards
     assert len(got) == STEPS - RESUME_AT
     assert max(abs(a - b) for a, b in zip(got, expected)) <= 1e-5, (got, expected)
