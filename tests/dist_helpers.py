@@ -67,9 +67,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int | None, args: list[str], log: Path) -> list[subprocess.Popen]:
+def launch(world: int | None, args: list[str], log: Path, env: dict | None = None) -> list[subprocess.Popen]:
     """world ranks of `python args...` as torchrun would start them; world None: one plain process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "OMP_NUM_THREADS": "1", **(env or {})}
     if world is None:
         return [subprocess.Popen([sys.executable, *args], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)]
     port = str(_free_port())
@@ -96,9 +96,10 @@ def wait_ok(procs: list[subprocess.Popen], log: Path, timeout: float = 120) -> N
             raise AssertionError(f"process {i} exited with {rc}:\n{f.read_text()[-3000:]}")
 
 
-def worker(world: int | None, corpus, tmp: Path, name: str, **extra) -> list[subprocess.Popen]:
+def worker(world: int | None, corpus, tmp: Path, name: str, env: dict | None = None, **extra) -> list[subprocess.Popen]:
+    """A tests/dist_worker.py run named `name` in tmp: its logs, run folder and result files."""
     args = [str(WORKER), str(tmp / name), *overrides(corpus, tmp / name, **extra)]
-    return launch(world, args, tmp / f"{name}.log")
+    return launch(world, args, tmp / f"{name}.log", env)
 
 
 def result(tmp: Path, name: str, rank: int = 0) -> dict:

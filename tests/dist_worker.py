@@ -8,6 +8,7 @@ with the real Trainer and writes OUT_PREFIX-rank{r}.json: losses, optimizer-stat
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -26,11 +27,43 @@ def optimizer_state_bytes(trainer: Trainer) -> int:
     return n
 
 
+def poison_last_rank_at(trainer: Trainer, step: int) -> list[int]:
+    """Make the last rank's loss NaN at `step` (1-based), as the single-process NaN test does; returns
+    the list that collects the steps every rank reported as skipped."""
+    skipped: list[int] = []
+    world = trainer.dist.world_size if trainer.dist is not None else 1
+    last = trainer.dist is None or trainer.dist.rank == world - 1
+    weight, train_step = trainer.model.model.norm.weight, trainer.train_step
+
+    def wrapped(batches):
+        poison = last and trainer.step + 1 == step
+        if poison:
+            if trainer.zero is not None:  # the last update's all-gather would overwrite the NaN
+                trainer.zero.wait_params()
+            saved = weight.detach()[0].item()
+            with torch.no_grad():
+                weight[0] = float("nan")
+        metrics = train_step(batches)
+        if poison:
+            with torch.no_grad():
+                weight[0] = saved
+        if metrics["skipped"]:
+            skipped.append(trainer.step + 1)
+        return metrics
+
+    trainer.train_step = wrapped
+    return skipped
+
+
 def main() -> int:
     out, overrides = sys.argv[1], sys.argv[2:]
     trainer = Trainer(load_config(None, overrides))
+    nan_at = int(os.environ.get("DIST_WORKER_NAN_AT", "0"))
+    skipped = poison_last_rank_at(trainer, nan_at) if nan_at else []
     result = trainer.fit()
     rank = trainer.dist.rank if trainer.dist is not None else 0
+    if trainer.zero is not None:
+        trainer.zero.wait_params()
     record = {
         "rank": rank,
         "losses": result.losses,
@@ -39,6 +72,9 @@ def main() -> int:
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "rows_consumed": trainer.loader.state_dict()["rows_consumed"],
         "threads": torch.get_num_threads(),
+        "skipped_steps": skipped,
+        "inf_nan_skip_batches": result.inf_nan_skip_batches,
+        "param_sum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
     }
     with open(f"{out}-rank{rank}.json", "w") as f:
         json.dump(record, f)

@@ -37,6 +37,7 @@ def runs(corpus, tmp_path_factory) -> Path:
         "dp2": worker(2, corpus, tmp, "dp2", **every, **{"data.micro_num": 1}),
         "bf16_single": worker(None, corpus, tmp, "bf16_single", **bf16, **{"data.micro_num": 2}),
         "bf16_dp2": worker(2, corpus, tmp, "bf16_dp2", **bf16),
+        "nan_dp2": worker(2, corpus, tmp, "nan_dp2", env={"DIST_WORKER_NAN_AT": "2"}, **{"data.total_steps": 4}),
     }
     for name, p in procs.items():
         wait_ok(p, tmp / f"{name}.log")
@@ -65,6 +66,14 @@ def test_bf16_keeps_fp32_master_shards(runs):
     assert all(t.dtype == torch.float32 for t in ckpt.model_state.values())
     plain = load_checkpoint(runs / "bf16_single" / "checkpoints" / "step-00000004")
     assert ckpt.model_state.keys() == plain.model_state.keys()
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(runs):
+    rank0, rank1 = result(runs, "nan_dp2", 0), result(runs, "nan_dp2", 1)
+    assert rank0["skipped_steps"] == rank1["skipped_steps"] == [2]
+    assert rank0["inf_nan_skip_batches"] == rank1["inf_nan_skip_batches"] == 1
+    assert rank0["param_sum"] == rank1["param_sum"]  # the replicas stayed identical
+    assert all(x == x for x in rank0["losses"][2:])  # training went on
 
 
 def test_per_rank_metrics_include_communication(runs):
