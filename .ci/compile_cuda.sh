@@ -83,7 +83,7 @@ from internlm_fast import _C
 from internlm_fast.ops import available
 
 assert _C.with_cuda, "internlm_fast._C was built without CUDA"
-for name in ("rms_norm_fwd", "rms_norm_bwd"):
+for name in ("rms_norm_fwd", "rms_norm_bwd", "flatten_scale_fwd"):
     assert hasattr(_C.cuda, name), f"_C.cuda has no {name}"
 assert available("cuda"), "backend 'cuda' is not available"
 print("[compile_cuda] import ok: _C.with_cuda =", _C.with_cuda, "| GPU present:", torch.cuda.is_available())

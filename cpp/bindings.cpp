@@ -33,12 +33,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("cross_entropy_bwd", &ifast::cpu::cross_entropy_bwd, nogil);
   cpu.def("fused_linear_cross_entropy_fwd", &ifast::cpu::fused_linear_cross_entropy_fwd, nogil);
   cpu.def("fused_linear_cross_entropy_bwd", &ifast::cpu::fused_linear_cross_entropy_bwd, nogil);
+  cpu.def("flatten_scale_fwd", &ifast::cpu::flatten_scale_fwd, nogil);
 
 #ifdef IFAST_WITH_CUDA
   m.attr("with_cuda") = true;
   auto cuda = m.def_submodule("cuda", "CUDA kernels");
   cuda.def("rms_norm_fwd", &ifast::cuda::rms_norm_fwd, nogil);
   cuda.def("rms_norm_bwd", &ifast::cuda::rms_norm_bwd, nogil);
+  cuda.def("flatten_scale_fwd", &ifast::cuda::flatten_scale_fwd, nogil);
 #else
   m.attr("with_cuda") = false;
 #endif

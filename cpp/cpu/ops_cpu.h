@@ -79,4 +79,10 @@ std::vector<at::Tensor> fused_linear_cross_entropy_fwd(const at::Tensor& hidden,
 std::vector<at::Tensor> fused_linear_cross_entropy_bwd(const at::Tensor& dloss, const at::Tensor& dhidden,
                                                        const at::Tensor& dweight);
 
+// Flatten and scale (the sharded optimizer's gradient buckets): out[off_i : off_i + n_i] =
+// scale * tensors[i], laid end to end from out[0]; elements of out past the last tensor are left
+// as they are. Tensors contiguous, one dtype; out contiguous 1-D of that dtype, or fp32 for
+// bf16/fp16 tensors. Accumulates the product in fp32 (fp64 for fp64).
+void flatten_scale_fwd(const std::vector<at::Tensor>& tensors, const at::Tensor& out, double scale);
+
 }  // namespace ifast::cpu

@@ -44,4 +44,16 @@ struct RmsNormBwdArgs {
 int64_t rms_norm_bwd_workspace_rows(const RmsNormBwdArgs& a);
 void rms_norm_bwd_launch(const RmsNormBwdArgs& a, void* workspace, cudaStream_t stream);
 
+// out[off_t + i] = scale * src_t[i] for every tensor t (the sharded optimizer's gradient buckets).
+// desc: n device-resident rows (src pointer, offset into out, numel) as int64; n <= 65535 per launch.
+// (src_type, dst_type): equal, or bf16/fp16 -> fp32. The product is taken in fp32 (fp64 for fp64).
+struct FlattenScaleArgs {
+  DType src_type, dst_type;
+  const int64_t* desc;
+  int64_t n, max_numel;
+  void* out;
+  double scale;
+};
+void flatten_scale_launch(const FlattenScaleArgs& a, cudaStream_t stream);
+
 }  // namespace ifast::cuda

@@ -19,4 +19,7 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
                                      const at::Tensor& weight, const at::Tensor& rstd,
                                      const std::optional<at::Tensor>& dresidual_out);
 
+// out[off_i : off_i + n_i] = scale * tensors[i], laid end to end from out[0] (see ops_cpu.h).
+void flatten_scale_fwd(const std::vector<at::Tensor>& tensors, const at::Tensor& out, double scale);
+
 }  // namespace ifast::cuda

@@ -11,6 +11,7 @@ from .cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_ref,
 )
+from .flatten import flatten_scale_, flatten_scale_ref
 from .kvcache import flash_attn_with_kvcache, flash_attn_with_kvcache_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rotary import apply_rotary, apply_rotary_ref
@@ -33,6 +34,8 @@ __all__ = [
     "cross_entropy_ref",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_ref",
+    "flatten_scale_",
+    "flatten_scale_ref",
     "flash_attn_func",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",

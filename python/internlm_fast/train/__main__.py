@@ -4,10 +4,14 @@ With no arguments: trains the tiny preset on the built-in corpus (the Python sta
 sources, tokenized on first use), validates, checkpoints and prints a sample. `--help` lists every
 config key with its default. `--resume auto` (or `--ckpt.resume=auto`) continues from the newest
 intact checkpoint.
+
+Data-parallel on several processes, machines or GPUs: launch the same command with torchrun, e.g.
+`torchrun --nproc_per_node=4 -m internlm_fast.train CONFIG.py` (see the README).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .config import ConfigError, format_config_help, load_config
@@ -51,9 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from . import distributed
     from .trainer import Trainer
 
-    Trainer(cfg).fit()
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        trainer.fit()
+    except distributed.DistributedError as e:
+        # the group is broken: tearing it down could wait on the dead peer, so leave at once
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+    distributed.shutdown(trainer.dist)
     return 0
 
 

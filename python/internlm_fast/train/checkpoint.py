@@ -6,6 +6,8 @@ A checkpoint is a folder `step-00000123/` holding
   rng.pt              torch / CUDA / numpy / python RNG states
   trainer.json        step, data loader position, counters, the full training config
   checksums.json      sha256 of every file above; written last
+A sharded (ZeRO) run adds each rank's optimizer shard and RNG state (see zero_checkpoint.py); the
+checksums cover every file named in checksums.json.
 
 It is written into a hidden temporary folder beside the final one, every file is fsynced, and the
 folder is renamed into place, so a kill at any moment leaves either no new checkpoint (a stray
@@ -148,7 +150,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
         sums = json.loads(sums_file.read_text())
     except json.JSONDecodeError as e:
         return f"{sums_file} is not valid JSON: {e}"
-    for name in _FILES:
+    for name in sorted(set(_FILES) | set(sums)):  # a sharded checkpoint lists its shard files too
         f = path / name
         if not f.is_file():
             return f"{f} is missing"

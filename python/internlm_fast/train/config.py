@@ -122,7 +122,8 @@ class LogSection:
     )
     eval_every: int = _key(250, "validation loss every N steps and at the end (0 = only at end)", check=NON_NEGATIVE)
     eval_batches: int = _key(
-        8, "micro batches per periodic validation (a fixed random sample); the final one uses the whole split",
+        8,
+        "micro batches per periodic validation (a fixed random sample); the final one uses the whole split",
         check=POSITIVE,
     )
     tensorboard: bool = _key(True, "also write TensorBoard event files")
@@ -138,6 +139,20 @@ class GenerateSection:
 
 
 @dataclass
+class DistSection:
+    bucket_mb: float = _key(
+        25.0, "torchrun runs: gradient bucket size in MB (smaller starts reducing sooner)", check=POSITIVE
+    )
+    zero_stage: int = _key(
+        2, "1: all-reduce buckets, shard the optimizer; 2: reduce-scatter, shard gradients too", choices=(1, 2)
+    )
+    timeout_s: float = _key(300.0, "a collective waiting longer than this fails: a rank died or hung", check=POSITIVE)
+    backend: str = _key(
+        "auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU)", choices=("auto", "nccl", "gloo")
+    )
+
+
+@dataclass
 class TrainConfig:
     job_name: str = _key("nano-pycorpus", "name of the run; default folders are runs/{job_name}", check=NON_EMPTY)
     seed: int = _key(0, "seed of initialisation, data order and sampling", check=NON_NEGATIVE)
@@ -150,6 +165,7 @@ class TrainConfig:
     ckpt: CkptSection = field(default_factory=CkptSection)
     log: LogSection = field(default_factory=LogSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
+    dist: DistSection = field(default_factory=DistSection)
 
     @property
     def log_folder(self) -> Path:

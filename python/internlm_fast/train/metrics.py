@@ -37,7 +37,7 @@ class MetricsLogger:
     `folder/tensorboard`. On resume from a checkpoint taken after step k, records of steps > k left
     by the interrupted run are dropped so the file reads as one run."""
 
-    CONSOLE_KEYS = ("loss", "lr", "grad_norm", "tgs", "tflops", "mem_mib", "step_s", "data_share")
+    CONSOLE_KEYS = ("loss", "lr", "grad_norm", "tgs", "tflops", "mem_mib", "step_s", "data_share", "comm_hidden")
 
     def __init__(self, folder: str | Path, tensorboard: bool = True, resume_step: int = 0) -> None:
         self.folder = Path(folder)

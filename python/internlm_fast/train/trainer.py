@@ -23,6 +23,7 @@ from internlm_fast.infer import generate_tokens
 from internlm_fast.model import InternLMConfig, InternLMForCausalLM
 from internlm_fast.model.pretrained import atomic_output_folder, load_pretrained, save_pretrained
 
+from . import distributed as D
 from .checkpoint import (
     latest_valid_checkpoint,
     list_checkpoints,
@@ -36,6 +37,8 @@ from .flops import train_flops_per_step
 from .metrics import MetricsLogger, memory_mib
 from .optim import build_optimizer
 from .schedule import WarmupCosine
+from .zero_checkpoint import adamw_state_from_shards, is_sharded, load_zero_state, rank_rng_state, save_zero_checkpoint
+from .zero_optim import ZeroOptimizer
 
 
 def _say(msg: str) -> None:
@@ -84,10 +87,14 @@ class Trainer:
         self.cfg = cfg
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        self.device = _device(cfg.device)
+        # data parallel when launched by torchrun (None otherwise): see distributed.py
+        self.dist = D.init_distributed(cfg.device, cfg.dist.backend, cfg.dist.timeout_s)
+        self.is_main = self.dist is None or self.dist.is_main
+        self._say = _say if self.is_main else lambda msg: None
+        self.device = self.dist.device if self.dist is not None else _device(cfg.device)
         self.run_dir, self.ckpt_dir = cfg.log_folder, cfg.checkpoint_folder
         self.model_config: InternLMConfig = cfg.model.build()
-        self._prepare_data()
+        self._rank0_first(self._prepare_data, "data preparation")
         torch.manual_seed(cfg.seed)
         if self.tokenizer is not None and self.tokenizer.vocab_size > self.model_config.vocab_size:
             raise ValueError(
@@ -101,30 +108,48 @@ class Trainer:
             )
         if cfg.model.init_from:  # weights in fp32 like a fresh model; bf16 runs cast below as usual
             self.model = load_pretrained(cfg.model.init_from, torch.float32, self.device, config=self.model_config)
-            _say(f"initialised from {cfg.model.init_from}")
+            self._say(f"initialised from {cfg.model.init_from}")
         else:
             self.model = InternLMForCausalLM(self.model_config).to(self.device)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.dtype]
-        self.master = None
+        self.master = self.zero = None
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.dtype != torch.float32:
             self._to_low_precision()
-            self.master = MasterWeights([p for p in self.model.parameters() if p.requires_grad])
-            params = self.master.params
+            if self.dist is None:
+                self.master = MasterWeights([p for p in self.model.parameters() if p.requires_grad])
+                params = self.master.params
         self.params = params
         o = cfg.optimizer
-        self.optimizer = build_optimizer(
-            self._optimized_params(),
-            lr=o.lr,
-            betas=(o.adam_beta1, o.adam_beta2),
-            eps=o.adam_eps,
-            weight_decay=o.weight_decay,
-        )
+        if self.dist is not None:  # the sharded optimizer keeps its own fp32 master shard
+            self.zero = ZeroOptimizer(
+                self.model,
+                self.dist,
+                lr=o.lr,
+                betas=(o.adam_beta1, o.adam_beta2),
+                eps=o.adam_eps,
+                weight_decay=o.weight_decay,
+                bucket_mb=cfg.dist.bucket_mb,
+                stage=cfg.dist.zero_stage,
+                blocks=list(self.model.model.layers),
+            )
+            self.optimizer = self.zero.optimizer
+        else:
+            self.optimizer = build_optimizer(
+                self._optimized_params(),
+                lr=o.lr,
+                betas=(o.adam_beta1, o.adam_beta2),
+                eps=o.adam_eps,
+                weight_decay=o.weight_decay,
+            )
         self.schedule = WarmupCosine(
             o.lr, cfg.data.total_steps, cfg.lr_scheduler.warmup_ratio, cfg.lr_scheduler.eta_min
         )
         d = cfg.data
-        self.loader = PackedLoader(self.train_data, d.seq_len, d.micro_bsz, seed=cfg.seed, shuffle=d.shuffle)
+        rank, world = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
+        self.loader = PackedLoader(
+            self.train_data, d.seq_len, d.micro_bsz, seed=cfg.seed, shuffle=d.shuffle, rank=rank, world_size=world
+        )
         self.step = 0
         self.inf_nan_skip_batches = 0
         self.flops_per_step = train_flops_per_step(
@@ -132,6 +157,14 @@ class Trainer:
         )
 
     # -- set-up ---------------------------------------------------------------------------------
+
+    def _rank0_first(self, fn, what: str) -> None:
+        """fn on rank 0, then on the other ranks (which then find rank 0's cached files)."""
+        if self.dist is not None and not self.is_main:
+            D.barrier(self.dist, what)
+        fn()
+        if self.dist is not None and self.is_main:
+            D.barrier(self.dist, what)
 
     def _prepare_data(self) -> None:
         d = self.cfg.data
@@ -186,11 +219,15 @@ class Trainer:
         self.model.train()
         self.model.config.gradient_checkpointing = self.cfg.model.checkpointing
         total_loss = 0.0
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            if self.zero is not None:
+                self.zero.prepare_backward(last=i == len(batches) - 1)
             batch = self._batch_to_device(batch)
             out = self.model(batch.input_ids, labels=batch.labels, cu_seqlens=batch.cu_seqlens)
             (out.loss / len(batches)).backward()
             total_loss += out.loss.item() / len(batches)
+        if self.zero is not None:
+            return self._zero_update(total_loss)
         if self.master is not None:
             self.master.grads_to_master()
         clip = self.cfg.optimizer.clip_grad_norm
@@ -208,6 +245,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)
         return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
+
+    def _zero_update(self, loss: float) -> dict:
+        """The sharded step: global loss and norm, the same skip decision on every rank."""
+        lr = self.schedule(self.step)
+        metrics = self.zero.step(loss, lr, self.cfg.optimizer.clip_grad_norm)
+        if metrics["skipped"]:
+            self.inf_nan_skip_batches += 1
+        self.model.zero_grad(set_to_none=True)
+        return {**metrics, "lr": lr}
 
     @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> float | None:
@@ -242,6 +288,9 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        if self.zero is not None:
+            state, keep = self._trainer_state(), self.cfg.ckpt.keep_last
+            return save_zero_checkpoint(self.dist, self.zero, self.model, self.ckpt_dir, self.step, state, keep)
         if self.master is None:
             tensors = model_tensors(self.model)
         else:  # the fp32 masters are the exact state; the model holds their cast
@@ -256,9 +305,13 @@ class Trainer:
             keep_last=self.cfg.ckpt.keep_last,
         )
 
-    def export(self) -> Path:
+    def export(self) -> Path | None:
         """The model (in its training dtype) and tokenizer as a Hugging Face folder `final/` in the log
-        folder, replaced atomically."""
+        folder, replaced atomically; written by rank 0 once the last all-gather has landed."""
+        if self.zero is not None:
+            self.zero.wait_params()
+        if not self.is_main:
+            return None
         final = self.run_dir / "final"
         with atomic_output_folder(final, force=True) as tmp:
             save_pretrained(self.model, tmp, tokenizer=self.tokenizer, progress=False)
@@ -269,13 +322,15 @@ class Trainer:
         if where == "auto":
             path, skipped = latest_valid_checkpoint(self.ckpt_dir)
             for msg in skipped:
-                _say(msg)
+                self._say(msg)
             if path is None:
-                _say(f"--ckpt.resume=auto: no checkpoint in {self.ckpt_dir}, starting from scratch")
+                self._say(f"--ckpt.resume=auto: no checkpoint in {self.ckpt_dir}, starting from scratch")
                 return None
         else:
             path = Path(where)
         ckpt = load_checkpoint(path)
+        if self.zero is not None:
+            return self._resume_sharded(ckpt)
         missing, unexpected = self.model.load_state_dict(
             {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in ckpt.model_state.items()}, strict=False
         )
@@ -288,30 +343,44 @@ class Trainer:
                     [(n, p) for n, p in self.model.named_parameters() if p.requires_grad], self.master.params
                 ):
                     m.copy_(ckpt.model_state[name])
-        self.optimizer.load_state_dict(ckpt.optimizer_state["optimizer"])
+        if is_sharded(ckpt):  # written by a torchrun run: its shards, reassembled
+            self.optimizer.load_state_dict(adamw_state_from_shards(ckpt, self.optimizer, self.model))
+        else:
+            self.optimizer.load_state_dict(ckpt.optimizer_state["optimizer"])
+        self._resume_trainer_state(ckpt, ckpt.rng_state)
+        return path
+
+    def _resume_sharded(self, ckpt) -> Path:
+        load_zero_state(self.dist, self.zero, self.model, ckpt)
+        self._resume_trainer_state(ckpt, rank_rng_state(ckpt, self.dist.rank))
+        return ckpt.path
+
+    def _resume_trainer_state(self, ckpt, rng: dict) -> None:
         self.loader.load_state_dict(ckpt.trainer_state["loader"])
         self.inf_nan_skip_batches = int(ckpt.trainer_state["inf_nan_skip_batches"])
         self.step = ckpt.step
-        set_rng_state(ckpt.rng_state)
-        _say(f"resumed from {path} (step {self.step})")
-        return path
+        set_rng_state(rng)
+        self._say(f"resumed from {ckpt.path} (step {self.step})")
 
     # -- the loop ------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
-        if not (cfg.ckpt.resume and self.resume(cfg.ckpt.resume)):
+        if not (cfg.ckpt.resume and self.resume(cfg.ckpt.resume)) and self.is_main:
             self._archive_previous_run()
+        if self.dist is not None:  # rank 0 has moved an earlier run away before anyone writes logs
+            D.barrier(self.dist, "start of training")
         total = cfg.data.total_steps
         result = TrainResult(steps=total, unigram_entropy=self.unigram_entropy)
-        logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step)
+        log_dir = self.run_dir if self.is_main else self.run_dir / "ranks" / f"rank{self.dist.rank}"
+        logger = MetricsLogger(log_dir, tensorboard=cfg.log.tensorboard and self.is_main, resume_step=self.step)
         n_params = sum(p.numel() for p in self.model.parameters())
-        _say(
+        self._say(
             f"training {n_params / 1e6:.1f}M parameters on {self.device} ({cfg.model.dtype}), "
             f"{len(self.train_data)} documents / {self.train_data.num_tokens / 1e6:.2f}M tokens, "
             f"unigram entropy {self.unigram_entropy:.3f} nats; logs in {self.run_dir}"
         )
-        bar = _progress(total, self.step, enabled=cfg.log.progress)
+        bar = _progress(total, self.step, enabled=cfg.log.progress and self.is_main)
         iterator = iter(self.loader)
         last_ckpt = None
         try:
@@ -340,7 +409,7 @@ class Trainer:
                 logger.log(self.step, metrics)
                 bar.update(1)
                 bar.set_postfix_str(f"loss {metrics['loss']:.3f} lr {metrics['lr']:.1e} tgs {metrics['tgs']:.0f}")
-                if cfg.log.every and self.step % cfg.log.every == 0:
+                if cfg.log.every and self.step % cfg.log.every == 0 and self.is_main:
                     bar.write(MetricsLogger.console_line(self.step, total, metrics))
                 if cfg.log.eval_every and self.step % cfg.log.eval_every == 0 and self.step < total:
                     self._validate(logger, bar)
@@ -356,17 +425,18 @@ class Trainer:
         result.checkpoint = last_ckpt
         result.inf_nan_skip_batches = self.inf_nan_skip_batches
         if last_ckpt is not None:
-            _say(f"checkpoint: {last_ckpt}")
-        _say(f"model: {result.final} (Hugging Face folder; loads with InternLMForCausalLM.from_pretrained)")
+            self._say(f"checkpoint: {last_ckpt}")
+        if result.final is not None:
+            self._say(f"model: {result.final} (Hugging Face folder; loads with InternLMForCausalLM.from_pretrained)")
         if result.val_loss is not None:
             ratio = result.val_loss / self.unigram_entropy
-            _say(
+            self._say(
                 f"final validation loss {result.val_loss:.4f} nats = {ratio:.1%} of the unigram entropy "
                 f"({self.unigram_entropy:.3f} nats)"
             )
-        if self.tokenizer is not None and cfg.generate.max_new_tokens > 0:
+        if self.tokenizer is not None and cfg.generate.max_new_tokens > 0 and self.is_main:
             result.sample = self.sample(cfg.generate.prompt)
-            _say(f"sample (prompt {cfg.generate.prompt!r}):\n{cfg.generate.prompt}{result.sample}")
+            self._say(f"sample (prompt {cfg.generate.prompt!r}):\n{cfg.generate.prompt}{result.sample}")
         return result
 
     def _archive_previous_run(self) -> None:
@@ -376,13 +446,16 @@ class Trainer:
             if folder.is_dir() and ((marker and (folder / marker).exists()) or list_checkpoints(folder)):
                 target = folder.with_name(f"{folder.name}-{stamp}")
                 folder.rename(target)
-                _say(f"{folder} held an earlier run; moved it to {target} (use --resume auto to continue a run)")
+                self._say(f"{folder} held an earlier run; moved it to {target} (use --resume auto to continue a run)")
 
     def _validate(self, logger: MetricsLogger, bar, final: bool = False) -> float | None:
         val = self.evaluate(None if final else self.cfg.log.eval_batches)
         if val is not None:
             logger.log(self.step, {"split": "val", "loss": val, "full": final})
-            bar.write(f"step {self.step}: validation loss {val:.4f}" + (" (whole validation split)" if final else ""))
+            if self.is_main:
+                bar.write(
+                    f"step {self.step}: validation loss {val:.4f}" + (" (whole validation split)" if final else "")
+                )
         return val
 
     def sample(self, prompt: str) -> str:

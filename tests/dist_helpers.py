@@ -1,0 +1,106 @@
+"""Helpers of the distributed tests: a tiny corpus, the tiny-model overrides, and ranks launched as
+torchrun would launch them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from internlm_fast.data import tokenize_files, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_worker.py"
+
+
+def make_corpus(folder: Path) -> dict[str, Path]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for n in ["argparse.py", "json/decoder.py", "textwrap.py", "shlex.py", "fractions.py", "heapq.py"]:
+        files.append(folder / (n.replace("/", "_") + ".txt"))
+        files[-1].write_text((stdlib / n).read_text())
+    tok = train_tokenizer(files, folder / "tok.model", vocab_size=512)
+    tokenize_files(tok, files[:-1], folder / "train", workers=1, progress=False)
+    tokenize_files(tok, files[-1:], folder / "val", workers=1, progress=False)
+    return {"tokenizer": tok, "train": folder / "train", "val": folder / "val"}
+
+
+def overrides(corpus, run_dir: Path, **extra) -> list[str]:
+    values = {
+        "data.train": corpus["train"],
+        "data.val": corpus["val"],
+        "data.tokenizer": corpus["tokenizer"],
+        "data.seq_len": 64,
+        "data.micro_bsz": 2,
+        "data.total_steps": 20,
+        "model.vocab_size": 512,
+        "model.hidden_size": 64,
+        "model.intermediate_size": 96,
+        "model.num_hidden_layers": 2,
+        "model.num_attention_heads": 4,
+        "model.max_position_embeddings": 128,
+        "optimizer.lr": 1e-2,
+        "lr_scheduler.warmup_ratio": 0.25,
+        "log.folder": run_dir,
+        "log.eval_every": 0,
+        "log.eval_batches": 2,
+        "log.progress": False,
+        "log.tensorboard": False,
+        "ckpt.checkpoint_every": 10,
+        "ckpt.keep_last": 10,
+        "generate.max_new_tokens": 0,
+        "threads": 1,
+        "dist.bucket_mb": 0.05,  # several buckets even for this tiny model: the overlap is exercised
+        "dist.timeout_s": 20,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int | None, args: list[str], log: Path, env: dict | None = None) -> list[subprocess.Popen]:
+    """world ranks of `python args...` as torchrun would start them; world None: one plain process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "OMP_NUM_THREADS": "1", **(env or {})}
+    if world is None:
+        return [subprocess.Popen([sys.executable, *args], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)]
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        rank_env = {
+            **env,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        out = open(f"{log}.rank{rank}", "w")
+        procs.append(subprocess.Popen([sys.executable, *args], env=rank_env, stdout=out, stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_ok(procs: list[subprocess.Popen], log: Path, timeout: float = 120) -> None:
+    for i, p in enumerate(procs):
+        rc = p.wait(timeout=timeout)
+        if rc != 0:
+            f = Path(f"{log}.rank{i}") if Path(f"{log}.rank{i}").exists() else log
+            raise AssertionError(f"process {i} exited with {rc}:\n{f.read_text()[-3000:]}")
+
+
+def worker(world: int | None, corpus, tmp: Path, name: str, env: dict | None = None, **extra) -> list[subprocess.Popen]:
+    """A tests/dist_worker.py run named `name` in tmp: its logs, run folder and result files."""
+    args = [str(WORKER), str(tmp / name), *overrides(corpus, tmp / name, **extra)]
+    return launch(world, args, tmp / f"{name}.log", env)
+
+
+def result(tmp: Path, name: str, rank: int = 0) -> dict:
+    return json.loads((tmp / f"{name}-rank{rank}.json").read_text())
