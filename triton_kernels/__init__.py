@@ -14,6 +14,7 @@ from .cross_entropy import (
     fused_linear_cross_entropy_bwd,
     fused_linear_cross_entropy_fwd,
 )
+from .flatten import flatten_scale_fwd
 from .rms_norm import rms_norm_bwd, rms_norm_fwd
 from .rotary import rotary_bwd, rotary_fwd
 from .swiglu import swiglu_bwd, swiglu_fwd
@@ -22,6 +23,7 @@ __all__ = [
     "cross_entropy_bwd",
     "cross_entropy_fwd",
     "fused_linear_cross_entropy_bwd",
+    "flatten_scale_fwd",
     "fused_linear_cross_entropy_fwd",
     "rms_norm_bwd",
     "rms_norm_fwd",

@@ -76,11 +76,7 @@ def flatten_scale_(out: Tensor, tensors: Sequence[Tensor], scale: float = 1.0) -
     out, tensors, scale = _check(out, tensors, scale)
     if not tensors:
         return out
-    if backend.forced_backend() == "triton":  # no Triton kernel: a plain copy gains nothing from one
-        with backend.use_backend("auto"):
-            impl = backend.select("flatten_scale", out)
-    else:
-        impl = backend.select("flatten_scale", out)
+    impl = backend.select("flatten_scale", out)
     if impl == "ref":
         return flatten_scale_ref(out, tensors, scale)
     _flatten(out, [t.contiguous() for t in tensors], scale, impl)
