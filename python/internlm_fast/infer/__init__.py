@@ -13,7 +13,6 @@ from .generate import (
     stream_text,
 )
 from .kv_cache import KVCache
-from .model_api import generate
 from .sampling import SamplingConfig, select_tokens
 from .streaming import IncrementalDetokenizer, StopStringFilter, TextStream
 
@@ -30,7 +29,6 @@ __all__ = [
     "TextStream",
     "chat",
     "chat_prompt_ids",
-    "generate",
     "generate_ids",
     "generate_steps",
     "generate_text",

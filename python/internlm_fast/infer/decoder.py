@@ -6,10 +6,10 @@ logits of each prompt's last token only. A decode step feeds one token per live 
 over the cache (flash_attn_with_kvcache's kernel). Same function as model.forward, in fp32 to
 rounding (tests/test_generate_kvcache.py).
 
-Speed at small batch is Python overhead, so the step is lean: the backend kernels are called
-directly (ops.inference), q/k/v and gate/up are one GEMM each against weights concatenated once per
-model version (kept while the parameters are unchanged), k and v are written into the cache with one
-index_copy_, and no tensor but the outputs is allocated per layer.
+Speed at small batch is Python overhead and reading the weights, so the step is lean: the backend
+kernels are called directly (ops.inference), q/k/v and gate/up are one GEMM each against transposed
+weight copies made once per model version (see Projection), k and v are written into the cache with one
+index_copy_, no tensor but the outputs is allocated per layer, and a small step runs on one thread.
 """
 
 from __future__ import annotations
@@ -19,76 +19,86 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from internlm_fast.model import InternLMForCausalLM
 from internlm_fast.ops.inference import InferenceKernels
 
 from .kv_cache import KVCache
 
-# Concatenated q/k/v and gate/up weights are copies; past this many bytes (a 7B model) the copies
-# would cost real memory while the separate GEMMs' call overhead no longer matters.
-MAX_FUSED_BYTES = 1 << 30
+# The decode projections use transposed (in, out) copies of the weights, q/k/v and gate/up side by
+# side: a (rows, in) x (in, out) product streams the weight rows in order, twice as fast at one row as
+# F.linear's (out, in) layout on 2 cores (a decode step of the tiny preset: 1.05 vs 1.96 ms), and one
+# GEMM instead of three saves the calls. Past this many bytes of copies (a 7B model) the memory matters
+# more: the parameters are used as they are.
+MAX_COPY_BYTES = 1 << 30
+
+# A decode step of at most this many multiply-adds (rows x parameters) runs on one thread: its GEMMs
+# are a few hundred microseconds, and MKL's threading of small-row GEMMs made them slower, not faster
+# (tiny preset, batch 8: 7.4 ms on 2 threads, 3.2 ms on 1; measured with the machine nearly idle).
+SERIAL_DECODE_MACS = 1 << 26
+
+
+class Projection:
+    """x W^T + b of one or several nn.Linear on the same input, outputs side by side."""
+
+    def __init__(self, linears: list[nn.Linear], copy: bool) -> None:
+        self.wt = self.bias = None
+        self.parts = [(lin.weight, lin.bias) for lin in linears]
+        if copy:
+            self.wt = torch.cat([lin.weight for lin in linears]).t().contiguous()
+            if linears[0].bias is not None:
+                self.bias = torch.cat([lin.bias for lin in linears])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.wt is not None:
+            return torch.mm(x, self.wt) if self.bias is None else torch.addmm(self.bias, x, self.wt)
+        if len(self.parts) == 1:
+            return F.linear(x, *self.parts[0])
+        return torch.cat([F.linear(x, w, b) for w, b in self.parts], dim=-1)
 
 
 @dataclass
 class LayerWeights:
     norm1: Tensor
     norm2: Tensor
-    qkv: tuple[Tensor, Tensor | None] | None  # fused (weight, bias), or None: q/k/v run separately
-    q: tuple[Tensor, Tensor | None]
-    k: tuple[Tensor, Tensor | None]
-    v: tuple[Tensor, Tensor | None]
-    o: tuple[Tensor, Tensor | None]
-    gate_up: Tensor | None  # fused, or None: gate and up run separately
-    gate: Tensor
-    up: Tensor
-    down: Tensor
+    qkv: Projection
+    o: Projection
+    gate_up: Projection
+    down: Projection
 
 
-def _layer_weights(layer, fuse: bool) -> LayerWeights:
+def _layer_weights(layer: nn.Module, copy: bool) -> LayerWeights:
     a, m = layer.self_attn, layer.mlp
-    lin = lambda mod: (mod.weight, mod.bias)  # noqa: E731
-    qkv = None
-    if fuse:
-        bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-        qkv = (torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias)
     return LayerWeights(
         norm1=layer.input_layernorm.weight,
         norm2=layer.post_attention_layernorm.weight,
-        qkv=qkv,
-        q=lin(a.q_proj),
-        k=lin(a.k_proj),
-        v=lin(a.v_proj),
-        o=lin(a.o_proj),
-        gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]) if fuse else None,
-        gate=m.gate_proj.weight,
-        up=m.up_proj.weight,
-        down=m.down_proj.weight,
+        qkv=Projection([a.q_proj, a.k_proj, a.v_proj], copy),
+        o=Projection([a.o_proj], copy),
+        gate_up=Projection([m.gate_proj, m.up_proj], copy),
+        down=Projection([m.down_proj], copy),
     )
 
 
-def _fused_bytes(model: InternLMForCausalLM) -> int:
-    c = model.config
-    per_layer = (c.hidden_size + 2 * c.num_key_value_heads * c.head_dim + 2 * c.intermediate_size) * c.hidden_size
-    return per_layer * c.num_hidden_layers * model.lm_head.weight.element_size()
+def _linear_params(model: InternLMForCausalLM) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
 _CACHE_ATTR = "_internlm_fast_decode_weights"
 
 
-def decode_weights(model: InternLMForCausalLM) -> list[LayerWeights]:
-    """Per-layer weights for decoding, built once and reused while no parameter changes (a training
-    step, load_state_dict or .to() bumps a version counter or moves the storage)."""
+def decode_weights(model: InternLMForCausalLM) -> tuple[list[LayerWeights], Projection]:
+    """Per-layer weights and the head for decoding, built once and reused while no parameter changes
+    (a training step, load_state_dict or .to() bumps a version counter or moves the storage)."""
     key = tuple((p.data_ptr(), p._version) for p in model.parameters())
     cached = model.__dict__.get(_CACHE_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
-        fuse = _fused_bytes(model) <= MAX_FUSED_BYTES
-        layers = [_layer_weights(layer, fuse) for layer in model.model.layers]
-    model.__dict__[_CACHE_ATTR] = (key, layers)
-    return layers
+        copy = _linear_params(model) * model.lm_head.weight.element_size() <= MAX_COPY_BYTES
+        weights = [_layer_weights(layer, copy) for layer in model.model.layers], Projection([model.lm_head], copy)
+    model.__dict__[_CACHE_ATTR] = (key, weights)
+    return weights
 
 
 class CachedDecoder:
@@ -103,9 +113,9 @@ class CachedDecoder:
         self.eps = c.rms_norm_eps
         self.embed = model.model.embed_tokens.weight
         self.norm = model.model.norm.weight
-        self.head = model.lm_head.weight
         self.cos, self.sin = model.rotary_cos.contiguous(), model.rotary_sin.contiguous()
-        self.layers = decode_weights(model)
+        self.layers, self.head = decode_weights(model)
+        self.macs_per_token = _linear_params(model)
         self.kernels = InferenceKernels(self.embed)
         self.device, self.dtype = self.embed.device, self.embed.dtype
 
@@ -113,19 +123,10 @@ class CachedDecoder:
         c = self.config
         return KVCache(c.num_hidden_layers, batch, max_len, self.hk, self.d, self.dtype, self.device)
 
-    def _qkv(self, h: Tensor, w: LayerWeights) -> Tensor:
-        if w.qkv is not None:
-            return F.linear(h, *w.qkv)
-        return torch.cat([F.linear(h, *w.q), F.linear(h, *w.k), F.linear(h, *w.v)], dim=-1)
-
     def _mlp(self, h: Tensor, w: LayerWeights) -> Tensor:
-        if w.gate_up is not None:
-            gu = F.linear(h, w.gate_up)
-            f = gu.shape[-1] // 2
-            act = self.kernels.swiglu(gu[:, :f], gu[:, f:])
-        else:
-            act = self.kernels.swiglu(F.linear(h, w.gate), F.linear(h, w.up))
-        return F.linear(act, w.down)
+        gu = w.gate_up(h)
+        f = gu.shape[-1] // 2
+        return w.down(self.kernels.swiglu(gu[:, :f], gu[:, f:]))
 
     def _layers(self, x: Tensor, attend) -> tuple[Tensor, Tensor]:
         """Runs every layer on x (tokens, hidden); attend(layer, qkv3) -> attention output. Returns the
@@ -138,9 +139,9 @@ class CachedDecoder:
                 h, residual = kern.rms_norm(x, w.norm1, eps), x
             else:
                 h, residual = kern.rms_norm(x, w.norm1, eps, residual)
-            qkv = self._qkv(h, w)
+            qkv = w.qkv(h)
             out = attend(i, qkv.view(n, hq + 2 * hk, d))
-            x = F.linear(out.view(n, hq * d), *w.o)
+            x = w.o(out.view(n, hq * d))
             h, residual = kern.rms_norm(x, w.norm2, eps, residual)
             x = self._mlp(h, w)
         return x, residual
@@ -168,11 +169,23 @@ class CachedDecoder:
         h, _ = kern.rms_norm(x[last], self.norm, self.eps, residual[last])
         cache.lens[: len(prompts)] = torch.tensor(lengths, device=device)
         cache.longest = max(lengths)
-        return F.linear(h, self.head)
+        return self.head(h)
 
     def decode(self, cache: KVCache, tokens: Tensor) -> Tensor:
         """One new token per live sequence, tokens (batch,) int64, at position cache.lens. Returns the
         logits after it, (batch, vocab), and advances cache.lens."""
+        threads = torch.get_num_threads()
+        small = tokens.shape[0] * self.macs_per_token <= SERIAL_DECODE_MACS
+        serial = threads > 1 and small and self.device.type == "cpu"
+        if not serial:
+            return self._decode(cache, tokens)
+        torch.set_num_threads(1)
+        try:
+            return self._decode(cache, tokens)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _decode(self, cache: KVCache, tokens: Tensor) -> Tensor:
         b, hq, hk, d = tokens.shape[0], self.hq, self.hk, self.d
         lens = cache.lens[:b]
         slots = cache.row_starts[:b] + lens
@@ -190,4 +203,4 @@ class CachedDecoder:
         h, _ = kern.rms_norm(x, self.norm, self.eps, residual)
         lens += 1
         cache.longest = longest
-        return F.linear(h, self.head)
+        return self.head(h)
