@@ -195,6 +195,57 @@ class InternLMForCausalLM(nn.Module):
         logits = self.lm_head(h) if return_logits else None
         return CausalLMOutput(loss=loss, logits=logits)
 
+    # -- generation (internlm_fast.infer): KV-cache prefill/decode, sampling, chat --------------
+
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+        stop_strings: str | list[str] | None = None,
+        tokenizer=None,
+    ) -> Tensor:
+        """input_ids (batch, seqlen) followed by the new ids, as transformers' generate returns them
+        (see internlm_fast.infer.model_api.generate)."""
+        from internlm_fast.infer.model_api import generate
+
+        return generate(
+            self,
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            seed=seed,
+            stop_strings=stop_strings,
+            tokenizer=tokenizer,
+        )
+
+    def chat(self, tokenizer, query: str, history: list[tuple[str, str]] = [], **gen) -> tuple[str, list]:  # noqa: B006
+        """InternLM's chat: (response, history + [(query, response)]); defaults in infer.chat.CHAT_DEFAULTS."""
+        from internlm_fast.infer.chat import chat
+
+        return chat(self, tokenizer, query, history, **gen)
+
+    def stream_chat(self, tokenizer, query: str, history: list[tuple[str, str]] = [], **gen):  # noqa: B006
+        """Yields (response so far, history + [(query, response so far)]) as the response grows."""
+        from internlm_fast.infer.chat import stream_chat
+
+        return stream_chat(self, tokenizer, query, history, **gen)
+
     @classmethod
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
