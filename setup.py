@@ -18,7 +18,7 @@ import os
 import shutil
 import subprocess
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -100,15 +100,8 @@ setup(
     description="InternLM, fast: compiled kernels, trainer, inference and server for InternLM models",
     python_requires=">=3.11",
     package_dir={"": "python", "internlm_fast.triton_kernels": "triton_kernels"},
-    packages=[
-        "internlm_fast",
-        "internlm_fast.ops",
-        "internlm_fast.model",
-        "internlm_fast.data",
-        "internlm_fast.train",
-        "internlm_fast.infer",
-        "internlm_fast.triton_kernels",
-    ],
+    # every package under python/ (a new subpackage cannot be left out of the install)
+    packages=[*find_packages("python"), "internlm_fast.triton_kernels"],
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext.with_options(no_python_abi_suffix=False)},
     install_requires=["torch", "numpy"],
