@@ -11,6 +11,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import internlm_fast
 from internlm_fast.data import tokenize_files, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,9 @@ def _free_port() -> int:
 
 def launch(world: int | None, args: list[str], log: Path, env: dict | None = None) -> list[subprocess.Popen]:
     """world ranks of `python args...` as torchrun would start them; world None: one plain process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "OMP_NUM_THREADS": "1", **(env or {})}
+    # the package under test, whether installed (CI) or run from python/ with PYTHONPATH
+    src = str(Path(internlm_fast.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", **(env or {})}
     if world is None:
         return [subprocess.Popen([sys.executable, *args], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)]
     port = str(_free_port())
