@@ -85,4 +85,9 @@ std::vector<at::Tensor> fused_linear_cross_entropy_bwd(const at::Tensor& dloss, 
 // bf16/fp16 tensors. Accumulates the product in fp32 (fp64 for fp64).
 void flatten_scale_fwd(const std::vector<at::Tensor>& tensors, const at::Tensor& out, double scale);
 
+// out = x (M, K) @ W (K, N) [+ bias (N,)] for the few rows of a decode step, W given as column
+// panels (N / 16, K, 16) made once; panels split across the threads (MKL repacks the weights per
+// call and uses one thread at small M). fp32, contiguous.
+at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& panels_w, const c10::optional<at::Tensor>& bias);
+
 }  // namespace ifast::cpu

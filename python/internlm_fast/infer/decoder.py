@@ -7,9 +7,10 @@ over the cache (flash_attn_with_kvcache's kernel). Same function as model.forwar
 rounding (tests/test_generate_kvcache.py).
 
 Speed at small batch is Python overhead and reading the weights, so the step is lean: the backend
-kernels are called directly (ops.inference), q/k/v and gate/up are one GEMM each against transposed
-weight copies made once per model version (see Projection), k and v are written into the cache with one
-index_copy_, no tensor but the outputs is allocated per layer, and a small step runs on one thread.
+kernels are called directly (ops.inference), q/k/v and gate/up are one GEMM each against weight
+copies made once per model version (see Projection: column panels for the few rows of a decode step,
+which few_rows_linear streams once on every thread), k and v are written into the cache with one
+index_copy_, and no tensor but the outputs is allocated per layer.
 """
 
 from __future__ import annotations
@@ -33,24 +34,28 @@ from .kv_cache import KVCache
 # more: the parameters are used as they are.
 MAX_COPY_BYTES = 1 << 30
 
-# A decode step of at most this many multiply-adds (rows x parameters) runs on one thread: its GEMMs
-# are a few hundred microseconds, and MKL's threading of small-row GEMMs made them slower, not faster
-# (tiny preset, batch 8: 7.4 ms on 2 threads, 3.2 ms on 1; measured with the machine nearly idle).
-SERIAL_DECODE_MACS = 1 << 26
+# Decode steps of at most this many rows (sequences) run through ops.inference's few-rows kernel on
+# the weights' column panels; longer inputs (prefill) use the GEMM on the (in, out) copy.
+FEW_ROWS = 16
 
 
 class Projection:
     """x W^T + b of one or several nn.Linear on the same input, outputs side by side."""
 
-    def __init__(self, linears: list[nn.Linear], copy: bool) -> None:
-        self.wt = self.bias = None
+    def __init__(self, linears: list[nn.Linear], copy: bool, kernels: InferenceKernels) -> None:
+        self.wt = self.bias = self.panels = None
         self.parts = [(lin.weight, lin.bias) for lin in linears]
+        self.few_rows = kernels.few_rows_linear
         if copy:
             self.wt = torch.cat([lin.weight for lin in linears]).t().contiguous()
             if linears[0].bias is not None:
                 self.bias = torch.cat([lin.bias for lin in linears])
+            if kernels.has_few_rows_linear(self.wt):
+                self.panels = kernels.column_panels(self.wt)
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.panels is not None and x.shape[0] <= FEW_ROWS:
+            return self.few_rows(x, self.panels, self.bias)
         if self.wt is not None:
             return torch.mm(x, self.wt) if self.bias is None else torch.addmm(self.bias, x, self.wt)
         if len(self.parts) == 1:
@@ -68,15 +73,15 @@ class LayerWeights:
     down: Projection
 
 
-def _layer_weights(layer: nn.Module, copy: bool) -> LayerWeights:
+def _layer_weights(layer: nn.Module, copy: bool, kernels: InferenceKernels) -> LayerWeights:
     a, m = layer.self_attn, layer.mlp
     return LayerWeights(
         norm1=layer.input_layernorm.weight,
         norm2=layer.post_attention_layernorm.weight,
-        qkv=Projection([a.q_proj, a.k_proj, a.v_proj], copy),
-        o=Projection([a.o_proj], copy),
-        gate_up=Projection([m.gate_proj, m.up_proj], copy),
-        down=Projection([m.down_proj], copy),
+        qkv=Projection([a.q_proj, a.k_proj, a.v_proj], copy, kernels),
+        o=Projection([a.o_proj], copy, kernels),
+        gate_up=Projection([m.gate_proj, m.up_proj], copy, kernels),
+        down=Projection([m.down_proj], copy, kernels),
     )
 
 
@@ -96,7 +101,9 @@ def decode_weights(model: InternLMForCausalLM) -> tuple[list[LayerWeights], Proj
         return cached[1]
     with torch.no_grad():
         copy = _linear_params(model) * model.lm_head.weight.element_size() <= MAX_COPY_BYTES
-        weights = [_layer_weights(layer, copy) for layer in model.model.layers], Projection([model.lm_head], copy)
+        kernels = InferenceKernels(model.lm_head.weight)
+        layers = [_layer_weights(layer, copy, kernels) for layer in model.model.layers]
+        weights = layers, Projection([model.lm_head], copy, kernels)
     model.__dict__[_CACHE_ATTR] = (key, weights)
     return weights
 
@@ -115,7 +122,6 @@ class CachedDecoder:
         self.norm = model.model.norm.weight
         self.cos, self.sin = model.rotary_cos.contiguous(), model.rotary_sin.contiguous()
         self.layers, self.head = decode_weights(model)
-        self.macs_per_token = _linear_params(model)
         self.kernels = InferenceKernels(self.embed)
         self.device, self.dtype = self.embed.device, self.embed.dtype
 
@@ -168,39 +174,24 @@ class CachedDecoder:
         last = cu[1:].long() - 1
         h, _ = kern.rms_norm(x[last], self.norm, self.eps, residual[last])
         cache.lens[: len(prompts)] = torch.tensor(lengths, device=device)
-        cache.longest = max(lengths)
         return self.head(h)
 
     def decode(self, cache: KVCache, tokens: Tensor) -> Tensor:
         """One new token per live sequence, tokens (batch,) int64, at position cache.lens. Returns the
         logits after it, (batch, vocab), and advances cache.lens."""
-        threads = torch.get_num_threads()
-        small = tokens.shape[0] * self.macs_per_token <= SERIAL_DECODE_MACS
-        serial = threads > 1 and small and self.device.type == "cpu"
-        if not serial:
-            return self._decode(cache, tokens)
-        torch.set_num_threads(1)
-        try:
-            return self._decode(cache, tokens)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _decode(self, cache: KVCache, tokens: Tensor) -> Tensor:
         b, hq, hk, d = tokens.shape[0], self.hq, self.hk, self.d
         lens = cache.lens[:b]
         slots = cache.row_starts[:b] + lens
         visible = (lens + 1).to(torch.int32)
-        longest = cache.longest + 1
         kern, cos, sin = self.kernels, self.cos, self.sin
 
         def attend(i: int, qkv3: Tensor) -> Tensor:
             qkv4 = qkv3.view(b, 1, hq + 2 * hk, d)
             kern.rotary_(qkv4[:, :, : hq + hk], cos, sin, lens)
             cache.flat[i].index_copy_(0, slots, qkv3[:, hq:].view(b, 2, hk, d))
-            return kern.attend_cache(qkv4[:, :, :hq], cache.keys[i], cache.values[i], visible, self.scale, longest)
+            return kern.attend_cache(qkv4[:, :, :hq], cache.keys[i], cache.values[i], visible, self.scale)
 
         x, residual = self._layers(F.embedding(tokens, self.embed), attend)
         h, _ = kern.rms_norm(x, self.norm, self.eps, residual)
         lens += 1
-        cache.longest = longest
         return self.head(h)

@@ -33,7 +33,6 @@ class KVCache:
         # flat rows of kv[layer].view(-1, 2, kv_heads, head_dim): sequence b's token t is row b * max_len + t
         self.row_starts = torch.arange(batch, device=device) * max_len
         self.lens = torch.zeros(batch, dtype=torch.int64, device=device)  # tokens cached per sequence
-        self.longest = 0  # max(lens), kept on the host
         self._views()
 
     def _views(self) -> None:
@@ -54,5 +53,4 @@ class KVCache:
                     kv[dst, :n].copy_(kv[src, :n])
                 self.lens[dst] = n
         self.batch = len(rows)
-        self.longest = max((lens[r] for r in rows), default=0)
         self._views()

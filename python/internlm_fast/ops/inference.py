@@ -24,13 +24,10 @@ from .rms_norm import rms_norm_ref
 from .rotary import apply_rotary_ref
 from .swiglu import swiglu_ref
 
-# A decode attention over at most this many cached elements (batch x tokens x kv_heads x head_dim)
-# takes ~100 us on one thread, less than waking a second one costs: the CPU kernel would still fork
-# its thread pool for a single task, and on shared cores a woken thread can wait milliseconds for a
-# time slice (measured: 8 ms per call with 2 threads on a loaded 2-core machine, 50 us with one).
-SERIAL_DECODE_ELEMENTS = 1 << 20
-
 _OPS = ("rms_norm", "rotary", "swiglu", "flash_attn", "flash_attn_kvcache")
+
+# columns per panel of few_rows_linear's weight layout (cpp/cpu/few_rows_linear.cpp)
+PANEL_COLUMNS = 16
 
 
 class InferenceKernels:
@@ -39,6 +36,25 @@ class InferenceKernels:
     def __init__(self, like: Tensor) -> None:
         self.impl = {op: backend.select(op, like) for op in _OPS}
         self._k = {op: None if impl == "ref" else backend.kernels(impl) for op, impl in self.impl.items()}
+
+    def has_few_rows_linear(self, wt: Tensor) -> bool:
+        """Whether few_rows_linear serves this (in, out) weight: the C++ backend, fp32, whole panels."""
+        return (
+            self.impl["flash_attn_kvcache"] == "cpu"
+            and wt.dtype == torch.float32
+            and wt.shape[1] % PANEL_COLUMNS == 0
+            and hasattr(self._k["flash_attn_kvcache"], "few_rows_linear")
+        )
+
+    @staticmethod
+    def column_panels(wt: Tensor) -> Tensor:
+        """The (in, out) weight as few_rows_linear reads it: (out / 16, in, 16), each panel contiguous."""
+        k, n = wt.shape
+        return wt.view(k, n // PANEL_COLUMNS, PANEL_COLUMNS).permute(1, 0, 2).contiguous()
+
+    def few_rows_linear(self, x: Tensor, panels: Tensor, bias: Tensor | None) -> Tensor:
+        """x (rows, in) @ W + bias for a few rows (a decode step), W as column_panels(W)."""
+        return self._k["flash_attn_kvcache"].few_rows_linear(x.contiguous(), panels, bias)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
         """x (rows, hidden) contiguous. Returns y, or (y, x + residual) with a residual."""
@@ -69,20 +85,10 @@ class InferenceKernels:
             return attention_varlen_ref(q, k, v, cu_seqlens, cu_seqlens, True, scale)[0]
         return kern.flash_attn_fwd(q, k, v, cu_seqlens, cu_seqlens, scale, True)[0]
 
-    def attend_cache(
-        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, lens: Tensor, scale: float, longest: int
-    ) -> Tensor:
+    def attend_cache(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, lens: Tensor, scale: float) -> Tensor:
         """q (batch, seqlen_q, heads, d), causal, against the first lens[b] (int32, already counting
-        q's own tokens) rows of each sequence's cache; longest = max(lens), known to the caller."""
+        q's own tokens) rows of each sequence's cache."""
         kern = self._k["flash_attn_kvcache"]
         if kern is None:
             return _attend_ref(q, k_cache, v_cache, lens, scale, True)[0]
-        threads = torch.get_num_threads()
-        small = q.shape[0] * longest * k_cache.shape[2] * k_cache.shape[3] <= SERIAL_DECODE_ELEMENTS
-        if threads == 1 or not small or self.impl["flash_attn_kvcache"] != "cpu":
-            return kern.flash_attn_kvcache_fwd(q, k_cache, v_cache, lens, scale, True)[0]
-        torch.set_num_threads(1)
-        try:
-            return kern.flash_attn_kvcache_fwd(q, k_cache, v_cache, lens, scale, True)[0]
-        finally:
-            torch.set_num_threads(threads)
+        return kern.flash_attn_kvcache_fwd(q, k_cache, v_cache, lens, scale, True)[0]
