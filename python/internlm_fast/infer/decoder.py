@@ -30,8 +30,9 @@ from .kv_cache import KVCache
 # The decode projections use transposed (in, out) copies of the weights, q/k/v and gate/up side by
 # side: a (rows, in) x (in, out) product streams the weight rows in order, twice as fast at one row as
 # F.linear's (out, in) layout on 2 cores (a decode step of the tiny preset: 1.05 vs 1.96 ms), and one
-# GEMM instead of three saves the calls. Past this many bytes of copies (a 7B model) the memory matters
-# more: the parameters are used as they are.
+# GEMM instead of three saves the calls; decode steps read a second copy laid out as column panels
+# (few_rows_linear). Past this many bytes per copy (a 7B model) the memory matters more: the
+# parameters are used as they are.
 MAX_COPY_BYTES = 1 << 30
 
 # Decode steps of at most this many rows (sequences) run through ops.inference's few-rows kernel on
