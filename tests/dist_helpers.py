@@ -8,26 +8,12 @@ import os
 import socket
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import internlm_fast
-from internlm_fast.data import tokenize_files, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
-
-
-def make_corpus(folder: Path) -> dict[str, Path]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for n in ["argparse.py", "json/decoder.py", "textwrap.py", "shlex.py", "fractions.py", "heapq.py"]:
-        files.append(folder / (n.replace("/", "_") + ".txt"))
-        files[-1].write_text((stdlib / n).read_text())
-    tok = train_tokenizer(files, folder / "tok.model", vocab_size=512)
-    tokenize_files(tok, files[:-1], folder / "train", workers=1, progress=False)
-    tokenize_files(tok, files[-1:], folder / "val", workers=1, progress=False)
-    return {"tokenizer": tok, "train": folder / "train", "val": folder / "val"}
 
 
 def overrides(corpus, run_dir: Path, **extra) -> list[str]:

@@ -16,7 +16,8 @@ import torch
 from internlm_fast.train.checkpoint import load_checkpoint, verify_checkpoint
 from internlm_fast.train.zero_checkpoint import is_sharded
 
-from .dist_helpers import make_corpus, result, wait_ok, worker
+from .corpus_helpers import make_corpus
+from .dist_helpers import result, wait_ok, worker
 
 STEPS, RESUME_AT = 20, 16
 

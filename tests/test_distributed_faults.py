@@ -15,7 +15,8 @@ import torch
 from internlm_fast.train.checkpoint import latest_valid_checkpoint, load_checkpoint, verify_checkpoint
 from internlm_fast.train.zero_checkpoint import param_state_from_shards
 
-from .dist_helpers import launch, make_corpus, overrides, result, wait_ok, worker
+from .corpus_helpers import make_corpus
+from .dist_helpers import launch, overrides, result, wait_ok, worker
 
 TIMEOUT_S = 5
 

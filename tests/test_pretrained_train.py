@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
-from internlm_fast.data import tokenize_files, train_tokenizer
 from internlm_fast.model import InternLMForCausalLM
 from internlm_fast.model.pretrained import load_pretrained
 from internlm_fast.train.checkpoint import load_checkpoint
 from internlm_fast.train.config import ConfigError, load_config
 from internlm_fast.train.trainer import Trainer
 
+from .corpus_helpers import make_corpus
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for name in ("argparse.py", "textwrap.py", "shlex.py", "heapq.py"):
-        files.append(folder / f"{name}.txt")
-        files[-1].write_text((stdlib / name).read_text())
-    tok = train_tokenizer(files, folder / "tok.model", vocab_size=512)
-    tokenize_files(tok, files[:-1], folder / "train", workers=1, progress=False)
-    tokenize_files(tok, files[-1:], folder / "val", workers=1, progress=False)
-    return {"tokenizer": tok, "train": folder / "train", "val": folder / "val"}
+    return make_corpus(tmp_path_factory.mktemp("corpus"), ("argparse.py", "textwrap.py", "shlex.py", "heapq.py"))
 
 
 def _overrides(corpus, run_dir: Path, **extra) -> list[str]:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -16,26 +15,18 @@ import pytest
 import torch
 
 import internlm_fast
-from internlm_fast.data import TokenDataset, tokenize_files, train_tokenizer
+from internlm_fast.data import TokenDataset
 from internlm_fast.train.checkpoint import list_checkpoints, load_checkpoint
 from internlm_fast.train.config import load_config
 from internlm_fast.train.trainer import Trainer
+
+from .corpus_helpers import make_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
     """A tokenizer and train/val token files made from a few standard-library modules."""
-    folder = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    names = ["argparse.py", "json/decoder.py", "textwrap.py", "shlex.py", "fractions.py", "heapq.py"]
-    files = []
-    for n in names:  # the tokenize command reads .txt (one document per file) and .jsonl
-        files.append(folder / (n.replace("/", "_") + ".txt"))
-        files[-1].write_text((stdlib / n).read_text())
-    tok = train_tokenizer(files, folder / "tok.model", vocab_size=512)
-    tokenize_files(tok, files[:-1], folder / "train", workers=1, progress=False)
-    tokenize_files(tok, files[-1:], folder / "val", workers=1, progress=False)
-    return {"tokenizer": tok, "train": folder / "train", "val": folder / "val"}
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _overrides(corpus, run_dir: Path, **extra) -> list[str]:
