@@ -99,3 +99,37 @@ def test_bad_kvcache_arguments():
             flash_attn_with_kvcache(q, kc, vc, torch.randn(1, 1, 4, 64), torch.randn(1, 1, 4, 64), cache_seqlens=0)
         with pytest.raises(ValueError, match="rotary_cos and rotary_sin"):
             flash_attn_with_kvcache(q, kc, vc, k, v, rotary_cos=torch.ones(8, 32), cache_seqlens=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize(
+    ("b", "hq", "hk", "d", "lens"),
+    [
+        (1, 8, 8, 32, [203]),  # batch 1: kv heads split across the threads, no merge
+        (1, 4, 1, 64, [1000]),  # one kv head, long: the cache length split, chunks merged
+        (3, 6, 2, 16, [0, 7, 601]),  # D not a multiple of 32, an empty sequence, GQA
+        (8, 8, 8, 32, [128, 37, 90, 128, 64, 17, 110, 75]),  # the batch-8 bench's shape
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_task_splits_match_reference(threads, b, hq, hk, d, lens, dtype):
+    """Every way the decode kernel splits the work (kv heads, cache chunks, both, neither) gives the
+    reference's output and lse, for one new token and for a few."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(b * 100 + d)
+        cap = max(lens) + 8
+        for seqlen_q in (1, 3):
+            q = torch.randn(b, seqlen_q, hq, d, generator=g).to(dtype)
+            kc, vc = (torch.randn(b, cap, hk, d, generator=g).to(dtype) for _ in range(2))
+            n = torch.tensor(lens, dtype=torch.int32)
+            with use_backend("cpu"):
+                out, lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=n, return_softmax_lse=True)
+            ref, ref_lse = flash_attn_with_kvcache_ref(q, kc, vc, cache_seqlens=n, return_softmax_lse=True)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+            # the reference's lse is computed in the input dtype: bf16-accurate only
+            torch.testing.assert_close(lse, ref_lse.float(), atol=tol, rtol=tol)
+    finally:
+        torch.set_num_threads(before)

@@ -1,117 +1,216 @@
-// Attention of a few new query tokens against a KV cache (decoding), split over the cache length.
+// Attention of a few new query tokens against a KV cache (decoding).
 //
-// Decoding is bound by reading the cache. In the (batch, cache_len, kv_heads, D) layout one token's
-// keys for all heads are one contiguous run, while one head's consecutive tokens are kv_heads * D
-// apart (16 KB for 32 heads of 128): walking a head at a time defeats the hardware prefetcher and
-// maps the rows onto a single L1 set. So a task walks the cache token by token, all heads at once,
-// streaming it front to back exactly once; every head's running softmax (max, sum, output row)
-// stays in L1/L2. Tasks split the cache length (so batch 1 keeps every thread busy); each chunk's
-// partial softmax is merged at the end. The cache is read in place, never packed or widened.
+// Decoding is bound by reading the cache, and at small batch and context by fixed costs, so:
+// - A task is (sequence, group of kv heads, chunk of the cache). Heads are split first, which needs
+//   no merge, so a single sequence still keeps every thread busy; the cache length is split only
+//   when that is not enough, and then each chunk's partial softmax is merged at the end. With one
+//   chunk a task normalises and writes its output rows itself: one parallel region per call.
+// - The cache is read in place, never packed or widened: in the (batch, cache_len, kv_heads, D)
+//   layout a head's consecutive keys are a constant stride apart, which the prefetcher follows.
+// - Scores of 8 keys at once (fp32, AVX2): eight D-long dot products accumulate side by side and
+//   one transpose-and-add reduces them, instead of a horizontal sum per key; P V keeps a 32-float
+//   slice of the output row in registers while it walks the block's values.
 // Reference: internlm_fast/ops/kvcache.py::flash_attn_with_kvcache_ref.
 #include "attention_common.h"
 
 #include <ATen/ops/empty.h>
 
+#include <type_traits>
+
 namespace ifast::cpu::attn {
 namespace {
 
-constexpr int kDecodeBlock = 32;  // tokens per online-softmax step
+constexpr int kDecodeBlock = 64;  // keys per online-softmax step
+
+// s[i] = q . k[i * ldk] for i < 8, q fp32.
+template <typename T>
+inline void dot8(const float* q, const T* k, int64_t ldk, int D, float* s) {
+#ifdef IFAST_ATTN_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (D % 8 == 0) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+      for (int d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + ldk + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * ldk + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * ldk + d), a3);
+        a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 4 * ldk + d), a4);
+        a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 5 * ldk + d), a5);
+        a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 6 * ldk + d), a6);
+        a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 7 * ldk + d), a7);
+      }
+      // transpose-and-add: after two rounds of hadd, lane i of each 128-bit half holds a partial
+      // sum of key i (low half) or key i + 4 (a4..a7); adding the halves finishes every key
+      const __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
+      const __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
+      const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+      const __m256 lo = _mm256_permute2f128_ps(u0, u1, 0x20), hi = _mm256_permute2f128_ps(u0, u1, 0x31);
+      _mm256_storeu_ps(s, _mm256_add_ps(lo, hi));
+      return;
+    }
+  }
+#endif
+  for (int i = 0; i < 8; ++i) {
+    const T* __restrict kr = k + i * ldk;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int d = 0; d < D; ++d) acc += q[d] * load(kr, d);
+    s[i] = acc;
+  }
+}
+
+template <typename T>
+inline float dot1(const float* q, const T* k, int D) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int d = 0; d < D; ++d) acc += q[d] * load(k, d);
+  return acc;
+}
+
+// o[0..D) += sum_j p[j] * v[j * ldv][0..D) over n values.
+template <typename T>
+inline void add_pv(const float* p, const T* v, int64_t ldv, int n, float* o, int D) {
+#ifdef IFAST_ATTN_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (D % 32 == 0) {
+      for (int d = 0; d < D; d += 32) {
+        __m256 o0 = _mm256_loadu_ps(o + d), o1 = _mm256_loadu_ps(o + d + 8);
+        __m256 o2 = _mm256_loadu_ps(o + d + 16), o3 = _mm256_loadu_ps(o + d + 24);
+        for (int j = 0; j < n; ++j) {
+          const float* vr = v + j * ldv + d;
+          const __m256 pj = _mm256_broadcast_ss(p + j);
+          o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr), o0);
+          o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8), o1);
+          o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 16), o2);
+          o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 24), o3);
+        }
+        _mm256_storeu_ps(o + d, o0);
+        _mm256_storeu_ps(o + d + 8, o1);
+        _mm256_storeu_ps(o + d + 16, o2);
+        _mm256_storeu_ps(o + d + 24, o3);
+      }
+      return;
+    }
+  }
+#endif
+  for (int j = 0; j < n; ++j) {
+    const T* __restrict vr = v + j * ldv;
+    const float pj = p[j];
+#pragma omp simd
+    for (int d = 0; d < D; ++d) o[d] += pj * load(vr, d);
+  }
+}
 
 template <typename T>
 struct Decode {
   const T *q, *k, *v;
   int64_t q_b, q_t, q_h, k_b, k_t, k_h, v_b, v_t, v_h;  // strides
   const int32_t* lens;
-  int Sq, Hq, Hk, D, group, rows;  // rows = Sq * Hq query vectors per sequence: row = t * Hq + h
+  int Sq, Hq, Hk, D, group;
+  int heads_per, hsplit;  // kv heads per task, tasks per sequence and chunk
   int64_t chunk;
   int nchunks;
-  float qscale;
+  float qscale;  // softmax scale in log2 units
   bool causal;
-  float* part;  // per task: rows x (D + 2): unnormalised output, then max and sum (log2 units)
+  T* out;       // (B, Sq, Hq, D)
+  float* lse;   // (B, Hq, Sq)
+  float* part;  // nchunks > 1: per task, its rows x (D + 2): unnormalised output, max, sum (log2 units)
+
+  int max_rows() const { return Sq * heads_per * group; }
 
   struct State {
-    std::vector<float> Q, S, m, l;
+    std::vector<float> Q, S, O, m, l;
   };
   State make_state() const {
-    return {std::vector<float>(size_t(rows) * D), std::vector<float>(size_t(rows) * kDecodeBlock),
-            std::vector<float>(rows), std::vector<float>(rows)};
+    const size_t r = size_t(max_rows());
+    return {std::vector<float>(r * D), std::vector<float>(r * kDecodeBlock), std::vector<float>(r * D),
+            std::vector<float>(r), std::vector<float>(r)};
   }
 
+  // Query rows of a task: row = t * nq + (h - hq0) for its query heads [hq0, hq0 + nq).
   void operator()(int64_t task, State& st) const {
-    const int b = int(task / nchunks), c = int(task % nchunks);
+    const int c = int(task % nchunks), hs = int(task / nchunks % hsplit), b = int(task / nchunks / hsplit);
+    const int hk0 = hs * heads_per, hk1 = std::min(Hk, hk0 + heads_per);
+    const int hq0 = hk0 * group, nq = (hk1 - hk0) * group, rows = Sq * nq;
     const int lk = lens[b], diag = lk - Sq;
     const int64_t j_begin = c * chunk, j_end = std::min<int64_t>(lk, j_begin + chunk);
-    const int64_t ld = D + 2;
-    float* O = part + task * rows * ld;
-    float *Q = st.Q.data(), *S = st.S.data(), *m = st.m.data(), *l = st.l.data();
-    const float qs = qscale;
+    float *Q = st.Q.data(), *S = st.S.data(), *O = st.O.data(), *m = st.m.data(), *l = st.l.data();
     for (int t = 0; t < Sq; ++t)
-      for (int h = 0; h < Hq; ++h) {
-        const T* __restrict src = q + b * q_b + t * q_t + h * q_h;
-        float* __restrict dst = Q + int64_t(t * Hq + h) * D;
+      for (int i = 0; i < nq; ++i) {
+        const T* __restrict src = q + b * q_b + t * q_t + (hq0 + i) * q_h;
+        float* __restrict dst = Q + int64_t(t * nq + i) * D;
 #pragma omp simd
-        for (int d = 0; d < D; ++d) dst[d] = load(src, d) * qs;
+        for (int d = 0; d < D; ++d) dst[d] = load(src, d) * qscale;
       }
-    for (int r = 0; r < rows; ++r) std::fill(O + r * ld, O + r * ld + D, 0.f);
+    std::fill(O, O + int64_t(rows) * D, 0.f);
     std::fill(m, m + rows, kNegInf);
     std::fill(l, l + rows, 0.f);
     const T* kb = k + b * k_b;
     const T* vb = v + b * v_b;
     for (int64_t j0 = j_begin; j0 < j_end; j0 += kDecodeBlock) {
       const int n = int(std::min<int64_t>(kDecodeBlock, j_end - j0));
-      // scores: token-major, so each token's keys (all heads, contiguous) are read once
-      for (int j = 0; j < n; ++j)
-        for (int hk = 0; hk < Hk; ++hk) {
-          const T* __restrict kr = kb + (j0 + j) * k_t + hk * k_h;
-          for (int t = 0; t < Sq; ++t)
-            for (int g = 0; g < group; ++g) {
-              const int r = t * Hq + hk * group + g;
-              const float* __restrict qr = Q + int64_t(r) * D;
-              float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-              for (int d = 0; d < D; ++d) acc += qr[d] * load(kr, d);
-              S[r * kDecodeBlock + j] = acc;
-            }
-        }
+      for (int hk = hk0; hk < hk1; ++hk) {
+        const T* kh = kb + j0 * k_t + hk * k_h;
+        for (int t = 0; t < Sq; ++t)
+          for (int g = 0; g < group; ++g) {
+            const int r = t * nq + (hk - hk0) * group + g;
+            const float* qr = Q + int64_t(r) * D;
+            float* s = S + r * kDecodeBlock;
+            int j = 0;
+            for (; j + 8 <= n; j += 8) dot8(qr, kh + j * k_t, k_t, D, s + j);
+            for (; j < n; ++j) s[j] = dot1(qr, kh + j * k_t, D);
+          }
+      }
       for (int r = 0; r < rows; ++r)
-        online_softmax_row(S + r * kDecodeBlock, visible(causal, r / Hq, diag, int(j0), n), n, m[r], l[r],
-                           O + r * ld, D);
-      // O += P V, token-major again: each value row is read once and added into its heads' rows
-      for (int j = 0; j < n; ++j)
-        for (int hk = 0; hk < Hk; ++hk) {
-          const T* __restrict vr = vb + (j0 + j) * v_t + hk * v_h;
-          for (int t = 0; t < Sq; ++t)
-            for (int g = 0; g < group; ++g) {
-              const int r = t * Hq + hk * group + g;
-              const float p = S[r * kDecodeBlock + j];
-              if (p == 0.f) continue;
-              float* __restrict o = O + r * ld;
-#pragma omp simd
-              for (int d = 0; d < D; ++d) o[d] += p * load(vr, d);
-            }
-        }
+        online_softmax_row(S + r * kDecodeBlock, visible(causal, r / nq, diag, int(j0), n), n, m[r], l[r],
+                           O + int64_t(r) * D, D);
+      for (int hk = hk0; hk < hk1; ++hk) {
+        const T* vh = vb + j0 * v_t + hk * v_h;
+        for (int t = 0; t < Sq; ++t)
+          for (int g = 0; g < group; ++g) {
+            const int r = t * nq + (hk - hk0) * group + g;
+            add_pv(S + r * kDecodeBlock, vh, v_t, n, O + int64_t(r) * D, D);
+          }
+      }
     }
+    if (nchunks == 1) {
+      for (int r = 0; r < rows; ++r) {
+        const int t = r / nq, h = hq0 + r % nq;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        const float* o = O + int64_t(r) * D;
+        T* dst = out + ((int64_t(b) * Sq + t) * Hq + h) * D;
+#pragma omp simd
+        for (int d = 0; d < D; ++d) store(dst, d, o[d] * inv);
+        lse[(int64_t(b) * Hq + h) * Sq + t] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kInf;
+      }
+      return;
+    }
+    const int64_t ld = D + 2;
+    float* P = part + task * int64_t(max_rows()) * ld;
     for (int r = 0; r < rows; ++r) {
-      O[r * ld + D] = m[r];
-      O[r * ld + D + 1] = l[r];
+      std::copy(O + int64_t(r) * D, O + int64_t(r + 1) * D, P + r * ld);
+      P[r * ld + D] = m[r];
+      P[r * ld + D + 1] = l[r];
     }
   }
 
-  // Combines the chunks of sequence b for query rows [r0, r1):
+  // Combines the chunks of sequence b, kv-head group hs, for its query rows [r0, r1):
   // out = sum_c 2^(m_c - M) O_c / sum_c 2^(m_c - M) l_c.
-  void merge(int b, int r0, int r1, T* outp, float* lse) const {
+  void merge(int b, int hs, int r0, int r1) const {
     const int64_t ld = D + 2;
-    const float* first = part + int64_t(b) * nchunks * rows * ld;
+    const int hq0 = hs * heads_per * group, nq = (std::min(Hk, (hs + 1) * heads_per) - hs * heads_per) * group;
+    const float* first = part + (int64_t(b) * hsplit + hs) * nchunks * max_rows() * ld;
     std::vector<float> acc(D);
     for (int r = r0; r < r1; ++r) {
-      const int t = r / Hq, h = r % Hq;
+      const int t = r / nq, h = hq0 + r % nq;
       float M = kNegInf;
-      for (int c = 0; c < nchunks; ++c) M = std::max(M, first[(int64_t(c) * rows + r) * ld + D]);
+      for (int c = 0; c < nchunks; ++c) M = std::max(M, first[(int64_t(c) * max_rows() + r) * ld + D]);
       std::fill(acc.begin(), acc.end(), 0.f);
       float L = 0.f;
       if (M != kNegInf)
         for (int c = 0; c < nchunks; ++c) {
-          const float* o = first + (int64_t(c) * rows + r) * ld;
+          const float* o = first + (int64_t(c) * max_rows() + r) * ld;
           if (o[D] == kNegInf) continue;
           const float w = exp2_approx(o[D] - M);
           L += w * o[D + 1];
@@ -119,7 +218,7 @@ struct Decode {
           for (int d = 0; d < D; ++d) acc[d] += w * o[d];
         }
       const float inv = L > 0.f ? 1.f / L : 0.f;
-      T* dst = outp + ((int64_t(b) * Sq + t) * Hq + h) * D;
+      T* dst = out + ((int64_t(b) * Sq + t) * Hq + h) * D;
 #pragma omp simd
       for (int d = 0; d < D; ++d) store(dst, d, acc[d] * inv);
       lse[(int64_t(b) * Hq + h) * Sq + t] = L > 0.f ? (M + std::log2(L)) * kLn2 : kInf;
@@ -136,32 +235,44 @@ void decode_splitkv(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
   const int32_t* l = lens.const_data_ptr<int32_t>();
   int max_len = 0;
   for (int b = 0; b < B; ++b) max_len = std::max(max_len, l[b]);
-  // about 4 tasks per thread over the whole batch, none shorter than 256 tokens
-  const int64_t want = 4 * int64_t(at::get_num_threads());
-  const int64_t per_seq = std::max<int64_t>(1, (want + B - 1) / B);
+  // about 2 tasks per thread (none on one thread): kv heads split first, then the cache length,
+  // in chunks of at least 256 keys
+  const int threads = at::get_num_threads();
+  const int64_t want = threads > 1 ? 2 * int64_t(threads) : 1;
+  int hsplit = int(std::min<int64_t>(Hk, (want + B - 1) / B));
+  const int heads_per = (Hk + hsplit - 1) / hsplit;
+  hsplit = (Hk + heads_per - 1) / heads_per;
+  const int64_t per_seq = std::max<int64_t>(1, (want + int64_t(B) * hsplit - 1) / (int64_t(B) * hsplit));
   const int64_t chunk = std::max<int64_t>(256, (max_len + per_seq - 1) / per_seq);
   const int nchunks = int(std::max<int64_t>(1, (max_len + chunk - 1) / chunk));
-  const int rows = Sq * Hq;
-  const int64_t ntasks = int64_t(B) * nchunks;
-  at::Tensor part = at::empty({ntasks * rows * (D + 2)}, q.options().dtype(at::kFloat));
+  const int64_t ntasks = int64_t(B) * hsplit * nchunks;
+  const int max_rows = Sq * heads_per * group;
+  at::Tensor part;
+  if (nchunks > 1) part = at::empty({ntasks * max_rows * (D + 2)}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_attn_with_kvcache", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "flash_attn_with_kvcache: fp64 is not supported by the cpu backend");
     } else {
-      Decode<scalar_t> dec{q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
-                           v_cache.const_data_ptr<scalar_t>(), q.stride(0), q.stride(1), q.stride(2),
-                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
-                           v_cache.stride(1), v_cache.stride(2), l, Sq, Hq, Hk, D, group, rows, chunk, nchunks,
-                           float(softmax_scale) * kLog2e, causal, part.mutable_data_ptr<float>()};
+      Decode<scalar_t> dec{q.const_data_ptr<scalar_t>(),
+                           k_cache.const_data_ptr<scalar_t>(),
+                           v_cache.const_data_ptr<scalar_t>(),
+                           q.stride(0), q.stride(1), q.stride(2),
+                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                           l, Sq, Hq, Hk, D, group, heads_per, hsplit, chunk, nchunks,
+                           float(softmax_scale) * kLog2e, causal,
+                           out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(),
+                           nchunks > 1 ? part.mutable_data_ptr<float>() : nullptr};
       run_tasks(ntasks, [&] { return dec.make_state(); }, [&](int64_t t, auto& st) { dec(t, st); });
-      scalar_t* o = out.mutable_data_ptr<scalar_t>();
-      float* ls = lse.mutable_data_ptr<float>();
-      // merge in pieces of 8 query rows per sequence, so a single sequence still uses every thread
-      const int pieces = (rows + 7) / 8;
-      at::parallel_for(0, int64_t(B) * pieces, 1, [&](int64_t i0, int64_t i1) {
+      if (nchunks == 1) return;
+      // merge in pieces of 8 query rows, so a single sequence still uses every thread
+      const int pieces = (max_rows + 7) / 8;
+      at::parallel_for(0, int64_t(B) * hsplit * pieces, 1, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
-          const int b = int(i / pieces), r0 = int(i % pieces) * 8;
-          dec.merge(b, r0, std::min(rows, r0 + 8), o, ls);
+          const int piece = int(i % pieces), hs = int(i / pieces % hsplit), b = int(i / pieces / hsplit);
+          const int rows = Sq * (std::min(Hk, (hs + 1) * heads_per) - hs * heads_per) * group;
+          const int r0 = piece * 8;
+          if (r0 < rows) dec.merge(b, hs, r0, std::min(rows, r0 + 8));
         }
       });
     }

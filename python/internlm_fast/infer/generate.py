@@ -111,7 +111,7 @@ def _steps(
         produced = [0] * len(prompts)
         logits = decoder.prefill(cache, prompts)
         while True:
-            tokens = select_tokens(logits, cfg, seen, generator)
+            tokens = select_tokens(logits, cfg, seen, generator, decoder.kernels.argmax)
             if seen is not None:
                 seen[torch.arange(len(rows), device=seen.device), tokens] = True
             steps, keep = [], []

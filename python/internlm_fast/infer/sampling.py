@@ -82,12 +82,17 @@ def process_logits(logits: Tensor, cfg: SamplingConfig, seen: Tensor | None) -> 
 
 
 def select_tokens(
-    logits: Tensor, cfg: SamplingConfig, seen: Tensor | None = None, generator: torch.Generator | None = None
+    logits: Tensor,
+    cfg: SamplingConfig,
+    seen: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    argmax=None,
 ) -> Tensor:
-    """The next token of every row, (batch,) int64: argmax, or a draw when cfg.do_sample."""
+    """The next token of every row, (batch,) int64: argmax, or a draw when cfg.do_sample. `argmax`
+    replaces torch.argmax(scores, -1) (the decoder passes its kernel's)."""
     scores = process_logits(logits, cfg, seen)
     if not cfg.do_sample:
-        return scores.argmax(dim=-1)
+        return scores.argmax(dim=-1) if argmax is None else argmax(scores)
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 

@@ -56,6 +56,13 @@ class InferenceKernels:
         """x (rows, in) @ W + bias for a few rows (a decode step), W as column_panels(W)."""
         return self._k["flash_attn_kvcache"].few_rows_linear(x.contiguous(), panels, bias)
 
+    def argmax(self, x: Tensor) -> Tensor:
+        """torch.argmax(x, dim=-1) of (rows, V) logits, by the C++ kernel where it serves (CPU fp32)."""
+        k = self._k["flash_attn_kvcache"]
+        if self.impl["flash_attn_kvcache"] == "cpu" and x.dtype == torch.float32 and hasattr(k, "argmax_rows"):
+            return k.argmax_rows(x if x.stride(-1) == 1 else x.contiguous())
+        return x.argmax(dim=-1)
+
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
         """x (rows, hidden) contiguous. Returns y, or (y, x + residual) with a residual."""
         k = self._k["rms_norm"]
