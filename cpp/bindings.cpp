@@ -36,6 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("flatten_scale_fwd", &ifast::cpu::flatten_scale_fwd, nogil);
   cpu.def("few_rows_linear", &ifast::cpu::few_rows_linear, nogil);
   cpu.def("argmax_rows", &ifast::cpu::argmax_rows, nogil);
+  cpu.def("decode_rotary_append", &ifast::cpu::decode_rotary_append, nogil);
 
 #ifdef IFAST_WITH_CUDA
   m.attr("with_cuda") = true;

@@ -92,5 +92,11 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& panels_w, cons
 // The index of each row's maximum (the first; the first NaN if any), x (rows, V) fp32 with
 // contiguous rows -> (rows,) int64: torch.argmax(x, -1) for greedy decoding.
 at::Tensor argmax_rows(const at::Tensor& x);
+// A decode step's new tokens: qkv (tokens, q_heads + 2 * kv_heads, D) contiguous; rotates q and k in
+// place (half-rotated, cos/sin fp32 (positions, rotary_dim / 2), token t at positions[t]) and copies
+// k and v into row slots[t] of kv_rows (rows, 2, kv_heads, D).
+void decode_rotary_append(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                          const at::Tensor& positions, at::Tensor& kv_rows, const at::Tensor& slots,
+                          int64_t q_heads);
 
 }  // namespace ifast::cpu

@@ -9,8 +9,8 @@ rounding (tests/test_generate_kvcache.py).
 Speed at small batch is Python overhead and reading the weights, so the step is lean: the backend
 kernels are called directly (ops.inference), q/k/v and gate/up are one GEMM each against weight
 copies made once per model version (see Projection: column panels for the few rows of a decode step,
-which few_rows_linear streams once on every thread), k and v are written into the cache with one
-index_copy_, and no tensor but the outputs is allocated per layer.
+which few_rows_linear streams once on every thread), rotary and the cache append are one pass
+(rotary_append_), and no tensor but the outputs is allocated per layer.
 """
 
 from __future__ import annotations
@@ -187,10 +187,9 @@ class CachedDecoder:
         kern, cos, sin = self.kernels, self.cos, self.sin
 
         def attend(i: int, qkv3: Tensor) -> Tensor:
-            qkv4 = qkv3.view(b, 1, hq + 2 * hk, d)
-            kern.rotary_(qkv4[:, :, : hq + hk], cos, sin, lens)
-            cache.flat[i].index_copy_(0, slots, qkv3[:, hq:].view(b, 2, hk, d))
-            return kern.attend_cache(qkv4[:, :, :hq], cache.keys[i], cache.values[i], visible, self.scale)
+            kern.rotary_append_(qkv3, cos, sin, lens, cache.flat[i], slots, hq)
+            q = qkv3.view(b, 1, hq + 2 * hk, d)[:, :, :hq]
+            return kern.attend_cache(q, cache.keys[i], cache.values[i], visible, self.scale)
 
         x, residual = self._layers(F.embedding(tokens, self.embed), attend)
         h, _ = kern.rms_norm(x, self.norm, self.eps, residual)

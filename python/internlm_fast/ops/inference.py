@@ -37,6 +37,10 @@ class InferenceKernels:
         self.impl = {op: backend.select(op, like) for op in _OPS}
         self._k = {op: None if impl == "ref" else backend.kernels(impl) for op, impl in self.impl.items()}
 
+    def _cpu_kernel(self, name: str):
+        """The C++ decode-only kernel `name` when decoding runs on the CPU backend, else None."""
+        return getattr(self._k["flash_attn_kvcache"], name, None) if self.impl["flash_attn_kvcache"] == "cpu" else None
+
     def has_few_rows_linear(self, wt: Tensor) -> bool:
         """Whether few_rows_linear serves this (in, out) weight: the C++ backend, fp32, whole panels."""
         return (
@@ -58,9 +62,9 @@ class InferenceKernels:
 
     def argmax(self, x: Tensor) -> Tensor:
         """torch.argmax(x, dim=-1) of (rows, V) logits, by the C++ kernel where it serves (CPU fp32)."""
-        k = self._k["flash_attn_kvcache"]
-        if self.impl["flash_attn_kvcache"] == "cpu" and x.dtype == torch.float32 and hasattr(k, "argmax_rows"):
-            return k.argmax_rows(x if x.stride(-1) == 1 else x.contiguous())
+        kernel = self._cpu_kernel("argmax_rows")
+        if kernel is not None and x.dtype == torch.float32:
+            return kernel(x if x.stride(-1) == 1 else x.contiguous())
         return x.argmax(dim=-1)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
@@ -79,6 +83,22 @@ class InferenceKernels:
             x.copy_(apply_rotary_ref(x, cos, sin, False, False, offsets, cu_seqlens))
         else:
             k.rotary_fwd(x, cos, sin, offsets, cu_seqlens, False, False, x)
+
+    def rotary_append_(
+        self, qkv: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, kv_rows: Tensor, slots: Tensor, q_heads: int
+    ) -> None:
+        """A decode step's new tokens, one per sequence: qkv (tokens, q_heads + 2 * kv_heads, d)
+        contiguous. Rotates q and k in place, token t at positions[t] (int64), and writes its k and v
+        into row slots[t] (int64) of kv_rows (rows, 2, kv_heads, d). One C++ pass on the CPU backend
+        with fp32 tables; else rotary_ and index_copy_."""
+        fused = self._cpu_kernel("decode_rotary_append")
+        if fused is not None and cos.dtype == torch.float32:
+            fused(qkv, cos, sin, positions, kv_rows, slots, q_heads)
+            return
+        n, heads, d = qkv.shape
+        kv_heads = (heads - q_heads) // 2
+        self.rotary_(qkv.view(n, 1, heads, d)[:, :, : q_heads + kv_heads], cos, sin, positions)
+        kv_rows.index_copy_(0, slots, qkv[:, q_heads:].view(n, 2, kv_heads, d))
 
     def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
         """silu(gate) * up of two (rows, F) tensors with unit last stride."""
