@@ -22,6 +22,15 @@ namespace {
 
 constexpr int kDecodeBlock = 64;  // keys per online-softmax step
 
+// q . k over D, q fp32.
+template <typename T>
+inline float dot1(const float* q, const T* k, int D) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int d = 0; d < D; ++d) acc += q[d] * load(k, d);
+  return acc;
+}
+
 // s[i] = q . k[i * ldk] for i < 8, q fp32.
 template <typename T>
 inline void dot8(const float* q, const T* k, int64_t ldk, int D, float* s) {
@@ -51,21 +60,7 @@ inline void dot8(const float* q, const T* k, int64_t ldk, int D, float* s) {
     }
   }
 #endif
-  for (int i = 0; i < 8; ++i) {
-    const T* __restrict kr = k + i * ldk;
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-    for (int d = 0; d < D; ++d) acc += q[d] * load(kr, d);
-    s[i] = acc;
-  }
-}
-
-template <typename T>
-inline float dot1(const float* q, const T* k, int D) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int d = 0; d < D; ++d) acc += q[d] * load(k, d);
-  return acc;
+  for (int i = 0; i < 8; ++i) s[i] = dot1(q, k + i * ldk, D);
 }
 
 // o[0..D) += sum_j p[j] * v[j * ldv][0..D) over n values.

@@ -10,18 +10,16 @@
 namespace ifast::cpu {
 namespace {
 
-// x0' = x0 c - x1 s, x1' = x0 s + x1 c over the pairs (i, i + rd2) (half-rotated, as the model),
-// written to dst (which may be src); dims past 2 * rd2 are copied.
+// x0' = x0 c - x1 s, x1' = x0 s + x1 c over the pairs (i, i + rd2), in place (half-rotated, as the
+// model); dims past 2 * rd2 are left as they are.
 template <typename T>
-inline void rotate(const T* src, T* dst, const float* c, const float* s, int64_t rd2, int64_t D) {
+inline void rotate(T* x, const float* c, const float* s, int64_t rd2) {
 #pragma omp simd
   for (int64_t i = 0; i < rd2; ++i) {
-    const float x0 = load(src, i), x1 = load(src, i + rd2);
-    store(dst, i, x0 * c[i] - x1 * s[i]);
-    store(dst, i + rd2, x0 * s[i] + x1 * c[i]);
+    const float x0 = load(x, i), x1 = load(x, i + rd2);
+    store(x, i, x0 * c[i] - x1 * s[i]);
+    store(x, i + rd2, x0 * s[i] + x1 * c[i]);
   }
-  if (dst != src)
-    for (int64_t i = 2 * rd2; i < D; ++i) dst[i] = src[i];
 }
 
 }  // namespace
@@ -64,9 +62,9 @@ void decode_rotary_append(const at::Tensor& qkv, const at::Tensor& cos, const at
       scalar_t* k = q + q_heads * D;
       scalar_t* v = k + hk * D;
       scalar_t* ck = kv + slot[t] * 2 * hk * D;  // the cache row: hk keys, then hk values
-      for (int64_t h = 0; h < q_heads; ++h) rotate(q + h * D, q + h * D, c, s, rd2, D);
+      for (int64_t h = 0; h < q_heads; ++h) rotate(q + h * D, c, s, rd2);
       for (int64_t h = 0; h < hk; ++h) {
-        rotate(k + h * D, k + h * D, c, s, rd2, D);  // q and k stay rotated in qkv for attention
+        rotate(k + h * D, c, s, rd2);  // q and k stay rotated in qkv for attention
         std::copy(k + h * D, k + (h + 1) * D, ck + h * D);
       }
       std::copy(v, v + hk * D, ck + hk * D);
