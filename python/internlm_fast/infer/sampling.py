@@ -8,6 +8,7 @@ processor of the same name (tests/test_generate_sampling.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +87,7 @@ def select_tokens(
     cfg: SamplingConfig,
     seen: Tensor | None = None,
     generator: torch.Generator | None = None,
-    argmax=None,
+    argmax: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The next token of every row, (batch,) int64: argmax, or a draw when cfg.do_sample. `argmax`
     replaces torch.argmax(scores, -1) (the decoder passes its kernel's)."""

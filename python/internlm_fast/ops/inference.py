@@ -44,10 +44,9 @@ class InferenceKernels:
     def has_few_rows_linear(self, wt: Tensor) -> bool:
         """Whether few_rows_linear serves this (in, out) weight: the C++ backend, fp32, whole panels."""
         return (
-            self.impl["flash_attn_kvcache"] == "cpu"
+            self._cpu_kernel("few_rows_linear") is not None
             and wt.dtype == torch.float32
             and wt.shape[1] % PANEL_COLUMNS == 0
-            and hasattr(self._k["flash_attn_kvcache"], "few_rows_linear")
         )
 
     @staticmethod
