@@ -5,8 +5,9 @@
 //   no merge, so a single sequence still keeps every thread busy; the cache length is split only
 //   when that is not enough, and then each chunk's partial softmax is merged at the end. With one
 //   chunk a task normalises and writes its output rows itself: one parallel region per call.
-// - The cache is read in place, never packed or widened: in the (batch, cache_len, kv_heads, D)
-//   layout a head's consecutive keys are a constant stride apart, which the prefetcher follows.
+// - The cache is read in place, never packed or widened, a head at a time down each block of keys.
+//   (Walking each block token by token across the heads measured no different: with the cache out
+//   of L3, a batch-8 step is bound by DRAM bandwidth either way.)
 // - Scores of 8 keys at once (fp32, AVX2): eight D-long dot products accumulate side by side and
 //   one transpose-and-add reduces them, instead of a horizontal sum per key; P V keeps a 32-float
 //   slice of the output row in registers while it walks the block's values.
@@ -113,6 +114,24 @@ struct Decode {
   float* part;  // nchunks > 1: per task, its rows x (D + 2): unnormalised output, max, sum (log2 units)
 
   int max_rows() const { return Sq * heads_per * group; }
+  // The kv heads [hk0, hk1) of head group hs, and its query rows: row = t * nq + (h - hq0) for the
+  // query heads [hq0, hq0 + nq).
+  struct Heads {
+    int hk0, hk1, hq0, nq, rows;
+  };
+  Heads heads(int hs) const {
+    const int hk0 = hs * heads_per, hk1 = std::min(Hk, hk0 + heads_per);
+    return {hk0, hk1, hk0 * group, (hk1 - hk0) * group, Sq * (hk1 - hk0) * group};
+  }
+
+  // out[b, t, h] = o / sum and its lse, from an output row accumulated against max mx (log2 units)
+  void write_row(int b, int t, int h, const float* o, float mx, float sum) const {
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    T* dst = out + ((int64_t(b) * Sq + t) * Hq + h) * D;
+#pragma omp simd
+    for (int d = 0; d < D; ++d) store(dst, d, o[d] * inv);
+    lse[(int64_t(b) * Hq + h) * Sq + t] = sum > 0.f ? (mx + std::log2(sum)) * kLn2 : kInf;
+  }
 
   struct State {
     std::vector<float> Q, S, O, m, l;
@@ -123,11 +142,9 @@ struct Decode {
             std::vector<float>(r), std::vector<float>(r)};
   }
 
-  // Query rows of a task: row = t * nq + (h - hq0) for its query heads [hq0, hq0 + nq).
   void operator()(int64_t task, State& st) const {
     const int c = int(task % nchunks), hs = int(task / nchunks % hsplit), b = int(task / nchunks / hsplit);
-    const int hk0 = hs * heads_per, hk1 = std::min(Hk, hk0 + heads_per);
-    const int hq0 = hk0 * group, nq = (hk1 - hk0) * group, rows = Sq * nq;
+    const auto [hk0, hk1, hq0, nq, rows] = heads(hs);
     const int lk = lens[b], diag = lk - Sq;
     const int64_t j_begin = c * chunk, j_end = std::min<int64_t>(lk, j_begin + chunk);
     float *Q = st.Q.data(), *S = st.S.data(), *O = st.O.data(), *m = st.m.data(), *l = st.l.data();
@@ -170,15 +187,7 @@ struct Decode {
       }
     }
     if (nchunks == 1) {
-      for (int r = 0; r < rows; ++r) {
-        const int t = r / nq, h = hq0 + r % nq;
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        const float* o = O + int64_t(r) * D;
-        T* dst = out + ((int64_t(b) * Sq + t) * Hq + h) * D;
-#pragma omp simd
-        for (int d = 0; d < D; ++d) store(dst, d, o[d] * inv);
-        lse[(int64_t(b) * Hq + h) * Sq + t] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kInf;
-      }
+      for (int r = 0; r < rows; ++r) write_row(b, r / nq, hq0 + r % nq, O + int64_t(r) * D, m[r], l[r]);
       return;
     }
     const int64_t ld = D + 2;
@@ -194,11 +203,10 @@ struct Decode {
   // out = sum_c 2^(m_c - M) O_c / sum_c 2^(m_c - M) l_c.
   void merge(int b, int hs, int r0, int r1) const {
     const int64_t ld = D + 2;
-    const int hq0 = hs * heads_per * group, nq = (std::min(Hk, (hs + 1) * heads_per) - hs * heads_per) * group;
+    const Heads hd = heads(hs);
     const float* first = part + (int64_t(b) * hsplit + hs) * nchunks * max_rows() * ld;
     std::vector<float> acc(D);
     for (int r = r0; r < r1; ++r) {
-      const int t = r / nq, h = hq0 + r % nq;
       float M = kNegInf;
       for (int c = 0; c < nchunks; ++c) M = std::max(M, first[(int64_t(c) * max_rows() + r) * ld + D]);
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -212,11 +220,7 @@ struct Decode {
 #pragma omp simd
           for (int d = 0; d < D; ++d) acc[d] += w * o[d];
         }
-      const float inv = L > 0.f ? 1.f / L : 0.f;
-      T* dst = out + ((int64_t(b) * Sq + t) * Hq + h) * D;
-#pragma omp simd
-      for (int d = 0; d < D; ++d) store(dst, d, acc[d] * inv);
-      lse[(int64_t(b) * Hq + h) * Sq + t] = L > 0.f ? (M + std::log2(L)) * kLn2 : kInf;
+      write_row(b, r / hd.nq, hd.hq0 + r % hd.nq, acc.data(), M, L);
     }
   }
 };
@@ -265,8 +269,7 @@ void decode_splitkv(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
       at::parallel_for(0, int64_t(B) * hsplit * pieces, 1, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const int piece = int(i % pieces), hs = int(i / pieces % hsplit), b = int(i / pieces / hsplit);
-          const int rows = Sq * (std::min(Hk, (hs + 1) * heads_per) - hs * heads_per) * group;
-          const int r0 = piece * 8;
+          const int rows = dec.heads(hs).rows, r0 = piece * 8;
           if (r0 < rows) dec.merge(b, hs, r0, std::min(rows, r0 + 8));
         }
       });

@@ -1,28 +1,14 @@
 // The step of a decode that sits between the qkv projection and attention: rotate each new token's
 // q and k by its position and append its k and v to the KV cache, in one pass over the few new
 // tokens. Unfused this was rotary_fwd plus an index_copy_: two calls and a thread wake-up for a few
-// KB (~11 us a layer at batch 8 with the cache hot, 3x that inside a real step). One thread: the work is
-// far below what a parallel region costs.
+// KB (~11 us a layer at batch 8 with the cache hot, 3x that inside a real step). One thread: the
+// work is far below what a parallel region costs. Dims past the rotary ones are left as they are.
 // Reference: the unfused path in internlm_fast/infer/decoder.py (rotary_ then index_copy_).
 #include "common.h"
 #include "ops_cpu.h"
+#include "rotate_head.h"
 
 namespace ifast::cpu {
-namespace {
-
-// x0' = x0 c - x1 s, x1' = x0 s + x1 c over the pairs (i, i + rd2), in place (half-rotated, as the
-// model); dims past 2 * rd2 are left as they are.
-template <typename T>
-inline void rotate(T* x, const float* c, const float* s, int64_t rd2) {
-#pragma omp simd
-  for (int64_t i = 0; i < rd2; ++i) {
-    const float x0 = load(x, i), x1 = load(x, i + rd2);
-    store(x, i, x0 * c[i] - x1 * s[i]);
-    store(x, i + rd2, x0 * s[i] + x1 * c[i]);
-  }
-}
-
-}  // namespace
 
 void decode_rotary_append(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                           const at::Tensor& positions, at::Tensor& kv_rows, const at::Tensor& slots,
@@ -62,9 +48,10 @@ void decode_rotary_append(const at::Tensor& qkv, const at::Tensor& cos, const at
       scalar_t* k = q + q_heads * D;
       scalar_t* v = k + hk * D;
       scalar_t* ck = kv + slot[t] * 2 * hk * D;  // the cache row: hk keys, then hk values
-      for (int64_t h = 0; h < q_heads; ++h) rotate(q + h * D, c, s, rd2);
+      const auto rotate = [&](scalar_t* head) { rotate_head<scalar_t, float, false>(head, head, c, s, 1.f, rd2); };
+      for (int64_t h = 0; h < q_heads; ++h) rotate(q + h * D);
       for (int64_t h = 0; h < hk; ++h) {
-        rotate(k + h * D, c, s, rd2);  // q and k stay rotated in qkv for attention
+        rotate(k + h * D);  // q and k stay rotated in qkv for attention
         std::copy(k + h * D, k + (h + 1) * D, ck + h * D);
       }
       std::copy(v, v + hk * D, ck + hk * D);
