@@ -69,6 +69,7 @@ def _extension():
     with_cuda = _want_cuda(torch.version.cuda, cuda_home)
     march = os.environ.get("INTERNLM_FAST_CPU_ARCH", "native")
     cxx = ["-O3", "-fopenmp", f"-march={march}", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"]
+    cxx += [f"-DIFAST_CPU_ARCH={march}"]  # reported by python -m internlm_fast.info
     sources = ["cpp/bindings.cpp", *sorted(glob.glob("cpp/cpu/*.cpp"))]
     kwargs = dict(
         include_dirs=[os.path.join(ROOT, "cpp")],
@@ -78,6 +79,8 @@ def _extension():
         ext = CppExtension("internlm_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
         return ext, BuildExtension
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    archs = ",".join(a.strip() for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";") if a.strip())
+    cxx += [f"-DIFAST_CUDA_ARCHS={archs}"]
     sources += sorted(glob.glob("cpp/cuda/*.cpp")) + sorted(glob.glob("cpp/cuda/*.cu"))
     # the CUDA 13 wheels carry headers (cccl, cublas...) that torch's own headers include
     wheel_includes = glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "*", "include"))

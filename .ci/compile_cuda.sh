@@ -82,10 +82,17 @@ import torch  # loads libc10/libtorch, which _C links against
 from internlm_fast import _C
 from internlm_fast.ops import available
 
+from internlm_fast.ops import registry
+
 assert _C.with_cuda, "internlm_fast._C was built without CUDA"
-for name in ("rms_norm_fwd", "rms_norm_bwd", "flatten_scale_fwd"):
-    assert hasattr(_C.cuda, name), f"_C.cuda has no {name}"
 assert available("cuda"), "backend 'cuda' is not available"
+# every op whose registry entry lists the cuda backend finds all its kernels in the built module
+for op in registry.OPS.values():
+    if "cuda" in op.cuda:
+        missing = [k for k in op.kernels if not hasattr(_C.cuda, k)]
+        assert not missing, f"_C.cuda lacks {missing}, kernels of {op.name}"
+print("[compile_cuda] _C.cuda:", ", ".join(sorted(n for n in dir(_C.cuda) if not n.startswith("_"))))
+print("[compile_cuda] build_info:", _C.build_info)
 print("[compile_cuda] import ok: _C.with_cuda =", _C.with_cuda, "| GPU present:", torch.cuda.is_available())
 PY
 lap "import check"

@@ -4,39 +4,37 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
 # Triton runs on CPU tensors only in its interpreter, which must be on before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from internlm_fast.ops import available  # noqa: E402
-from internlm_fast.ops.backend import kernels  # noqa: E402
+from internlm_fast.ops import available, registry  # noqa: E402
 
 
-def backend_devices() -> list[tuple[str, str]]:
-    """Every (backend, device) pair this machine can run."""
-    pairs = [("cpu", "cpu")]
-    if available("triton") and os.environ.get("TRITON_INTERPRET") == "1":
+def backend_devices(op: str | None = None) -> list[tuple[str, str]]:
+    """Every (backend, device) pair this machine can run for `op`, from the op registry: each backend
+    its entry lists for the device (the library's "aten" aside), and the GPU backend triton on CPU
+    tensors too when Triton's interpreter is on. A listed backend that lacks the kernel then fails
+    its tests: it is not skipped."""
+    entry = registry.OPS[op] if op is not None else None
+    cpu_order = entry.cpu if entry else ("cpu",)
+    cuda_order = entry.cuda if entry else registry.GPU_ORDER
+    pairs = [(b, "cpu") for b in cpu_order if b != "aten"]
+    if "triton" in cuda_order and available("triton") and os.environ.get("TRITON_INTERPRET") == "1":
         pairs.append(("triton", "cpu"))
     if torch.cuda.is_available():
-        if available("cuda"):
-            pairs.append(("cuda", "cuda"))
-        if available("triton"):
-            pairs.append(("triton", "cuda"))
+        pairs += [(b, "cuda") for b in cuda_order if b != "aten"]
     return pairs
 
 
-@pytest.fixture(params=backend_devices(), ids=lambda p: f"{p[0]}-{p[1]}")
-def impl_device(request) -> tuple[str, str]:
-    """A (backend, device) pair; a test module that sets OP = "<op>" skips, saying so, the backends
-    that have no kernel for that op yet."""
-    impl, _ = request.param
-    op = getattr(request.module, "OP", None)
-    if op is not None and not hasattr(kernels(impl), f"{op}_fwd"):
-        pytest.skip(f"backend {impl!r} has no {op} kernel")
-    return request.param
+def pytest_generate_tests(metafunc):
+    """`impl_device` runs a test on every (backend, device) pair of the module's OP (all the GPU
+    backends when the module names none)."""
+    if "impl_device" in metafunc.fixturenames:
+        pairs = backend_devices(getattr(metafunc.module, "OP", None))
+        metafunc.parametrize("impl_device", pairs, ids=[f"{b}-{d}" for b, d in pairs])
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,12 +1,17 @@
 import pytest
 import torch
 
+from internlm_fast import ops
 from internlm_fast.ops import use_backend
 from internlm_fast.ops.attention import (
     attention_ref,
     attention_varlen_ref,
     flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
 )
 
 from .conftest import ATOL, assert_matches_oracle
@@ -222,3 +227,216 @@ def test_bad_varlen_arguments():
             flash_attn_varlen_func(q, k, v, cu_q, torch.tensor([0, 7], dtype=torch.int32), 4, 7)
         with pytest.raises(ValueError, match="dropout_p"):
             flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 4, dropout_p=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash-attn's full signatures
+
+# flash-attn v2's optional arguments at their defaults, in its order (flash_attn_interface.py)
+FA_DEFAULTS = dict(
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+)
+
+
+def test_every_flash_attn_default_is_accepted_by_keyword_and_position():
+    q, k, v, cu_q, cu_k = _varlen_case([3, 5], [4, 5], 4, 2, 16, torch.float32, seed=1)
+    dq, dk, dv = (t.view(1, *t.shape) for t in (q, k, v))
+    with use_backend("cpu"):
+        plain = flash_attn_func(dq, dk, dv)
+        assert torch.equal(flash_attn_func(dq, dk, dv, **FA_DEFAULTS), plain)
+        assert torch.equal(flash_attn_func(dq, dk, dv, *FA_DEFAULTS.values()), plain)
+        assert torch.equal(flash_attn_func(dq, dk, dv, deterministic=True), plain)
+        plain = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 5)
+        for got in (
+            flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 5, **FA_DEFAULTS, block_table=None),
+            flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 5, *FA_DEFAULTS.values(), None),
+            flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 5, window_size=[-1, -1], deterministic=True),
+        ):
+            assert torch.equal(got, plain)
+
+
+def test_return_attn_probs_is_out_lse_and_no_probabilities():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 6, 2, 16, generator=g) for _ in range(3))
+    with use_backend("cpu"):
+        out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
+        got = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        # return_attn_probs wins: flash-attn's triple, S_dmask None as flash-attn gives without dropout
+        both = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, return_lse=True)
+    for triple in (got, both):
+        assert len(triple) == 3 and triple[2] is None
+        assert torch.equal(triple[0], out) and torch.equal(triple[1], lse)
+    qv, kv_, vv = (t.reshape(12, 2, 16) for t in (q, k, v))
+    cu = torch.tensor([0, 6, 12], dtype=torch.int32)
+    with use_backend("cpu"):
+        vout, vlse, probs = flash_attn_varlen_func(qv, kv_, vv, cu, cu, 6, 6, causal=True, return_attn_probs=True)
+    assert probs is None and vlse.shape == (2, 12)
+    torch.testing.assert_close(vout.view(2, 6, 2, 16), out)
+    torch.testing.assert_close(vlse.view(2, 2, 6).transpose(0, 1), lse)
+
+
+@pytest.mark.parametrize(
+    "kw, value",
+    [
+        ("dropout_p", 0.1),
+        ("window_size", (4, 0)),
+        ("window_size", (-1, 0)),
+        ("softcap", 30.0),
+        ("alibi_slopes", torch.ones(4)),
+    ],
+)
+@pytest.mark.parametrize("impl", ["cpu", "ref"])
+def test_unsupported_flash_attn_features_name_the_argument(impl, kw, value):
+    q, k, v, cu_q, cu_k = _varlen_case([3, 5], [3, 5], 4, 2, 16, torch.float32, seed=3)
+    qkv = torch.stack((q, q, q), dim=1)
+    with use_backend(impl):
+        for call in (
+            lambda: flash_attn_func(q[None], k[None], v[None], **{kw: value}),
+            lambda: flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 5, **{kw: value}),
+            lambda: flash_attn_qkvpacked_func(qkv.view(1, 8, 3, 4, 16), **{kw: value}),
+            lambda: flash_attn_varlen_qkvpacked_func(qkv, cu_q, 5, **{kw: value}),
+        ):
+            with pytest.raises(ValueError, match=f"^{kw}="):
+                call()
+        with pytest.raises(ValueError, match="^block_table=a tensor of shape \\(2, 1\\): a paged KV cache"):
+            flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 5, block_table=torch.zeros(2, 1, dtype=torch.int32))
+        with pytest.raises(TypeError, match="window_size must be a pair"):
+            flash_attn_func(q[None], k[None], v[None], window_size=-1)
+
+
+# (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim)
+PACKED = [(2, 9, 9, 4, 4, 16), (1, 5, 12, 6, 2, 32)]
+
+
+@pytest.mark.parametrize("shape", PACKED, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_variants_equal_the_unpacked_calls(shape, causal):
+    """Same out, lse and gradients as flash_attn_func / flash_attn_varlen_func on the unbound views,
+    the gradients landing in the packed tensors."""
+    b, sq, sk, hq, hk, d = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    q = torch.randn(b, sq, hq, d, generator=g)
+    kv = torch.randn(b, sk, 2, hk, d, generator=g)
+    dout = torch.randn(b, sq, hq, d, generator=g)
+    cu_q = torch.arange(0, b * sq + 1, sq, dtype=torch.int32)
+    cu_k = torch.arange(0, b * sk + 1, sk, dtype=torch.int32)
+
+    def run(fn, *packed):
+        leaves = [t.detach().clone().requires_grad_() for t in packed]
+        out, lse = fn(*leaves)
+        out.backward(dout.view(out.shape))
+        return out.detach(), lse, [t.grad for t in leaves]
+
+    def dense(q, k, v):
+        return flash_attn_func(q, k, v, causal=causal, return_lse=True)
+
+    def varlen(q, k, v):
+        flat = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
+        return flash_attn_varlen_func(*flat, cu_q, cu_k, sq, sk, causal=causal, return_lse=True)
+
+    def unpacked(fn, q, k, v):
+        out, lse, (gq, gk, gv) = run(fn, q, k, v)
+        return out, lse, gq, torch.stack((gk, gv), dim=2)
+
+    cases = [
+        (
+            lambda q, kv: flash_attn_kvpacked_func(q, kv, causal=causal, return_lse=True),
+            lambda q, kv: unpacked(dense, q, *kv.unbind(2)),
+        ),
+        (
+            lambda q, kv: flash_attn_varlen_kvpacked_func(
+                q.flatten(0, 1), kv.flatten(0, 1), cu_q, cu_k, sq, sk, causal=causal, return_lse=True
+            ),
+            lambda q, kv: unpacked(varlen, q, *kv.unbind(2)),
+        ),
+    ]
+    with use_backend("cpu"):
+        for packed_fn, unpacked_fn in cases:
+            out, lse, (gq, gkv) = run(packed_fn, q, kv)
+            want = unpacked_fn(q, kv)
+            for a, e in zip((out.view(want[0].shape), lse, gq, gkv), want):
+                torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-6)
+        if hq == hk and sq == sk:
+            qkv = torch.stack((q, *kv.unbind(2)), dim=2)
+            out, lse, (gqkv,) = run(lambda qkv: flash_attn_qkvpacked_func(qkv, causal=causal, return_lse=True), qkv)
+            want = run(dense, *qkv.unbind(2))
+            torch.testing.assert_close(out, want[0], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(gqkv, torch.stack(want[2], dim=2), atol=1e-6, rtol=1e-6)
+            out, lse, (gqkv,) = run(
+                lambda qkv: flash_attn_varlen_qkvpacked_func(
+                    qkv.flatten(0, 1), cu_q, sq, causal=causal, return_lse=True
+                ),
+                qkv,
+            )
+            torch.testing.assert_close(out.view(want[0].shape), want[0], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(gqkv, torch.stack(want[2], dim=2), atol=1e-6, rtol=1e-6)
+
+
+def test_packed_variants_read_views_not_copies(monkeypatch):
+    """The kernel receives q, k, v as strided views of the packed tensor's storage."""
+    seen = []
+    real = ops.attention._attention
+
+    def spy(q, k, v, *rest):
+        seen.append((q, k, v))
+        return real(q, k, v, *rest)
+
+    monkeypatch.setattr(ops.attention, "_attention", spy)
+    qkv = torch.randn(2, 7, 3, 2, 16)
+    vqkv = torch.randn(9, 3, 2, 16)
+    with use_backend("cpu"):
+        flash_attn_qkvpacked_func(qkv)
+        flash_attn_varlen_qkvpacked_func(vqkv, torch.tensor([0, 4, 9], dtype=torch.int32), 5)
+    for (q, k, v), packed in zip(seen, (qkv, vqkv)):
+        for i, t in enumerate((q, k, v)):
+            assert t.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+            assert t.data_ptr() == packed.select(-3, i).data_ptr()
+
+
+def test_bad_packed_shapes_name_the_argument():
+    with use_backend("cpu"):
+        with pytest.raises(ValueError, match="qkv has shape \\(1, 4, 2, 2, 16\\); expected \\(batch, seqlen, 3"):
+            flash_attn_qkvpacked_func(torch.randn(1, 4, 2, 2, 16))
+        with pytest.raises(ValueError, match="kv must have 5 dimensions"):
+            flash_attn_kvpacked_func(torch.randn(1, 4, 2, 16), torch.randn(4, 2, 2, 16))
+        with pytest.raises(ValueError, match="kv has shape \\(4, 3, 2, 16\\); expected \\(total_k, 2"):
+            cu = torch.tensor([0, 4], dtype=torch.int32)
+            flash_attn_varlen_kvpacked_func(torch.randn(4, 2, 16), torch.randn(4, 3, 2, 16), cu, cu, 4, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp64: the reference's precision, refused by the compiled kernels
+
+
+def test_fp64_gradcheck_through_the_ref_backend_every_entry_point():
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(1, 5, 3, 2, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    vq = torch.randn(7, 4, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    vkv = torch.randn(7, 2, 2, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    with use_backend("ref"):
+        assert torch.autograd.gradcheck(lambda t: flash_attn_qkvpacked_func(t, causal=True), (qkv,))
+        assert torch.autograd.gradcheck(
+            lambda q, kv: flash_attn_varlen_kvpacked_func(q, kv, cu, cu, 4, 4, causal=True), (vq, vkv)
+        )
+
+
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+def test_fp64_on_a_kernel_backend_says_to_use_ref(impl):
+    if not ops.available(impl) or (impl == "triton" and not hasattr(ops.backend.kernels(impl), "flash_attn_fwd")):
+        pytest.skip(f"backend {impl!r} has no flash_attn kernel here")
+    q, k, v = (torch.randn(1, 4, 2, 8, dtype=torch.float64) for _ in range(3))
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    match = f"q has dtype float64, which the '{impl}' backend.*use_backend\\(\"ref\"\\)"
+    with use_backend(impl):
+        with pytest.raises(TypeError, match=match):
+            flash_attn_func(q, k, v, causal=True)
+        with pytest.raises(TypeError, match=match):
+            flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 4, 4)

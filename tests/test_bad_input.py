@@ -194,6 +194,18 @@ def attention_cases(draw) -> tuple[str, Callable[[], object]]:
                 "cache_overflow",
                 "cache_lens_negative",
                 "cache_kv_pair",
+                "window_size",
+                "softcap",
+                "alibi_slopes",
+                "cu_block_table",
+                "cache_batch_idx",
+                "cache_leftpad",
+                "cache_block_table",
+                "cache_window_size",
+                "cache_num_splits",
+                "cache_append_whole",
+                "qkvpacked_shape",
+                "kvpacked_shape",
             ]
         )
     )
@@ -211,6 +223,17 @@ def attention_cases(draw) -> tuple[str, Callable[[], object]]:
         v = v.to("meta")
     if bad == "dropout":
         return bad, lambda: ops.flash_attn_func(q, k, v, dropout_p=0.5)
+    if bad in ("window_size", "softcap", "alibi_slopes"):  # flash-attn features not implemented
+        value = {
+            "window_size": lambda: (draw(st.integers(0, 8)), draw(st.sampled_from([-1, 0, 3]))),
+            "softcap": lambda: draw(st.floats(0.5, 50.0)),
+            "alibi_slopes": lambda: _t((hk * group,)),
+        }[bad]()
+        return bad, lambda: ops.flash_attn_func(q, k, v, causal=True, **{bad: value})
+    if bad == "qkvpacked_shape":  # 2 slices where qkv needs 3
+        return bad, lambda: ops.flash_attn_qkvpacked_func(torch.stack((q, q), dim=2))
+    if bad == "kvpacked_shape":
+        return bad, lambda: ops.flash_attn_kvpacked_func(q, torch.stack((k, v, v), dim=2))
     if bad.startswith("cu_") or bad == "max_seqlen":
         qv, kv_, vv = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
         cu = torch.arange(0, b * sq + 1, sq, dtype=torch.int32)
@@ -222,14 +245,23 @@ def attention_cases(draw) -> tuple[str, Callable[[], object]]:
             cu[-1] += 1
         elif bad == "cu_dtype":
             cu = cu.long()
-        else:
+        elif bad == "max_seqlen":
             m = sq - 1 if sq > 1 else -1
-        return bad, lambda: ops.flash_attn_varlen_func(qv, kv_, vv, cu, cu, m, m, causal=True)
+        table = torch.zeros(b, 1, dtype=torch.int32) if bad == "cu_block_table" else None
+        return bad, lambda: ops.flash_attn_varlen_func(qv, kv_, vv, cu, cu, m, m, causal=True, block_table=table)
     if bad.startswith("cache"):
         kc, vc = _t((b, sq + 2, hk, d)), _t((b, sq + 2, hk, d))
-        lens = {"cache_overflow": 3, "cache_lens_negative": -1}.get(bad, 0)
+        lens = {"cache_overflow": 3, "cache_lens_negative": -1, "cache_append_whole": None}.get(bad, 0)
         kn, vn = _t((b, sq, hk, d)), (None if bad == "cache_kv_pair" else _t((b, sq, hk, d)))
-        return bad, lambda: ops.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens)
+        index = torch.zeros(b, dtype=torch.int32)
+        kw = {
+            "cache_batch_idx": {"cache_batch_idx": index},
+            "cache_leftpad": {"cache_leftpad": index},
+            "cache_block_table": {"block_table": index[:, None]},
+            "cache_window_size": {"window_size": (2, 0)},
+            "cache_num_splits": {"num_splits": -1},
+        }.get(bad, {})
+        return bad, lambda: ops.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, causal=True, **kw)
     return bad, lambda: ops.flash_attn_func(q, k, v, causal=True)
 
 

@@ -13,7 +13,7 @@ from internlm_fast.ops.cross_entropy import CHUNK_ENV_VAR
 
 from .conftest import ATOL, assert_matches_oracle
 
-OP = "cross_entropy"  # a backend without cross-entropy kernels skips these cases, saying so
+OP = "cross_entropy"
 
 IGNORE = -100
 

@@ -2,9 +2,11 @@ import pytest
 import torch
 
 from internlm_fast.ops import use_backend
-from internlm_fast.ops.attention import flash_attn_func
+from internlm_fast.ops.attention import attention_ref
 from internlm_fast.ops.kvcache import flash_attn_with_kvcache, flash_attn_with_kvcache_ref
-from internlm_fast.ops.rotary import apply_rotary
+from internlm_fast.ops.rotary import apply_rotary_ref
+
+OP = "flash_attn_kvcache"  # the tests taking impl_device run on every backend of this op
 
 
 def _rope(seqlen, rotary_dim):
@@ -15,18 +17,19 @@ def _rope(seqlen, rotary_dim):
 
 @pytest.mark.parametrize("hq, hk", [(8, 8), (8, 2), (4, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decoding_token_by_token_equals_full_causal_forward(hq, hk, dtype):
+def test_decoding_token_by_token_equals_full_causal_forward(impl_device, hq, hk, dtype):
     """Prefill a prompt into the cache, then decode one token at a time with rotary applied at the
     cache offset: every step equals the same positions of one full causal forward."""
+    impl, device = impl_device
     g = torch.Generator().manual_seed(hq + hk)
     b, s, d, prompt = 2, 48, 64, 20
-    q, k, v = (torch.randn(b, s, h, d, generator=g).to(dtype) for h in (hq, hk, hk))
-    cos, sin = _rope(64, d)
-    with use_backend("cpu"):
-        full = flash_attn_func(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, causal=True)
-        kc = torch.zeros(b, 64, hk, d, dtype=dtype)
-        vc = torch.zeros(b, 64, hk, d, dtype=dtype)
-        kw = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False)
+    q, k, v = (torch.randn(b, s, h, d, generator=g).to(device, dtype) for h in (hq, hk, hk))
+    cos, sin = (t.to(device) for t in _rope(64, d))
+    full, _ = attention_ref(apply_rotary_ref(q, cos, sin), apply_rotary_ref(k, cos, sin), v, causal=True)
+    with use_backend(impl):
+        kc = torch.zeros(b, 64, hk, d, dtype=dtype, device=device)
+        vc = torch.zeros(b, 64, hk, d, dtype=dtype, device=device)
+        kw = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False, causal=True)
         outs = [flash_attn_with_kvcache(q[:, :prompt], kc, vc, k[:, :prompt], v[:, :prompt], cache_seqlens=0, **kw)]
         for t in range(prompt, s):
             outs.append(
@@ -40,17 +43,20 @@ def test_decoding_token_by_token_equals_full_causal_forward(hq, hk, dtype):
 
 
 @pytest.mark.parametrize("seqlen_q", [1, 3, 17])
-def test_per_sequence_cache_lengths_match_reference(seqlen_q):
+def test_per_sequence_cache_lengths_match_reference(impl_device, seqlen_q):
+    impl, device = impl_device
     g = torch.Generator().manual_seed(seqlen_q)
     b, hq, hk, d, cap = 3, 8, 2, 128, 300
-    q = torch.randn(b, seqlen_q, hq, d, generator=g)
-    k, v = (torch.randn(b, seqlen_q, hk, d, generator=g) for _ in range(2))
-    kc, vc = (torch.randn(b, cap, hk, d, generator=g) for _ in range(2))
-    lens = torch.tensor([0, 5, 270], dtype=torch.int32)
+    q = torch.randn(b, seqlen_q, hq, d, generator=g).to(device)
+    k, v = (torch.randn(b, seqlen_q, hk, d, generator=g).to(device) for _ in range(2))
+    kc, vc = (torch.randn(b, cap, hk, d, generator=g).to(device) for _ in range(2))
+    lens = torch.tensor([0, 5, 270], dtype=torch.int32, device=device)
     kc2, vc2 = kc.clone(), vc.clone()
-    with use_backend("cpu"):
-        out, lse = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, return_softmax_lse=True)
-    ref, ref_lse = flash_attn_with_kvcache_ref(q, kc2, vc2, k=k, v=v, cache_seqlens=lens, return_softmax_lse=True)
+    with use_backend(impl):
+        out, lse = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True, return_softmax_lse=True)
+    ref, ref_lse = flash_attn_with_kvcache_ref(
+        q, kc2, vc2, k=k, v=v, cache_seqlens=lens, causal=True, return_softmax_lse=True
+    )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse.float(), atol=1e-5, rtol=1e-5)
     # appended in place at each sequence's own offset, nothing else touched
@@ -59,24 +65,27 @@ def test_per_sequence_cache_lengths_match_reference(seqlen_q):
         assert torch.equal(kc[i, n : n + seqlen_q], k[i])
 
 
-def test_long_cache_split_across_threads_mqa():
+def test_long_cache_split_mqa(impl_device):
     # batch 1, one kv head: the cache length is split into chunks whose softmaxes are merged
+    impl, device = impl_device
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 1, 8, 64, generator=g)
-    kc, vc = (torch.randn(1, 5000, 1, 64, generator=g) for _ in range(2))
-    with use_backend("cpu"):
+    q = torch.randn(1, 1, 8, 64, generator=g).to(device)
+    kc, vc = (torch.randn(1, 5000, 1, 64, generator=g).to(device) for _ in range(2))
+    with use_backend(impl):
         out = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4321)
     ref = flash_attn_with_kvcache_ref(q, kc, vc, cache_seqlens=4321)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_no_new_tokens_and_empty_cache():
-    q = torch.randn(2, 1, 2, 32)
-    kc, vc = torch.randn(2, 8, 2, 32), torch.randn(2, 8, 2, 32)
-    with use_backend("cpu"):
-        out = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+def test_no_new_tokens_and_empty_cache(impl_device):
+    impl, device = impl_device
+    q = torch.randn(2, 1, 2, 32, device=device)
+    kc, vc = torch.randn(2, 8, 2, 32, device=device), torch.randn(2, 8, 2, 32, device=device)
+    lens = torch.tensor([0, 4], dtype=torch.int32, device=device)
+    with use_backend(impl):
+        out = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)
     assert torch.equal(out[0], torch.zeros_like(out[0]))  # nothing to attend to
-    ref = flash_attn_with_kvcache_ref(q, kc, vc, cache_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+    ref = flash_attn_with_kvcache_ref(q, kc, vc, cache_seqlens=lens)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
 
 
@@ -93,8 +102,10 @@ def test_bad_kvcache_arguments():
             flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([1, 2]))
         with pytest.raises(ValueError, match="cache_seqlens must be >= 0"):
             flash_attn_with_kvcache(q, kc, vc, cache_seqlens=-1)
-        with pytest.raises(TypeError, match="cache_seqlens must be an int"):
-            flash_attn_with_kvcache(q, kc, vc)
+        with pytest.raises(TypeError, match="cache_seqlens must be None, an int"):
+            flash_attn_with_kvcache(q, kc, vc, cache_seqlens=True)
+        with pytest.raises(ValueError, match="cache_seqlens=None means the whole cache"):
+            flash_attn_with_kvcache(q, kc, vc, k, v)
         with pytest.raises(ValueError, match="k has shape"):
             flash_attn_with_kvcache(q, kc, vc, torch.randn(1, 1, 4, 64), torch.randn(1, 1, 4, 64), cache_seqlens=0)
         with pytest.raises(ValueError, match="rotary_cos and rotary_sin"):
@@ -125,11 +136,114 @@ def test_decode_task_splits_match_reference(threads, b, hq, hk, d, lens, dtype):
             kc, vc = (torch.randn(b, cap, hk, d, generator=g).to(dtype) for _ in range(2))
             n = torch.tensor(lens, dtype=torch.int32)
             with use_backend("cpu"):
-                out, lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=n, return_softmax_lse=True)
-            ref, ref_lse = flash_attn_with_kvcache_ref(q, kc, vc, cache_seqlens=n, return_softmax_lse=True)
+                out, lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=n, causal=True, return_softmax_lse=True)
+            ref, ref_lse = flash_attn_with_kvcache_ref(q, kc, vc, cache_seqlens=n, causal=True, return_softmax_lse=True)
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
             # the reference's lse is computed in the input dtype: bf16-accurate only
             torch.testing.assert_close(lse, ref_lse.float(), atol=tol, rtol=tol)
     finally:
         torch.set_num_threads(before)
+
+
+# flash-attn v2's flash_attn_with_kvcache arguments after q, k_cache, v_cache, at their defaults, in
+# its order (flash_attn_interface.py)
+FA_KVCACHE_DEFAULTS = dict(
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+)
+
+
+def _cache_case(seed, b=2, sq=3, hq=4, hk=2, d=32, cap=11):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, sq, hq, d, generator=g)
+    kc, vc = (torch.randn(b, cap, hk, d, generator=g) for _ in range(2))
+    return q, kc, vc
+
+
+def test_every_flash_attn_default_is_accepted_by_keyword_and_position():
+    q, kc, vc = _cache_case(0)
+    with use_backend("cpu"):
+        plain = flash_attn_with_kvcache(q, kc, vc)
+        assert torch.equal(flash_attn_with_kvcache(q, kc, vc, **FA_KVCACHE_DEFAULTS), plain)
+        assert torch.equal(flash_attn_with_kvcache(q, kc, vc, *FA_KVCACHE_DEFAULTS.values()), plain)
+        assert torch.equal(flash_attn_with_kvcache(q, kc, vc, num_splits=3), plain)  # a hint only
+
+
+@pytest.mark.parametrize("impl", ["cpu", "ref"])
+def test_cache_seqlens_none_is_the_whole_cache(impl):
+    q, kc, vc = _cache_case(1)
+    with use_backend(impl):
+        out, lse = flash_attn_with_kvcache(q, kc, vc, return_softmax_lse=True)
+        want, want_lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=kc.shape[1], return_softmax_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    ref, _ = attention_ref(q.double(), kc.double(), vc.double(), False)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "ref"])
+def test_causal_defaults_to_false_as_in_flash_attn(impl):
+    q, kc, vc = _cache_case(2)
+    lens = torch.tensor([4, 8], dtype=torch.int32)
+    with use_backend(impl):
+        default = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)
+        full = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=False)
+        causal = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True)
+    assert torch.equal(default, full)
+    for b, n in enumerate(lens.tolist()):
+        for is_causal, got in ((False, full), (True, causal)):
+            want, _ = attention_ref(
+                q[b : b + 1].double(), kc[b : b + 1, :n].double(), vc[b : b + 1, :n].double(), is_causal
+            )
+            torch.testing.assert_close(got[b : b + 1].double(), want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(full, causal)  # 3 query tokens: the first two see fewer keys when causal
+
+
+@pytest.mark.parametrize(
+    "kw, value, what",
+    [
+        ("cache_batch_idx", torch.tensor([1, 0], dtype=torch.int32), "a tensor of shape \\(2,\\)"),
+        ("cache_leftpad", torch.tensor([0, 2], dtype=torch.int32), "a tensor of shape \\(2,\\)"),
+        ("block_table", torch.zeros(2, 1, dtype=torch.int32), "a tensor of shape \\(2, 1\\)"),
+        ("window_size", (8, 0), "\\(8, 0\\)"),
+        ("softcap", 50.0, "50.0"),
+        ("alibi_slopes", torch.ones(4), "a tensor of shape \\(4,\\)"),
+        ("num_splits", -1, "-1"),
+    ],
+)
+@pytest.mark.parametrize("impl", ["cpu", "ref"])
+def test_unsupported_flash_attn_features_name_the_argument(impl, kw, value, what):
+    q, kc, vc = _cache_case(3)
+    k, v = torch.randn(2, 1, 2, 32), torch.randn(2, 1, 2, 32)
+    before = kc.clone()
+    with use_backend(impl), pytest.raises(ValueError, match=f"^{kw}={what}"):
+        flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=2, **{kw: value})
+    assert torch.equal(kc, before)  # refused before anything is appended
+
+
+def test_fp64_runs_on_ref_and_the_cpu_backend_says_so():
+    q, kc, vc = (t.double() for t in _cache_case(4))
+    k, v = torch.randn(2, 3, 2, 32, dtype=torch.float64), torch.randn(2, 3, 2, 32, dtype=torch.float64)
+    before = kc.clone()
+    with use_backend("cpu"), pytest.raises(TypeError, match='q has dtype float64.*use_backend\\("ref"\\)'):
+        flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=5, causal=True)
+    assert torch.equal(kc, before)  # refused before anything is appended
+    with use_backend("ref"):
+        out = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=5, causal=True)
+    assert out.dtype == torch.float64 and torch.equal(kc[:, 5:8], k)
+    want, _ = attention_ref(q, kc[:, :8], vc[:, :8], True)
+    torch.testing.assert_close(out, want)

@@ -5,6 +5,8 @@ from internlm_fast.ops import rms_norm, rms_norm_ref, use_backend
 
 from .conftest import ATOL, assert_matches_oracle
 
+OP = "rms_norm"
+
 SHAPES = [(1, 64), (3, 97), (2, 5, 4095), (7, 11008), (1, 1, 1)]
 
 

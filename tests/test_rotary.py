@@ -7,6 +7,8 @@ from internlm_fast.ops import apply_rotary, apply_rotary_ref, use_backend
 
 from .conftest import ATOL, assert_matches_oracle
 
+OP = "rotary"
+
 
 def tables(seqlen_ro, rotary_dim, dtype=torch.float32, base=10000.0):
     """cos/sin as a model builds them: (seqlen_ro, rotary_dim / 2)."""

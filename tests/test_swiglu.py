@@ -8,6 +8,8 @@ from internlm_fast.ops.swiglu import _rows
 
 from .conftest import ATOL, assert_matches_oracle
 
+OP = "swiglu"
+
 # one row, F = 1, odd F, InternLM-7B's 11008, 3-D, empty; few long rows (split over threads)
 SHAPES = [(1, 64), (1, 11008), (3, 97), (2, 5, 4095), (5, 11008), (1, 1), (4, 1), (1, 1, 1), (0, 8), (3, 0), (2, 40001)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -14,6 +14,8 @@ from .cross_entropy import (
     fused_linear_cross_entropy_bwd,
     fused_linear_cross_entropy_fwd,
 )
+from .flash_attn import flash_attn_bwd, flash_attn_fwd
+from .flash_attn_kvcache import decode_rotary_append, flash_attn_kvcache_fwd
 from .flatten import flatten_scale_fwd
 from .rms_norm import rms_norm_bwd, rms_norm_fwd
 from .rotary import rotary_bwd, rotary_fwd
@@ -22,6 +24,10 @@ from .swiglu import swiglu_bwd, swiglu_fwd
 __all__ = [
     "cross_entropy_bwd",
     "cross_entropy_fwd",
+    "decode_rotary_append",
+    "flash_attn_bwd",
+    "flash_attn_fwd",
+    "flash_attn_kvcache_fwd",
     "fused_linear_cross_entropy_bwd",
     "flatten_scale_fwd",
     "fused_linear_cross_entropy_fwd",

@@ -39,6 +39,7 @@ void launch(dim3 grid, dim3 block, size_t, cudaStream_t, void (*k)(P...), A... a
   ++launches;
   const int n = block.x * block.y * block.z;
   if (n % 32) { fprintf(stderr, "block not a multiple of 32\n"); abort(); }
+  for (unsigned bz = 0; bz < grid.z; ++bz)
   for (unsigned by = 0; by < grid.y; ++by)
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       std::barrier<> bar(n);
@@ -50,7 +51,7 @@ void launch(dim3 grid, dim3 block, size_t, cudaStream_t, void (*k)(P...), A... a
         ts.emplace_back([&, i] {
           lin = i;
           tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
-          bid = dim3(bx, by, 0);
+          bid = dim3(bx, by, bz);
           bdim = block;
           gdim = grid;
           k(static_cast<P>(args)...);
@@ -76,6 +77,15 @@ template <typename T> T __shfl_xor_sync(unsigned, T v, int o) {
   return r;
 }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+// the float intrinsics with their IEEE meaning (on the host nothing is fused or approximated)
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __frcp_rn(float a) { return 1.0f / a; }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __expf(float a) { return std::exp(a); }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 
 #ifdef EMU_MAIN
 extern "C" cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }

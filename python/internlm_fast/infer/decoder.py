@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from internlm_fast.model import InternLMForCausalLM
+from internlm_fast.model.modeling import rotary_tables
+from internlm_fast.ops import backend
 from internlm_fast.ops.inference import InferenceKernels
 
 from .kv_cache import KVCache
@@ -95,8 +97,9 @@ _CACHE_ATTR = "_internlm_fast_decode_weights"
 
 def decode_weights(model: InternLMForCausalLM) -> tuple[list[LayerWeights], Projection]:
     """Per-layer weights and the head for decoding, built once and reused while no parameter changes
-    (a training step, load_state_dict or .to() bumps a version counter or moves the storage)."""
-    key = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    (a training step, load_state_dict or .to() bumps a version counter or moves the storage) and the
+    forced backend is the same (it decides which kernels the weights are laid out for)."""
+    key = (backend.forced_backend(), *((p.data_ptr(), p._version) for p in model.parameters()))
     cached = model.__dict__.get(_CACHE_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -121,7 +124,8 @@ class CachedDecoder:
         self.eps = c.rms_norm_eps
         self.embed = model.model.embed_tokens.weight
         self.norm = model.model.norm.weight
-        self.cos, self.sin = model.rotary_cos.contiguous(), model.rotary_sin.contiguous()
+        # fp32 tables whatever the model's dtype: the fused rotary + append kernels take fp32 tables
+        self.cos, self.sin = rotary_tables(c, model.lm_head.weight.device)
         self.layers, self.head = decode_weights(model)
         self.kernels = InferenceKernels(self.embed)
         self.device, self.dtype = self.embed.device, self.embed.dtype

@@ -86,6 +86,17 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=8,
         max_position_embeddings=2048,
     ),
+    # 16 layers, hidden 2048, InternLM's vocabulary: 1.23B parameters (0.42B of them the embeddings
+    # and the lm_head); head_dim 128 like InternLM-7B, so its attention runs the same kernels. The
+    # GPU suite's training and decoding model (bench/gpu_suite.py)
+    "1b": dict(
+        vocab_size=103168,
+        hidden_size=2048,
+        intermediate_size=5504,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        max_position_embeddings=4096,
+    ),
 }
 
 

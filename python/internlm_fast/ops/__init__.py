@@ -3,7 +3,17 @@
 Every op picks its backend by device (see `backend`) and checks its arguments before any kernel.
 """
 
-from .attention import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func
+from . import registry
+from .attention import (
+    attention_ref,
+    attention_varlen_ref,
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 from .backend import BACKENDS, BackendUnavailable, available, use_backend
 from .cross_entropy import (
     cross_entropy,
@@ -18,6 +28,7 @@ from .rotary import apply_rotary, apply_rotary_ref
 from .swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
 
 __all__ = [
+    "registry",
     "BACKENDS",
     "BackendUnavailable",
     "available",
@@ -38,6 +49,10 @@ __all__ = [
     "flatten_scale_ref",
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
     "flash_attn_with_kvcache",
     "attention_ref",
     "attention_varlen_ref",

@@ -1,10 +1,20 @@
-"""Flash attention with flash-attn's interface: dense, packed variable-length, and (in
-kvcache.py) decoding against a preallocated KV cache.
+"""Flash attention with flash-attn's interface (flash_attn_interface.py, v2): dense, packed
+variable-length, their qkv/kv-packed forms, and (in kvcache.py) decoding against a preallocated KV
+cache. Every flash-attn argument is accepted with flash-attn's name, position and default.
 
 Layout as in flash-attn: q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, kv_heads,
 head_dim); varlen: (total_tokens, heads, head_dim) with int32 cu_seqlens (batch + 1,). GQA/MQA when
 kv_heads divides heads. Causal masks are aligned bottom-right: query i of a sequence sees key j when
 j <= i + seqlen_k - seqlen_q. A query row that sees no key outputs zeros (its lse is +inf).
+
+Not implemented, and refused with a ValueError naming the argument when given anything but
+flash-attn's default: dropout (dropout_p), sliding windows (window_size), softcapping (softcap),
+ALiBi (alibi_slopes) and paged KV (block_table). deterministic is accepted and has nothing to
+switch on: every backward here is deterministic already (no atomics: in the cpu and triton kernels
+each dq/dk/dv row has one writer, partial sums are added in a fixed order; the reference is plain
+torch), and an attention kernel added to a backend must keep that property. The compiled backends
+(cpu, cuda, triton) compute in fp32/bf16/fp16; fp64 attention (gradcheck) runs on the ref backend,
+under ``use_backend("ref")``, and the others refuse it with a TypeError that says so.
 """
 
 from __future__ import annotations
@@ -117,9 +127,48 @@ def _scale(softmax_scale: object, d: int) -> float:
     return _checks.finite_float("softmax_scale", softmax_scale, positive=True)
 
 
-def _no_dropout(dropout_p: object) -> None:
+def _reject_unsupported(
+    dropout_p: object = 0.0,
+    window_size: object = (-1, -1),
+    softcap: object = 0.0,
+    alibi_slopes: object = None,
+    block_table: object = None,
+) -> None:
+    """Features flash-attn has and these kernels do not: accepted at flash-attn's default only."""
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p={dropout_p!r}: attention dropout is not supported (use 0.0)")
+    try:
+        window = tuple(window_size)
+    except TypeError:
+        raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}") from None
+    if window != (-1, -1):
+        raise ValueError(f"window_size={window_size!r}: sliding-window attention is not supported (use (-1, -1))")
+    if softcap != 0.0:
+        raise ValueError(f"softcap={softcap!r}: softcapping is not supported (use 0.0)")
+    _reject_given("alibi_slopes", alibi_slopes, "ALiBi")
+    _reject_given("block_table", block_table, "a paged KV cache")
+
+
+def _reject_given(name: str, value: object, feature: str) -> None:
+    """The optional tensor of a feature these kernels lack: only its default, None, is accepted."""
+    if value is not None:
+        what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
+        raise ValueError(f"{name}={what}: {feature} is not supported (use None)")
+
+
+def _kernel_dtype(impl: str, q: Tensor) -> None:
+    """fp64 is the reference's precision: the compiled kernels tile fp32/bf16/fp16 only."""
+    if impl != "ref" and q.dtype == torch.float64:
+        raise TypeError(
+            f"q has dtype float64, which the {impl!r} backend's attention kernels do not run (fp32, bf16, "
+            'fp16 only); fp64 attention (e.g. for gradcheck) runs on the ref backend: with use_backend("ref")'
+        )
+
+
+def _returns(out: Tensor, lse: Tensor, return_lse: bool, return_attn_probs: bool):
+    if return_attn_probs:
+        return out, lse, None
+    return (out, lse) if return_lse else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,20 +251,31 @@ def flash_attn_func(
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
     return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Attention over (batch, seqlen, heads, head_dim) tensors, flash-attn's `flash_attn_func`.
+) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, None]:
+    """Attention over (batch, seqlen, heads, head_dim) tensors, flash-attn's `flash_attn_func`
+    (same arguments, order and defaults; see the module docstring for the ones refused).
 
-    Returns out (batch, seqlen_q, heads, head_dim), and with return_lse the log-sum-exp of the
-    scaled scores, (batch, heads, seqlen_q) fp32.
+    Returns out (batch, seqlen_q, heads, head_dim). With return_lse (ours, keyword-only) also the
+    log-sum-exp of the scaled scores, (batch, heads, seqlen_q) fp32: (out, lse). With
+    return_attn_probs, flash-attn's triple (out, softmax_lse, S_dmask) with S_dmask None: flash-attn
+    fills S_dmask only when dropout_p > 0 (it carries the dropout pattern), and dropout is refused
+    here, so its answer at dropout_p=0 is None too. return_attn_probs wins over return_lse.
     """
     _check_qkv(q, k, v, 4)
-    _no_dropout(dropout_p)
+    _reject_unsupported(dropout_p, window_size, softcap, alibi_slopes)
     scale = _scale(softmax_scale, q.shape[-1])
     impl = backend.select("flash_attn", q)
+    _kernel_dtype(impl, q)
     if impl == "ref":
         out, lse = attention_ref(q, k, v, bool(causal), scale)
-        return (out, lse) if return_lse else out
+        return _returns(out, lse, return_lse, return_attn_probs)
     b, sq, hq, d = q.shape
     sk = k.shape[1]
     out, lse = _attention(
@@ -228,8 +288,7 @@ def flash_attn_func(
         bool(causal),
         impl,
     )
-    out = out.view(b, sq, hq, d)
-    return (out, lse.view(hq, b, sq).transpose(0, 1)) if return_lse else out
+    return _returns(out.view(b, sq, hq, d), lse.view(hq, b, sq).transpose(0, 1), return_lse, return_attn_probs)
 
 
 def flash_attn_varlen_func(
@@ -243,13 +302,21 @@ def flash_attn_varlen_func(
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: Tensor | None = None,
+    *,
     return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, None]:
     """Attention over packed sequences, flash-attn's `flash_attn_varlen_func`: q (total_q, heads,
     head_dim), k/v (total_k, kv_heads, head_dim), sequence b at rows cu_seqlens[b]:cu_seqlens[b+1].
-    No attention crosses a sequence boundary. With return_lse also returns lse (heads, total_q)."""
+    No attention crosses a sequence boundary. lse is (heads, total_q); return_lse and
+    return_attn_probs return as in `flash_attn_func` ((out, lse) and (out, lse, None))."""
     _check_qkv(q, k, v, 3)
-    _no_dropout(dropout_p)
+    _reject_unsupported(dropout_p, window_size, softcap, alibi_slopes, block_table)
     cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if cu_q.numel() != cu_k.numel():
@@ -260,8 +327,165 @@ def flash_attn_varlen_func(
             raise ValueError(f"{name}={m!r} must be an int >= the longest sequence")
     scale = _scale(softmax_scale, q.shape[-1])
     impl = backend.select("flash_attn", q)
+    _kernel_dtype(impl, q)
     if impl == "ref":
         out, lse = attention_varlen_ref(q, k, v, cu_q, cu_k, bool(causal), scale)
     else:
         out, lse = _attention(q, k, v, cu_q, cu_k, scale, bool(causal), impl)
-    return (out, lse) if return_lse else out
+    return _returns(out, lse, return_lse, return_attn_probs)
+
+
+# ---------------------------------------------------------------------------------------------
+# packed inputs: q, k, v are views into the packed tensor (no copy); the kernels read strided rows,
+# and autograd sums the three gradients back into the packed tensor's gradient
+
+
+def _packed(name: str, t: object, ndim: int, axis: int, n: int, layout: str) -> tuple[Tensor, ...]:
+    t = _checks.tensor(name, t, dtypes=ATTN_DTYPES + (torch.float64,), dim=ndim)
+    if t.shape[axis] != n:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {layout} with {n} at dimension {axis}")
+    return t.unbind(axis)
+
+
+def flash_attn_qkvpacked_func(
+    qkv: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, None]:
+    """flash-attn's `flash_attn_qkvpacked_func`: qkv (batch, seqlen, 3, heads, head_dim). Returns as
+    `flash_attn_func`."""
+    q, k, v = _packed("qkv", qkv, 5, 2, 3, "(batch, seqlen, 3, heads, head_dim)")
+    return flash_attn_func(
+        q,
+        k,
+        v,
+        dropout_p=dropout_p,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        deterministic=deterministic,
+        return_attn_probs=return_attn_probs,
+        return_lse=return_lse,
+    )
+
+
+def flash_attn_kvpacked_func(
+    q: Tensor,
+    kv: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, None]:
+    """flash-attn's `flash_attn_kvpacked_func`: q (batch, seqlen_q, heads, head_dim), kv (batch,
+    seqlen_k, 2, kv_heads, head_dim). Returns as `flash_attn_func`."""
+    k, v = _packed("kv", kv, 5, 2, 2, "(batch, seqlen_k, 2, kv_heads, head_dim)")
+    return flash_attn_func(
+        q,
+        k,
+        v,
+        dropout_p=dropout_p,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        deterministic=deterministic,
+        return_attn_probs=return_attn_probs,
+        return_lse=return_lse,
+    )
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, None]:
+    """flash-attn's `flash_attn_varlen_qkvpacked_func`: qkv (total, 3, heads, head_dim), one
+    cu_seqlens/max_seqlen for queries and keys. Returns as `flash_attn_varlen_func`."""
+    q, k, v = _packed("qkv", qkv, 4, 1, 3, "(total, 3, heads, head_dim)")
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        dropout_p=dropout_p,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        deterministic=deterministic,
+        return_attn_probs=return_attn_probs,
+        return_lse=return_lse,
+    )
+
+
+def flash_attn_varlen_kvpacked_func(
+    q: Tensor,
+    kv: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, None]:
+    """flash-attn's `flash_attn_varlen_kvpacked_func`: q (total_q, heads, head_dim), kv (total_k, 2,
+    kv_heads, head_dim). Returns as `flash_attn_varlen_func`."""
+    k, v = _packed("kv", kv, 4, 1, 2, "(total_k, 2, kv_heads, head_dim)")
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p=dropout_p,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        deterministic=deterministic,
+        return_attn_probs=return_attn_probs,
+        return_lse=return_lse,
+    )

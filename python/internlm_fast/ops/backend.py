@@ -6,7 +6,8 @@
     triton  Triton kernels in internlm_fast.triton_kernels (on CPU tensors only under
             TRITON_INTERPRET=1, Triton's interpreter)
 
-Default ("auto"): cuda for CUDA tensors, cpu for CPU tensors. Force one with the environment
+Default ("auto"): the first backend of the op's registry entry (ops/registry.py) that can run it:
+cuda then triton for CUDA tensors, cpu for CPU tensors. Force one with the environment
 variable INTERNLM_FAST_BACKEND or, in code, ``with use_backend("ref"): ...``.
 """
 
@@ -22,6 +23,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from . import registry
 
 BACKENDS = ("ref", "cpu", "cuda", "triton")
 ENV_VAR = "INTERNLM_FAST_BACKEND"
@@ -141,27 +144,70 @@ def available(name: str) -> bool:
     return True
 
 
-def select(op: str, x: torch.Tensor) -> str:
-    """The backend that runs `op` on tensors living where `x` lives. Every backend names an op's
-    kernels `{op}_fwd` (and `{op}_bwd`), with the same arguments in every backend."""
-    name = _forced[-1]
-    device = x.device.type
-    if name == "auto":
-        name = "cuda" if device == "cuda" else "cpu"
-        if device not in ("cpu", "cuda"):
-            raise BackendUnavailable(f"{op}: no backend for tensors on device {x.device}")
+def _cannot_run(name: str, entry: registry.Op, device: str) -> str | None:
+    """Why backend `name` cannot run `entry` on tensors of `device`, or None when it can."""
+    if name in ("ref", "aten"):
+        return None
     if name == "cpu" and device != "cpu":
-        raise BackendUnavailable(f"{op}: backend 'cpu' was forced but the inputs are on {x.device}")
+        return f"backend 'cpu' runs CPU tensors, and the inputs are on {device}"
     if name == "cuda" and device != "cuda":
-        raise BackendUnavailable(f"{op}: backend 'cuda' was forced but the inputs are on {x.device}")
+        return f"backend 'cuda' runs CUDA tensors, and the inputs are on {device}"
     if name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise BackendUnavailable(
-            f"{op}: backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
-            "before Python starts"
-        )
-    if name != "ref" and not hasattr(_load(name), f"{op}_fwd"):
-        raise BackendUnavailable(f"{op}: backend {name!r} has no kernel for this op")
-    return name
+        return "backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 before Python starts"
+    if name == "triton" and device not in ("cpu", "cuda"):
+        return f"backend 'triton' runs CUDA tensors, and the inputs are on {device}"
+    try:
+        module = _load(name)
+    except BackendUnavailable as err:
+        return str(err)
+    missing = [k for k in entry.kernels if not hasattr(module, k)]
+    return f"backend {name!r} has no kernel {', '.join(missing)}" if missing else None
+
+
+def select(op: str, x: torch.Tensor) -> str:
+    """The backend that runs `op` on tensors living where `x` lives (see `select_for`)."""
+    return select_for(op, x.device.type)
+
+
+def select_for(op: str, device: str) -> str:
+    """The backend that runs `op` on tensors of device type `device`: the first backend of the op's
+    registry entry for that device that can run it, or the forced one. A forced backend is never
+    replaced, except by "aten" for a decode-only op that this backend has no kernel for and whose
+    entry lists the library kernel for that device (the decode GEMM under a forced triton runs on
+    cuBLAS, as it does on the GPU)."""
+    entry = registry.op(op)
+    forced = _forced[-1]
+    if forced == "ref":
+        return "ref"
+    order = entry.order(device)
+    if forced == "auto":
+        reasons = []
+        for name in order:
+            why = _cannot_run(name, entry, device)
+            if why is None:
+                return name
+            reasons.append(why)
+        if not order:
+            raise BackendUnavailable(f"{op}: no backend runs tensors on device {device}")
+        raise BackendUnavailable(f"{op} on {device} tensors: no backend can run it ({'; '.join(reasons)})")
+    why = _cannot_run(forced, entry, device)
+    if why is None:
+        return forced
+    if entry.inference_only and "aten" in order and forced not in order:
+        return "aten"
+    raise BackendUnavailable(f"{op}: backend {forced!r} was forced, but {why}")
+
+
+def resolution(device: str) -> dict[str, str]:
+    """For every op in the registry, the backend that would run it on `device` tensors now, or
+    "unavailable: <why>"."""
+    out = {}
+    for name in registry.OPS:
+        try:
+            out[name] = select_for(name, device)
+        except BackendUnavailable as err:
+            out[name] = f"unavailable: {err}"
+    return out
 
 
 def kernels(name: str) -> ModuleType:

@@ -24,30 +24,46 @@ from .rms_norm import rms_norm_ref
 from .rotary import apply_rotary_ref
 from .swiglu import swiglu_ref
 
-_OPS = ("rms_norm", "rotary", "swiglu", "flash_attn", "flash_attn_kvcache")
+# every op the decoder calls; each resolves through the registry (ops/registry.py) once
+_OPS = (
+    "rms_norm",
+    "rotary",
+    "swiglu",
+    "flash_attn",
+    "flash_attn_kvcache",
+    "decode_rotary_append",
+    "few_rows_linear",
+    "argmax_rows",
+)
 
 # columns per panel of few_rows_linear's weight layout (cpp/cpu/few_rows_linear.cpp)
 PANEL_COLUMNS = 16
 
 
+def decode_rotary_append_ref(
+    qkv: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, kv_rows: Tensor, slots: Tensor, q_heads: int
+) -> None:
+    """The reference of the kernel decode_rotary_append: rotates q and k of qkv (tokens, q_heads +
+    2 * kv_heads, d) in place, token t at positions[t], and copies k and v into row slots[t] of kv_rows
+    (rows, 2, kv_heads, d)."""
+    n, heads, d = qkv.shape
+    kv_heads = (heads - q_heads) // 2
+    qk = qkv.view(n, 1, heads, d)[:, :, : q_heads + kv_heads]
+    qk.copy_(apply_rotary_ref(qk, cos, sin, False, False, positions))
+    kv_rows.index_copy_(0, slots, qkv[:, q_heads:].reshape(n, 2, kv_heads, d))
+
+
 class InferenceKernels:
-    """The forward kernels for tensors living where `like` lives, chosen once."""
+    """The forward kernels for tensors living where `like` lives, chosen once from the registry."""
 
     def __init__(self, like: Tensor) -> None:
         self.impl = {op: backend.select(op, like) for op in _OPS}
-        self._k = {op: None if impl == "ref" else backend.kernels(impl) for op, impl in self.impl.items()}
-
-    def _cpu_kernel(self, name: str):
-        """The C++ decode-only kernel `name` when decoding runs on the CPU backend, else None."""
-        return getattr(self._k["flash_attn_kvcache"], name, None) if self.impl["flash_attn_kvcache"] == "cpu" else None
+        self._k = {op: backend.kernels(impl) if impl not in ("ref", "aten") else None for op, impl in self.impl.items()}
 
     def has_few_rows_linear(self, wt: Tensor) -> bool:
-        """Whether few_rows_linear serves this (in, out) weight: the C++ backend, fp32, whole panels."""
-        return (
-            self._cpu_kernel("few_rows_linear") is not None
-            and wt.dtype == torch.float32
-            and wt.shape[1] % PANEL_COLUMNS == 0
-        )
+        """Whether few_rows_linear serves this (in, out) weight: the C++ kernel, fp32, whole panels.
+        Elsewhere (the GPU) the decode GEMM is the library's (cuBLAS through torch.mm)."""
+        return self._k["few_rows_linear"] is not None and wt.dtype == torch.float32 and wt.shape[1] % PANEL_COLUMNS == 0
 
     @staticmethod
     def column_panels(wt: Tensor) -> Tensor:
@@ -57,13 +73,13 @@ class InferenceKernels:
 
     def few_rows_linear(self, x: Tensor, panels: Tensor, bias: Tensor | None) -> Tensor:
         """x (rows, in) @ W + bias for a few rows (a decode step), W as column_panels(W)."""
-        return self._k["flash_attn_kvcache"].few_rows_linear(x.contiguous(), panels, bias)
+        return self._k["few_rows_linear"].few_rows_linear(x.contiguous(), panels, bias)
 
     def argmax(self, x: Tensor) -> Tensor:
         """torch.argmax(x, dim=-1) of (rows, V) logits, by the C++ kernel where it serves (CPU fp32)."""
-        kernel = self._cpu_kernel("argmax_rows")
+        kernel = self._k["argmax_rows"]
         if kernel is not None and x.dtype == torch.float32:
-            return kernel(x if x.stride(-1) == 1 else x.contiguous())
+            return kernel.argmax_rows(x if x.stride(-1) == 1 else x.contiguous())
         return x.argmax(dim=-1)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
@@ -88,16 +104,12 @@ class InferenceKernels:
     ) -> None:
         """A decode step's new tokens, one per sequence: qkv (tokens, q_heads + 2 * kv_heads, d)
         contiguous. Rotates q and k in place, token t at positions[t] (int64), and writes its k and v
-        into row slots[t] (int64) of kv_rows (rows, 2, kv_heads, d). One C++ pass on the CPU backend
-        with fp32 tables; else rotary_ and index_copy_."""
-        fused = self._cpu_kernel("decode_rotary_append")
-        if fused is not None and cos.dtype == torch.float32:
-            fused(qkv, cos, sin, positions, kv_rows, slots, q_heads)
-            return
-        n, heads, d = qkv.shape
-        kv_heads = (heads - q_heads) // 2
-        self.rotary_(qkv.view(n, 1, heads, d)[:, :, : q_heads + kv_heads], cos, sin, positions)
-        kv_rows.index_copy_(0, slots, qkv[:, q_heads:].view(n, 2, kv_heads, d))
+        into row slots[t] (int64) of kv_rows (rows, 2, kv_heads, d): one kernel pass (cos/sin fp32)."""
+        k = self._k["decode_rotary_append"]
+        if k is None or cos.dtype != torch.float32:
+            decode_rotary_append_ref(qkv, cos, sin, positions, kv_rows, slots, q_heads)
+        else:
+            k.decode_rotary_append(qkv, cos, sin, positions, kv_rows, slots, q_heads)
 
     def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
         """silu(gate) * up of two (rows, F) tensors with unit last stride."""

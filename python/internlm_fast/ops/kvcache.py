@@ -1,9 +1,14 @@
-"""Attention against a preallocated KV cache, flash-attn's `flash_attn_with_kvcache`.
+"""Attention against a preallocated KV cache, flash-attn's `flash_attn_with_kvcache` (same
+arguments, order and defaults as flash-attn v2, causal=False included).
 
 New keys/values (k, v), when given, are rotated (optional rotary) and written into the caches in
 place at each sequence's `cache_seqlens`; q attends over cache[:cache_seqlens + seqlen_new]. The
-caller advances cache_seqlens afterwards, as with flash-attn. Differences from flash-attn: causal
-defaults to True (the decoding case), and there is no paged cache, cache_batch_idx or left padding.
+caller advances cache_seqlens afterwards, as with flash-attn. cache_seqlens=None means every row of
+the cache is valid; appending needs to know where, so k/v then raise (flash-attn refuses the same
+call). Not implemented, refused with a ValueError naming the argument when not at flash-attn's
+default: cache_batch_idx, cache_leftpad, block_table (paged cache), window_size, softcap and
+alibi_slopes. num_splits is a scheduling hint in flash-attn and is accepted and ignored: the cpu
+kernel chooses its own split of the cache over the threads. As in flash-attn there is no backward.
 """
 
 from __future__ import annotations
@@ -12,13 +17,15 @@ import torch
 from torch import Tensor
 
 from . import _checks, backend
-from .attention import ATTN_DTYPES, _check_qkv, _scale, attention_ref
+from .attention import ATTN_DTYPES, _check_qkv, _kernel_dtype, _reject_given, _reject_unsupported, _scale, attention_ref
 from .rotary import apply_rotary
 
 
-def _lens_tensor(cache_seqlens: object, batch: int, device: torch.device) -> Tensor:
-    if isinstance(cache_seqlens, bool) or cache_seqlens is None:
-        raise TypeError("cache_seqlens must be an int or an int32/int64 tensor of shape (batch,)")
+def _lens_tensor(cache_seqlens: object, batch: int, cache_len: int, device: torch.device) -> Tensor:
+    if isinstance(cache_seqlens, bool):
+        raise TypeError("cache_seqlens must be None, an int or an int32/int64 tensor of shape (batch,)")
+    if cache_seqlens is None:
+        return torch.full((batch,), cache_len, dtype=torch.int32, device=device)
     if isinstance(cache_seqlens, int):
         lens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
     else:
@@ -48,7 +55,12 @@ def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens) -> 
                 raise ValueError(
                     f"{name} has shape {tuple(t.shape)}; expected (batch, seqlen_new, kv_heads, head_dim) = {want}"
                 )
-    lens = _lens_tensor(cache_seqlens, q.shape[0], q.device)
+    if cache_seqlens is None and k is not None:
+        raise ValueError(
+            "cache_seqlens=None means the whole cache is already valid, so k/v have nowhere to be appended: "
+            "pass cache_seqlens (each sequence's length before this call)"
+        )
+    lens = _lens_tensor(cache_seqlens, q.shape[0], k_cache.shape[1], q.device)
     new = 0 if k is None else k.shape[1]
     if lens.numel() and int(lens.max()) + new > k_cache.shape[1]:
         raise ValueError(
@@ -107,6 +119,11 @@ def _attend_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, lens: Tensor, scale
     return torch.cat(outs), torch.cat(lses)
 
 
+def _check_hints(num_splits: object) -> None:
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits={num_splits!r} must be an int >= 0 (0: choose automatically)")
+
+
 def flash_attn_with_kvcache(
     q: Tensor,
     k_cache: Tensor,
@@ -116,21 +133,36 @@ def flash_attn_with_kvcache(
     rotary_cos: Tensor | None = None,
     rotary_sin: Tensor | None = None,
     cache_seqlens: int | Tensor | None = None,
+    cache_batch_idx: Tensor | None = None,
+    cache_leftpad: Tensor | None = None,
+    block_table: Tensor | None = None,
     softmax_scale: float | None = None,
-    causal: bool = True,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
     rotary_interleaved: bool = True,
+    alibi_slopes: Tensor | None = None,
+    num_splits: int = 0,
     return_softmax_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """q (batch, seqlen_q, heads, head_dim) against k_cache/v_cache (batch, cache_len, kv_heads,
     head_dim). k/v (batch, seqlen_new, kv_heads, head_dim), when given, are appended in place at
-    cache_seqlens (int or (batch,) tensor: each sequence's length before this call). rotary_cos/sin
-    (seqlen_ro, rotary_dim / 2) rotate k and q at the cache offset (interleaved by default, as in
-    flash-attn; pass rotary_interleaved=False for InternLM/LLaMA's half-rotated layout).
+    cache_seqlens (int or (batch,) tensor: each sequence's length before this call; None: the whole
+    cache, no append). causal defaults to False as in flash-attn: a decoding step with several new
+    tokens wants causal=True (with one query token both agree). rotary_cos/sin (seqlen_ro,
+    rotary_dim / 2) rotate k and q at the cache offset (interleaved by default, as in flash-attn;
+    pass rotary_interleaved=False for InternLM/LLaMA's half-rotated layout).
     Returns out (batch, seqlen_q, heads, head_dim), and lse (batch, heads, seqlen_q) on request."""
+    # first, so that a paged or batch-indexed cache is named as such, not as a shape mismatch
+    _reject_given("cache_batch_idx", cache_batch_idx, "indexing the cache by batch")
+    _reject_given("cache_leftpad", cache_leftpad, "a left-padded cache")
+    _reject_unsupported(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, block_table=block_table)
+    _check_hints(num_splits)
     lens = _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens)
     scale = _scale(softmax_scale, q.shape[-1])
     causal = bool(causal)
     impl = backend.select("flash_attn_kvcache", q)
+    _kernel_dtype(impl, q)
     if rotary_cos is not None:
         q, k = _rotate(q, k, rotary_cos, rotary_sin, lens, causal, bool(rotary_interleaved))
     if k is not None:

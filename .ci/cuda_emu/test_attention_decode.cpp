@@ -1,0 +1,268 @@
+// Checks attention_decode.cu's launchers. Attention against a double-precision reference: GQA and
+// MHA, query tiles, lengths 0, 1 and off the chunk grid, rows that see no key, the model's strided
+// cache (keys and values interleaved per token) with NaN past each length (must never be read), the
+// vector and the element-wise load paths, one split (direct output) and several (merge kernel),
+// causal or not, fp32, bf16 and fp16. The rotary append against the same fp32 arithmetic on the host
+// (bit-exact): positions, slots, partial rotary, an odd head dim, an out-of-range slot left alone.
+#define EMU_MAIN
+#include "emu.h"
+#include "kernels.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+using namespace ifast::cuda;
+
+static size_t esize(DType t) { return t == DType::kFloat64 ? 8 : t == DType::kFloat32 ? 4 : 2; }
+static double getv(DType t, const void* p, size_t i) {
+  switch (t) {
+    case DType::kFloat32: return ((const float*)p)[i];
+    case DType::kFloat64: return ((const double*)p)[i];
+    case DType::kBFloat16: return __bfloat162float(((const __nv_bfloat16*)p)[i]);
+    case DType::kFloat16: return __half2float(((const __half*)p)[i]);
+  }
+  return 0;
+}
+static void setv(DType t, void* p, size_t i, double v) {  // rounds like the kernel's store
+  switch (t) {
+    case DType::kFloat32: ((float*)p)[i] = (float)v; break;
+    case DType::kFloat64: ((double*)p)[i] = v; break;
+    case DType::kBFloat16: ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn((float)v); break;
+    case DType::kFloat16: ((__half*)p)[i] = __float2half_rn((float)v); break;
+  }
+}
+static const char* nm(DType t) {
+  return t == DType::kFloat64 ? "f64" : t == DType::kFloat32 ? "f32" : t == DType::kBFloat16 ? "bf16" : "f16";
+}
+
+struct Buf {  // 256-aligned, with an optional byte offset to break 16-byte alignment
+  char* base;
+  void* p;
+  Buf(size_t bytes, size_t off = 0, int fill = 0xcd) {
+    const size_t n = ((bytes + off + 256) / 256 + 1) * 256;
+    base = (char*)aligned_alloc(256, n);
+    memset(base, fill, n);
+    p = base + off;
+  }
+  ~Buf() { free(base); }
+};
+
+static int failures = 0;
+static bool close(double got, double want, double rel, double abs) {
+  if (std::isinf(want)) return got == want;
+  return std::fabs(got - want) <= rel * std::fabs(want) + abs;
+}
+
+struct AttnCase {
+  DType t;
+  int B, Sq, Hq, Hk, D;
+  std::vector<int> lens;
+  int64_t cache_len;
+  bool causal;
+  int splits;      // 0: the launcher's heuristic (emu::num_sms SMs)
+  bool interleaved;  // the model's (B, cache_len, 2, Hk, D) cache, else separate contiguous k and v
+  bool misalign;   // q, k and v one element off 16 bytes: the element-wise load path
+};
+
+static void run_attn(const AttnCase& c, unsigned seed) {
+  const int before = failures;
+  std::mt19937 g(seed);
+  std::normal_distribution<double> nd;
+  const DType t = c.t;
+  const size_t es = esize(t), off = c.misalign ? es : 0;
+  const int64_t B = c.B, Sq = c.Sq, Hq = c.Hq, Hk = c.Hk, D = c.D, S = c.cache_len, group = Hq / Hk;
+  // q: the query part of a (B, Sq, Hq + 2 Hk, D) projection output
+  const int64_t qh = Hq + 2 * Hk;
+  Buf qb(B * Sq * qh * D * es, off);
+  const int64_t qs[3] = {Sq * qh * D, qh * D, D};
+  // caches, rows past each length filled with NaN
+  Buf kvb(B * S * 2 * Hk * D * es * (c.interleaved ? 1 : 2) + 64, off, 0xff);
+  int64_t ks[3], vs[3];
+  void *kp, *vp;
+  if (c.interleaved) {
+    ks[0] = vs[0] = S * 2 * Hk * D, ks[1] = vs[1] = 2 * Hk * D, ks[2] = vs[2] = D;
+    kp = kvb.p;
+    vp = (char*)kvb.p + Hk * D * es;
+  } else {
+    ks[0] = vs[0] = S * Hk * D, ks[1] = vs[1] = Hk * D, ks[2] = vs[2] = D;
+    kp = kvb.p;
+    vp = (char*)kvb.p + B * S * Hk * D * es;
+  }
+  for (int64_t i = 0; i < B * Sq * qh * D; ++i) setv(t, qb.p, i, nd(g));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < c.lens[b]; ++j)
+      for (int64_t h = 0; h < Hk; ++h)
+        for (int64_t d = 0; d < D; ++d) {
+          setv(t, kp, b * ks[0] + j * ks[1] + h * ks[2] + d, nd(g));
+          setv(t, vp, b * vs[0] + j * vs[1] + h * vs[2] + d, nd(g));
+        }
+  std::vector<int32_t> lens(c.lens.begin(), c.lens.end());
+  Buf out(B * Sq * Hq * D * es), lse(B * Hq * Sq * 4);
+  const double scale = 2.0 / std::sqrt((double)D);  // sharper than 1/sqrt(D): a less uniform softmax
+  FlashAttnKvcacheArgs a{};
+  a.type = t;
+  a.q = qb.p, a.k = kp, a.v = vp, a.lens = lens.data(), a.out = out.p, a.lse = (float*)lse.p;
+  for (int i = 0; i < 3; ++i) a.q_strides[i] = qs[i], a.k_strides[i] = ks[i], a.v_strides[i] = vs[i];
+  a.B = B, a.Sq = Sq, a.Hq = Hq, a.Hk = Hk, a.D = D, a.cache_len = S;
+  a.softmax_scale = scale, a.causal = c.causal, a.num_sms = emu::num_sms, a.splits = c.splits;
+  const FlashAttnKvcachePlan pl = flash_attn_kvcache_plan(a);
+  std::vector<float> ws(pl.workspace_floats + 8, std::numeric_limits<float>::quiet_NaN());
+  flash_attn_kvcache_launch(a, ws.data(), nullptr);
+
+  std::string tag = std::string(nm(t)) + " B=" + std::to_string(B) + " Sq=" + std::to_string(Sq) + " Hq=" +
+                    std::to_string(Hq) + " Hk=" + std::to_string(Hk) + " D=" + std::to_string(D) + " lens=";
+  for (int l : c.lens) tag += std::to_string(l) + ",";
+  tag += " cache=" + std::to_string(S) + (c.causal ? " causal" : "") + " splits=" + std::to_string(pl.splits) +
+         " tiles=" + std::to_string(pl.tiles) +
+         (c.interleaved ? " kv-interleaved" : "") + (c.misalign ? " misaligned" : "");
+  const double rel = t == DType::kFloat32 ? 1e-5 : t == DType::kBFloat16 ? 1.0 / 256 : 1.0 / 2048;
+  int shown = 0;
+  auto fail = [&](const char* what, int64_t b, int64_t i, int64_t h, double got, double want) {
+    if (shown++ < 5)
+      printf("FAIL %s %s b=%lld t=%lld h=%lld: got %.8g want %.8g\n", tag.c_str(), what, (long long)b,
+             (long long)i, (long long)h, got, want);
+    ++failures;
+  };
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = c.lens[b];
+    for (int64_t i = 0; i < Sq; ++i)
+      for (int64_t h = 0; h < Hq; ++h) {
+        const int64_t hk = h / group;
+        const int64_t last = c.causal ? std::min(len, i + len - Sq + 1) : len;  // keys [0, last)
+        std::vector<double> s;
+        double mx = -INFINITY;
+        for (int64_t j = 0; j < last; ++j) {
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d)
+            dot += getv(t, qb.p, b * qs[0] + i * qs[1] + h * qs[2] + d) *
+                   getv(t, kp, b * ks[0] + j * ks[1] + hk * ks[2] + d);
+          s.push_back(dot * scale);
+          mx = std::max(mx, dot * scale);
+        }
+        double sum = 0;
+        std::vector<double> o(D, 0.0);
+        for (int64_t j = 0; j < last; ++j) {
+          const double p = std::exp(s[j] - mx);
+          sum += p;
+          for (int64_t d = 0; d < D; ++d) o[d] += p * getv(t, vp, b * vs[0] + j * vs[1] + hk * vs[2] + d);
+        }
+        const double want_lse = last > 0 ? mx + std::log(sum) : INFINITY;
+        const double got_lse = ((float*)lse.p)[(b * Hq + h) * Sq + i];
+        if (!close(got_lse, want_lse, 1e-5, 1e-5)) fail("lse", b, i, h, got_lse, want_lse);
+        for (int64_t d = 0; d < D; ++d) {
+          const double want = last > 0 ? o[d] / sum : 0.0;
+          const double got = getv(t, out.p, ((b * Sq + i) * Hq + h) * D + d);
+          if (!close(got, want, rel, 1e-5)) fail("out", b, i, h, got, want);
+        }
+      }
+  }
+  printf("%s  %s\n", failures == before ? "ok  " : "FAIL", tag.c_str());
+}
+
+struct RotCase {
+  DType t;
+  int64_t tokens, q_heads, kv_heads, D, rd2, n_pos, n_rows;
+  std::vector<int64_t> positions, slots;
+};
+
+static void run_rotary(const RotCase& c, unsigned seed) {
+  const int before = failures;
+  std::mt19937 g(seed);
+  std::normal_distribution<double> nd;
+  const DType t = c.t;
+  const size_t es = esize(t);
+  const int64_t heads = c.q_heads + 2 * c.kv_heads, D = c.D, hk = c.kv_heads, rd2 = c.rd2;
+  const int64_t nx = c.tokens * heads * D, nr = c.n_rows * 2 * hk * D;
+  Buf x(nx * es), x0(nx * es), rows(nr * es), rows0(nr * es);
+  for (int64_t i = 0; i < nx; ++i) setv(t, x.p, i, nd(g));
+  for (int64_t i = 0; i < nr; ++i) setv(t, rows.p, i, nd(g));
+  memcpy(x0.p, x.p, nx * es);
+  memcpy(rows0.p, rows.p, nr * es);
+  std::vector<float> cs(c.n_pos * rd2), sn(c.n_pos * rd2);
+  for (int64_t p = 0; p < c.n_pos; ++p)
+    for (int64_t i = 0; i < rd2; ++i) {
+      const double ang = p * std::pow(10000.0, -2.0 * i / (2 * rd2));
+      cs[p * rd2 + i] = (float)std::cos(ang);
+      sn[p * rd2 + i] = (float)std::sin(ang);
+    }
+  DecodeRotaryAppendArgs a{t, x.p, rows.p, cs.data(), sn.data(), c.positions.data(), c.slots.data(),
+                           c.tokens, c.q_heads, hk, D, rd2, c.n_pos, c.n_rows};
+  decode_rotary_append_launch(a, nullptr);
+
+  // expected: the same fp32 products and sums, one rounding to the storage type
+  Buf want(nx * es), want_rows(nr * es);
+  memcpy(want.p, x0.p, nx * es);
+  memcpy(want_rows.p, rows0.p, nr * es);
+  for (int64_t tok = 0; tok < c.tokens; ++tok) {
+    const int64_t pos = c.positions[tok], slot = c.slots[tok];
+    if (pos < 0 || pos >= c.n_pos || slot < 0 || slot >= c.n_rows) continue;
+    for (int64_t h = 0; h < c.q_heads + hk; ++h)
+      for (int64_t i = 0; i < rd2; ++i) {
+        const size_t k0 = (tok * heads + h) * D + i, k1 = k0 + rd2;
+        const float a0 = (float)getv(t, x0.p, k0), a1 = (float)getv(t, x0.p, k1);
+        const float cc = cs[pos * rd2 + i], ss = sn[pos * rd2 + i];
+        const float m0 = a0 * cc, m1 = a1 * ss, m2 = a0 * ss, m3 = a1 * cc;
+        setv(t, want.p, k0, (float)(m0 - m1));
+        setv(t, want.p, k1, (float)(m2 + m3));
+      }
+    for (int64_t e = 0; e < 2 * hk * D; ++e)  // k (rotated) then v of the token, one cache row
+      setv(t, want_rows.p, slot * 2 * hk * D + e, getv(t, want.p, (tok * heads + c.q_heads) * D + e));
+  }
+  std::string tag = std::string("rotary_append ") + nm(t) + " tokens=" + std::to_string(c.tokens) + " hq=" +
+                    std::to_string(c.q_heads) + " hk=" + std::to_string(hk) + " D=" + std::to_string(D) +
+                    " rd=" + std::to_string(2 * rd2);
+  int shown = 0;
+  for (int64_t i = 0; i < nx; ++i)
+    if (memcmp((char*)x.p + i * es, (char*)want.p + i * es, es) != 0) {
+      if (shown++ < 5)
+        printf("FAIL %s qkv[%lld]: got %.8g want %.8g\n", tag.c_str(), (long long)i, getv(t, x.p, i),
+               getv(t, want.p, i));
+      ++failures;
+    }
+  for (int64_t i = 0; i < nr; ++i)
+    if (memcmp((char*)rows.p + i * es, (char*)want_rows.p + i * es, es) != 0) {
+      if (shown++ < 5)
+        printf("FAIL %s kv_rows[%lld]: got %.8g want %.8g\n", tag.c_str(), (long long)i, getv(t, rows.p, i),
+               getv(t, want_rows.p, i));
+      ++failures;
+    }
+  printf("%s  %s\n", failures == before ? "ok  " : "FAIL", tag.c_str());
+}
+
+int main() {
+  using T = DType;
+  unsigned seed = 1;
+  // one split, writing the output directly; GQA 4:1, Sq 1, the model's interleaved cache
+  run_attn({T::kFloat32, 2, 1, 8, 2, 64, {37, 150}, 160, true, 1, true, false}, seed++);
+  // several splits: the merge; chunks of 16 keys (37: the last one partial) and 64 (150)
+  run_attn({T::kFloat32, 2, 1, 8, 2, 64, {37, 150}, 160, true, 3, true, false}, seed++);
+  // Sq 2 in bf16: an empty sequence beside one of 133 keys; 4 splits of 48 keys, the last empty
+  run_attn({T::kBFloat16, 2, 2, 8, 2, 64, {0, 133}, 140, true, 4, true, false}, seed++);
+  // one key for two query tokens: the first sees nothing (out 0, lse +inf); D 40 (5 lanes a key)
+  run_attn({T::kBFloat16, 1, 2, 8, 2, 40, {1}, 8, true, 1, true, false}, seed++);
+  run_attn({T::kBFloat16, 1, 2, 8, 2, 40, {1}, 8, true, 2, true, false}, seed++);
+  // not causal, misaligned (element-wise loads), separate caches
+  run_attn({T::kFloat32, 2, 2, 8, 2, 40, {70, 5}, 72, false, 2, false, true}, seed++);
+  // the split heuristic (4 emulated SMs): 3 chunks of 112 keys, two softmax steps each
+  run_attn({T::kBFloat16, 1, 1, 8, 2, 64, {300}, 300, false, 0, true, false}, seed++);
+  // 12 query rows a kv head: two tiles, the causal limit of each
+  run_attn({T::kFloat32, 1, 3, 4, 1, 32, {20}, 24, true, 2, true, false}, seed++);
+  // MHA, D 8 (one lane a key), fp16
+  run_attn({T::kFloat16, 1, 1, 2, 2, 8, {65}, 70, true, 1, false, false}, seed++);
+  // D 256 (32 lanes a key), fp32, two splits
+  run_attn({T::kFloat32, 1, 1, 2, 1, 256, {70}, 80, true, 2, true, false}, seed++);
+
+  // rotary append: partial rotary, bf16 and fp32; the last token's slot is out of range (skipped)
+  run_rotary({T::kBFloat16, 3, 4, 2, 16, 4, 20, 10, {3, 0, 19}, {7, 2, 4}}, seed++);
+  run_rotary({T::kFloat32, 3, 4, 2, 16, 8, 20, 10, {5, 11, 1}, {0, 9, 10}}, seed++);
+  run_rotary({T::kFloat16, 2, 2, 1, 32, 16, 8, 4, {7, 2}, {1, 3}}, seed++);
+  run_rotary({T::kFloat64, 2, 1, 1, 7, 2, 8, 3, {4, 6}, {2, 0}}, seed++);  // odd D, rotated in fp32
+  printf("%s: %d failures (%ld launches)\n", failures ? "FAILED" : "PASSED", failures, emu::launches);
+  return failures != 0;
+}

@@ -1,0 +1,128 @@
+// Host glue of the CUDA decode kernels (attention_decode.cu): checks, device guard, allocation on
+// torch's caching allocator, dtype mapping, then the raw-pointer launchers on the current stream.
+// Nothing here reads device memory: the cache lengths, positions and slots stay on the GPU (a
+// decode step must not synchronise), so the split plan uses the cache's capacity, not the lengths.
+#include "host_common.h"
+#include "kernels.h"
+#include "ops_cuda.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <limits>
+
+namespace ifast::cuda {
+namespace {
+
+DType attn_dtype(at::ScalarType t, const char* fn) {
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, fn,
+              ": q, k_cache and v_cache must be fp32, bf16 or fp16, got ", t);
+  return dtype_of(t, fn);
+}
+
+}  // namespace
+
+std::vector<at::Tensor> flash_attn_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache,
+                                               const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                                               double softmax_scale, bool causal) {
+  constexpr const char* fn = "flash_attn_with_kvcache";
+  TORCH_CHECK(q.is_cuda() && k_cache.device() == q.device() && v_cache.device() == q.device() &&
+                  cache_lens.device() == q.device(),
+              fn, ": q, k_cache, v_cache and cache_seqlens must be on one CUDA device");
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  q.size(0) == k_cache.size(0) && q.size(3) == k_cache.size(3) && k_cache.size(2) > 0 &&
+                  q.size(2) % k_cache.size(2) == 0,
+              fn, ": shapes");
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3), Hk = k_cache.size(2);
+  TORCH_CHECK(D % 8 == 0 && D >= 8 && D <= 256, fn, ": head_dim must be a multiple of 8 up to 256, got ", D);
+  TORCH_CHECK(q.stride(3) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1, fn,
+              ": last dim must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), fn, ": dtypes");
+  TORCH_CHECK(cache_lens.scalar_type() == at::kInt && cache_lens.is_contiguous() && cache_lens.numel() == B, fn,
+              ": cache_seqlens must be contiguous int32 (batch,)");
+  TORCH_CHECK(B <= 65535 && Hk <= 65535, fn, ": batch and kv heads are limited to 65535");
+  TORCH_CHECK(k_cache.size(1) <= std::numeric_limits<int32_t>::max(), fn, ": cache too long");
+  const DType type = attn_dtype(q.scalar_type(), fn);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({B, Sq, Hq, D}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  if (B == 0 || Sq == 0 || Hq == 0) return {out, lse};
+
+  FlashAttnKvcacheArgs a{};
+  a.type = type;
+  a.q = q.const_data_ptr();
+  a.k = k_cache.const_data_ptr();
+  a.v = v_cache.const_data_ptr();
+  a.lens = cache_lens.const_data_ptr<int32_t>();
+  a.out = out.mutable_data_ptr();
+  a.lse = lse.mutable_data_ptr<float>();
+  for (int i = 0; i < 3; ++i) {
+    a.q_strides[i] = stride_or_zero(q, i);
+    a.k_strides[i] = stride_or_zero(k_cache, i);
+    a.v_strides[i] = stride_or_zero(v_cache, i);
+  }
+  a.B = B;
+  a.Sq = Sq;
+  a.Hq = Hq;
+  a.Hk = Hk;
+  a.D = D;
+  a.cache_len = k_cache.size(1);
+  a.softmax_scale = softmax_scale;
+  a.causal = causal;
+  a.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  a.splits = 0;
+  const FlashAttnKvcachePlan plan = flash_attn_kvcache_plan(a);
+  TORCH_CHECK(plan.blocks_x <= std::numeric_limits<int32_t>::max(), fn, ": too many query rows");
+  at::Tensor workspace;
+  if (plan.workspace_floats > 0) workspace = at::empty({plan.workspace_floats}, q.options().dtype(at::kFloat));
+  flash_attn_kvcache_launch(a, plan.workspace_floats > 0 ? workspace.mutable_data_ptr<float>() : nullptr,
+                            c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+void decode_rotary_append(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                          const at::Tensor& positions, at::Tensor& kv_rows, const at::Tensor& slots,
+                          int64_t q_heads) {
+  constexpr const char* fn = "decode_rotary_append";
+  TORCH_CHECK(qkv.is_cuda() && qkv.dim() == 3 && qkv.is_contiguous(), fn,
+              ": qkv must be a contiguous CUDA tensor (tokens, q_heads + 2 * kv_heads, D)");
+  const int64_t n = qkv.size(0), heads = qkv.size(1), D = qkv.size(2), hk = (heads - q_heads) / 2;
+  TORCH_CHECK(q_heads > 0 && hk > 0 && q_heads + 2 * hk == heads, fn, ": qkv's heads must be q_heads + 2 * kv_heads");
+  TORCH_CHECK(kv_rows.dim() == 4 && kv_rows.is_contiguous() && kv_rows.size(1) == 2 && kv_rows.size(2) == hk &&
+                  kv_rows.size(3) == D && kv_rows.scalar_type() == qkv.scalar_type(),
+              fn, ": kv_rows must be contiguous (rows, 2, kv_heads, D) of qkv's dtype");
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && 2 * cos.size(1) <= D,
+              fn, ": cos and sin must be contiguous fp32 (positions, rotary_dim / 2)");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && positions.numel() == n &&
+                  slots.numel() == n && positions.is_contiguous() && slots.is_contiguous(),
+              fn, ": positions and slots must be contiguous int64 (tokens,)");
+  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&kv_rows), &cos, &sin, &positions, &slots})
+    TORCH_CHECK(t->device() == qkv.device(), fn, ": every tensor must be on qkv's device");
+  const DType type = dtype_of(qkv.scalar_type(), fn);
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  DecodeRotaryAppendArgs a{};
+  a.type = type;
+  a.qkv = qkv.mutable_data_ptr();
+  a.kv_rows = kv_rows.mutable_data_ptr();
+  a.cos = cos.const_data_ptr<float>();
+  a.sin = sin.const_data_ptr<float>();
+  a.positions = positions.const_data_ptr<int64_t>();
+  a.slots = slots.const_data_ptr<int64_t>();
+  a.tokens = n;
+  a.q_heads = q_heads;
+  a.kv_heads = hk;
+  a.D = D;
+  a.rd2 = cos.size(1);
+  a.n_positions = cos.size(0);
+  a.n_rows = kv_rows.size(0);
+  decode_rotary_append_launch(a, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace ifast::cuda

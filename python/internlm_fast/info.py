@@ -1,0 +1,134 @@
+"""`python -m internlm_fast.info`: versions, build flags, CPU features, GPUs, and which backend
+runs each op on each device (read from the op registry, as the ops choose). `--json` prints the
+same as one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+
+import torch
+
+from internlm_fast.ops import backend, registry
+
+# CPU flags (as /proc/cpuinfo spells them) that decide which vector paths can run
+CPU_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+                "avx512_fp16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")  # fmt: skip
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_features() -> list[str]:
+    """The flags above that this CPU reports (Linux), else an empty list."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in CPU_FEATURES if flag in have]
+    except OSError:
+        pass
+    return []
+
+
+def _build() -> dict[str, object]:
+    try:
+        from internlm_fast import _C
+    except ImportError as err:
+        return {"native extension": f"not built ({err})"}
+    info = dict(getattr(_C, "build_info", {}))
+    info["with_cuda"] = bool(_C.with_cuda)
+    return info
+
+
+def _gpus() -> list[str]:
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append(
+            f"{i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs"
+        )
+    return out
+
+
+def collect() -> dict[str, object]:
+    return {
+        "versions": {
+            "python": platform.python_version(),
+            "internlm_fast": _version("internlm_fast"),
+            "torch": torch.__version__,
+            "torch CUDA": torch.version.cuda or "none (CPU build)",
+            "triton": _version("triton"),
+            "transformers": _version("transformers"),
+        },
+        "build": _build(),
+        "cpu": {
+            "machine": platform.machine(),
+            "processor": platform.processor() or "unknown",
+            "threads": torch.get_num_threads(),
+            "features": " ".join(cpu_features()) or "unknown",
+            "torch capability": torch.backends.cpu.get_cpu_capability(),
+        },
+        "gpus": _gpus() or ["none"],
+        "backend forced": f"{backend.forced_backend()} ({backend.ENV_VAR}={os.environ.get(backend.ENV_VAR, 'unset')})",
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "unset"),
+        "ops": {device: backend.resolution(device) for device in ("cpu", "cuda")},
+    }
+
+
+def _table(ops: dict[str, dict[str, str]]) -> list[str]:
+    width = max(len(name) for name in registry.OPS)
+    gpu = "cuda tensors" if torch.cuda.is_available() else "cuda tensors (no GPU here: what would run on one)"
+    lines = [f"  {'op':<{width}}  {'cpu tensors':<12}  {gpu}"]
+    for name, entry in registry.OPS.items():
+        cells = []
+        for device in ("cpu", "cuda"):
+            got = ops[device][name]
+            cells.append(got if not got.startswith("unavailable") else "-")
+        lines.append(
+            f"  {name:<{width}}  {cells[0]:<12}  {cells[1]:<8}  (tries {'/'.join(entry.cpu)} | {'/'.join(entry.cuda)})"
+        )
+    why = {f"{name} on {device}": ops[device][name] for device in ops for name in ops[device]
+           if ops[device][name].startswith("unavailable")}  # fmt: skip
+    if why:
+        lines.append("  unavailable:")
+        lines += [f"    {key}: {reason.removeprefix('unavailable: ')}" for key, reason in why.items()]
+    return lines
+
+
+def render(info: dict[str, object]) -> str:
+    lines = []
+    for section in ("versions", "build", "cpu"):
+        lines.append(f"{section}:")
+        lines += [f"  {k}: {v}" for k, v in info[section].items()]
+    lines.append("gpus:")
+    lines += [f"  {g}" for g in info["gpus"]]
+    lines.append(f"backend forced: {info['backend forced']}")
+    lines.append(f"TRITON_INTERPRET: {info['TRITON_INTERPRET']}")
+    lines.append("ops (backend that runs each op, by the tensors' device):")
+    lines += _table(info["ops"])
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m internlm_fast.info", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
