@@ -3,13 +3,10 @@ import torch
 
 from internlm_fast import ops
 from internlm_fast.ops import use_backend
-from internlm_fast.ops.attention import (
-    attention_ref,
-    attention_varlen_ref,
-    flash_attn_func,
+from internlm_fast.ops.attention import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func
+from internlm_fast.ops.attention_packed import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
-    flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )

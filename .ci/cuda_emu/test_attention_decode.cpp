@@ -5,55 +5,12 @@
 // causal or not, fp32, bf16 and fp16. The rotary append against the same fp32 arithmetic on the host
 // (bit-exact): positions, slots, partial rotary, an odd head dim, an out-of-range slot left alone.
 #define EMU_MAIN
-#include "emu.h"
-#include "kernels.h"
+#include "test_common.h"
 
+#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
-#include <random>
-#include <string>
-#include <vector>
-using namespace ifast::cuda;
 
-static size_t esize(DType t) { return t == DType::kFloat64 ? 8 : t == DType::kFloat32 ? 4 : 2; }
-static double getv(DType t, const void* p, size_t i) {
-  switch (t) {
-    case DType::kFloat32: return ((const float*)p)[i];
-    case DType::kFloat64: return ((const double*)p)[i];
-    case DType::kBFloat16: return __bfloat162float(((const __nv_bfloat16*)p)[i]);
-    case DType::kFloat16: return __half2float(((const __half*)p)[i]);
-  }
-  return 0;
-}
-static void setv(DType t, void* p, size_t i, double v) {  // rounds like the kernel's store
-  switch (t) {
-    case DType::kFloat32: ((float*)p)[i] = (float)v; break;
-    case DType::kFloat64: ((double*)p)[i] = v; break;
-    case DType::kBFloat16: ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn((float)v); break;
-    case DType::kFloat16: ((__half*)p)[i] = __float2half_rn((float)v); break;
-  }
-}
-static const char* nm(DType t) {
-  return t == DType::kFloat64 ? "f64" : t == DType::kFloat32 ? "f32" : t == DType::kBFloat16 ? "bf16" : "f16";
-}
-
-struct Buf {  // 256-aligned, with an optional byte offset to break 16-byte alignment
-  char* base;
-  void* p;
-  Buf(size_t bytes, size_t off = 0, int fill = 0xcd) {
-    const size_t n = ((bytes + off + 256) / 256 + 1) * 256;
-    base = (char*)aligned_alloc(256, n);
-    memset(base, fill, n);
-    p = base + off;
-  }
-  ~Buf() { free(base); }
-};
-
-static int failures = 0;
 static bool close(double got, double want, double rel, double abs) {
   if (std::isinf(want)) return got == want;
   return std::fabs(got - want) <= rel * std::fabs(want) + abs;
@@ -218,20 +175,17 @@ static void run_rotary(const RotCase& c, unsigned seed) {
                     std::to_string(c.q_heads) + " hk=" + std::to_string(hk) + " D=" + std::to_string(D) +
                     " rd=" + std::to_string(2 * rd2);
   int shown = 0;
-  for (int64_t i = 0; i < nx; ++i)
-    if (memcmp((char*)x.p + i * es, (char*)want.p + i * es, es) != 0) {
-      if (shown++ < 5)
-        printf("FAIL %s qkv[%lld]: got %.8g want %.8g\n", tag.c_str(), (long long)i, getv(t, x.p, i),
-               getv(t, want.p, i));
-      ++failures;
-    }
-  for (int64_t i = 0; i < nr; ++i)
-    if (memcmp((char*)rows.p + i * es, (char*)want_rows.p + i * es, es) != 0) {
-      if (shown++ < 5)
-        printf("FAIL %s kv_rows[%lld]: got %.8g want %.8g\n", tag.c_str(), (long long)i, getv(t, rows.p, i),
-               getv(t, want_rows.p, i));
-      ++failures;
-    }
+  auto expect_bits = [&](const char* what, const Buf& got, const Buf& want_buf, int64_t n) {
+    for (int64_t i = 0; i < n; ++i)
+      if (memcmp(got.p + i * es, want_buf.p + i * es, es) != 0) {
+        if (shown++ < 5)
+          printf("FAIL %s %s[%lld]: got %.8g want %.8g\n", tag.c_str(), what, (long long)i, getv(t, got.p, i),
+                 getv(t, want_buf.p, i));
+        ++failures;
+      }
+  };
+  expect_bits("qkv", x, want, nx);
+  expect_bits("kv_rows", rows, want_rows, nr);
   printf("%s  %s\n", failures == before ? "ok  " : "FAIL", tag.c_str());
 }
 

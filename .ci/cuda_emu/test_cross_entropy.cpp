@@ -5,34 +5,11 @@
 // for every dtype, aligned and misaligned rows, row strides wider than V, one row per block and
 // several.
 #define EMU_MAIN
-#include "emu.h"
-#include "kernels.h"
-#include <cstdio>
-#include <cstdlib>
-#include <random>
-#include <string>
-#include <vector>
-using namespace ifast::cuda;
+#include "test_common.h"
 
-static size_t esize(DType t) { return t == DType::kFloat64 ? 8 : t == DType::kFloat32 ? 4 : 2; }
-static double getv(DType t, const void* p, size_t i) {
-  switch (t) {
-    case DType::kFloat32: return ((const float*)p)[i];
-    case DType::kFloat64: return ((const double*)p)[i];
-    case DType::kBFloat16: return __bfloat162float(((const __nv_bfloat16*)p)[i]);
-    case DType::kFloat16: return __half2float(((const __half*)p)[i]);
-  }
-  return 0;
-}
-static void setv(DType t, void* p, size_t i, double v) {
-  switch (t) {
-    case DType::kFloat32: ((float*)p)[i] = (float)v; break;
-    case DType::kFloat64: ((double*)p)[i] = v; break;
-    case DType::kBFloat16: ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn((float)v); break;
-    case DType::kFloat16: ((__half*)p)[i] = __float2half_rn((float)v); break;
-  }
-}
-static const char* nm(DType t) { return t == DType::kFloat64 ? "f64" : t == DType::kFloat32 ? "f32" : t == DType::kBFloat16 ? "bf16" : "f16"; }
+#include <algorithm>
+#include <cmath>
+
 // relative error of the accumulation (loss, lse) and of one rounding to the storage type (gradient)
 // (relative to |lse| + 1 for lse and loss: an fp32 lse carries |lse| * 2^-24 into every term)
 static double acc_tol(DType t) { return t == DType::kFloat64 ? 1e-12 : 4e-7; }
@@ -40,13 +17,6 @@ static double store_tol(DType t) {
   return t == DType::kFloat64 ? 1e-12 : t == DType::kFloat32 ? 2e-5 : t == DType::kBFloat16 ? 8e-3 : 1e-3;
 }
 
-struct Buf {  // 256-aligned, with an optional byte offset to break 16-byte alignment; poisoned
-  char* base; void* p; size_t n;
-  Buf(size_t bytes, size_t off = 0) { n = ((bytes + off + 256) / 256 + 1) * 256; base = (char*)aligned_alloc(256, n); p = base + off; memset(base, 0xcd, n); }
-  ~Buf() { free(base); }
-};
-
-static int failures = 0;
 static void check(const char* what, const std::string& tag, double got, double want, double tol, double scale) {
   const bool ok = std::isnan(want) ? std::isnan(got) : std::fabs(got - want) <= tol * (std::fabs(want) + scale);
   if (!ok) {

@@ -2,35 +2,9 @@
 // blocks past the end of small tensors, padding left untouched) against the same arithmetic on
 // the host: one product in fp32 (fp64 for fp64), one rounding to the output type, so bit-exact.
 #define EMU_MAIN
-#include "emu.h"
-#include "kernels.h"
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <random>
-#include <vector>
-using namespace ifast::cuda;
+#include "test_common.h"
 
-static size_t esize(DType t) { return t == DType::kFloat64 ? 8 : t == DType::kFloat32 ? 4 : 2; }
-static double getv(DType t, const void* p, size_t i) {
-  switch (t) {
-    case DType::kFloat32: return ((const float*)p)[i];
-    case DType::kFloat64: return ((const double*)p)[i];
-    case DType::kBFloat16: return __bfloat162float(((const __nv_bfloat16*)p)[i]);
-    case DType::kFloat16: return __half2float(((const __half*)p)[i]);
-  }
-  return 0;
-}
-static void setv(DType t, void* p, size_t i, double v) {  // rounds like the kernel's store
-  switch (t) {
-    case DType::kFloat32: ((float*)p)[i] = (float)v; break;
-    case DType::kFloat64: ((double*)p)[i] = v; break;
-    case DType::kBFloat16: ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn((float)v); break;
-    case DType::kFloat16: ((__half*)p)[i] = __float2half_rn((float)v); break;
-  }
-}
-
-static int failures = 0;
+#include <algorithm>
 
 static void run(DType st, DType dt, double scale, unsigned seed) {
   std::mt19937 g(seed);

@@ -1,44 +1,15 @@
 // Checks rms_norm.cu's launchers (both kernels, every dtype pair, vector and scalar paths,
 // grid-stride loops, the dweight workspace spill) against a double-precision reference.
 #define EMU_MAIN
-#include "emu.h"
-#include "kernels.h"
-#include <cstdio>
-#include <cstdlib>
-#include <random>
-#include <string>
-using namespace ifast::cuda;
+#include "test_common.h"
 
-static size_t esize(DType t) { return t == DType::kFloat64 ? 8 : t == DType::kFloat32 ? 4 : 2; }
-static double getv(DType t, const void* p, size_t i) {
-  switch (t) {
-    case DType::kFloat32: return ((const float*)p)[i];
-    case DType::kFloat64: return ((const double*)p)[i];
-    case DType::kBFloat16: return __bfloat162float(((const __nv_bfloat16*)p)[i]);
-    case DType::kFloat16: return __half2float(((const __half*)p)[i]);
-  }
-  return 0;
-}
-static void setv(DType t, void* p, size_t i, double v) {
-  switch (t) {
-    case DType::kFloat32: ((float*)p)[i] = (float)v; break;
-    case DType::kFloat64: ((double*)p)[i] = v; break;
-    case DType::kBFloat16: ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn((float)v); break;
-    case DType::kFloat16: ((__half*)p)[i] = __float2half_rn((float)v); break;
-  }
-}
+#include <algorithm>
+#include <cmath>
+
 static double tol_of(DType t) {
   return t == DType::kFloat64 ? 1e-11 : t == DType::kFloat32 ? 2e-5 : t == DType::kBFloat16 ? 1.6e-2 : 2e-3;
 }
-static const char* nm(DType t) { return t == DType::kFloat64 ? "f64" : t == DType::kFloat32 ? "f32" : t == DType::kBFloat16 ? "bf16" : "f16"; }
 
-struct Buf {  // 256-aligned, with an optional element offset to break 16-byte alignment
-  char* base; void* p;
-  Buf(size_t bytes, size_t off) { base = (char*)aligned_alloc(256, ((bytes + off + 256) / 256 + 1) * 256); p = base + off; memset(base, 0xcd, ((bytes + off + 256) / 256 + 1) * 256); }
-  ~Buf() { free(base); }
-};
-
-static int failures = 0;
 static void check(const char* what, const std::string& tag, double got, double want, double tol, double scale) {
   if (!(std::fabs(got - want) <= tol * (std::fabs(want) + scale))) {
     if (failures < 20) printf("FAIL %s %s: got %.8g want %.8g\n", tag.c_str(), what, got, want);

@@ -6,47 +6,10 @@
 // A rotated element may differ from the exact value by one rounding to x's dtype plus a few fp32
 // (fp64) ulps of |x0 c| + |x1 s|; a copied one must be bit-equal.
 #define EMU_MAIN
-#include "emu.h"
-#include "kernels.h"
-#include <cstdio>
+#include "test_common.h"
+
 #include <algorithm>
-#include <cstdlib>
-#include <random>
-#include <string>
-#include <vector>
-using namespace ifast::cuda;
-
-static size_t esize(DType t) { return t == DType::kFloat64 ? 8 : t == DType::kFloat32 ? 4 : 2; }
-static double getv(DType t, const void* p, size_t i) {
-  switch (t) {
-    case DType::kFloat32: return ((const float*)p)[i];
-    case DType::kFloat64: return ((const double*)p)[i];
-    case DType::kBFloat16: return __bfloat162float(((const __nv_bfloat16*)p)[i]);
-    case DType::kFloat16: return __half2float(((const __half*)p)[i]);
-  }
-  return 0;
-}
-static void setv(DType t, void* p, size_t i, double v) {
-  switch (t) {
-    case DType::kFloat32: ((float*)p)[i] = (float)v; break;
-    case DType::kFloat64: ((double*)p)[i] = v; break;
-    case DType::kBFloat16: ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn((float)v); break;
-    case DType::kFloat16: ((__half*)p)[i] = __float2half_rn((float)v); break;
-  }
-}
-// unit roundoff of the storage type (half an ulp, relative)
-static double u_of(DType t) {
-  return t == DType::kFloat64 ? 0x1p-53 : t == DType::kFloat32 ? 0x1p-24 : t == DType::kBFloat16 ? 0x1p-8 : 0x1p-11;
-}
-static const char* nm(DType t) { return t == DType::kFloat64 ? "f64" : t == DType::kFloat32 ? "f32" : t == DType::kBFloat16 ? "bf16" : "f16"; }
-
-struct Buf {  // 256-aligned storage, bytes filled with a sentinel
-  std::vector<char> raw;
-  char* p;
-  explicit Buf(size_t bytes) : raw(bytes + 512, (char)0xcd) {
-    p = raw.data() + (256 - reinterpret_cast<uintptr_t>(raw.data()) % 256) % 256;
-  }
-};
+#include <cmath>
 
 struct Case {
   DType xt, ct;
@@ -60,8 +23,6 @@ struct Case {
   unsigned seed = 1;
   const char* note = "";
 };
-
-static int failures = 0;
 
 static void run(const Case& c) {
   const int before = failures;

@@ -4,41 +4,14 @@
 // silu(+inf) = inf with gradient 1, NaN stays NaN, gates past the +-80 clamps) and both grid-stride
 // loops. A result may differ from the exact value by one rounding to the storage type plus a few
 // ulps of the accumulation type. For fp32 data the sigmoid must also be the CPU kernel's to the bit:
-// cpu_fast_exp below is cpp/cpu/common.h's fast_exp, verbatim.
+// cpu_fast_exp below is cpp/cpu/common.h's fast_exp, verbatim (a copy: common.h includes ATen
+// headers, and these tests build without torch).
 #define EMU_MAIN
-#include "emu.h"
-#include "kernels.h"
-#include <algorithm>
-#include <cstdio>
-#include <cstdlib>
-#include <limits>
-#include <random>
-#include <string>
-#include <vector>
-using namespace ifast::cuda;
+#include "test_common.h"
 
-static size_t esize(DType t) { return t == DType::kFloat64 ? 8 : t == DType::kFloat32 ? 4 : 2; }
-static double getv(DType t, const void* p, size_t i) {
-  switch (t) {
-    case DType::kFloat32: return ((const float*)p)[i];
-    case DType::kFloat64: return ((const double*)p)[i];
-    case DType::kBFloat16: return __bfloat162float(((const __nv_bfloat16*)p)[i]);
-    case DType::kFloat16: return __half2float(((const __half*)p)[i]);
-  }
-  return 0;
-}
-static void setv(DType t, void* p, size_t i, double v) {
-  switch (t) {
-    case DType::kFloat32: ((float*)p)[i] = (float)v; break;
-    case DType::kFloat64: ((double*)p)[i] = v; break;
-    case DType::kBFloat16: ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn((float)v); break;
-    case DType::kFloat16: ((__half*)p)[i] = __float2half_rn((float)v); break;
-  }
-}
-static double u_of(DType t) {
-  return t == DType::kFloat64 ? 0x1p-53 : t == DType::kFloat32 ? 0x1p-24 : t == DType::kBFloat16 ? 0x1p-8 : 0x1p-11;
-}
-static const char* nm(DType t) { return t == DType::kFloat64 ? "f64" : t == DType::kFloat32 ? "f32" : t == DType::kBFloat16 ? "bf16" : "f16"; }
+#include <algorithm>
+#include <cmath>
+#include <limits>
 
 static float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 static uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
@@ -61,16 +34,6 @@ static float cpu_fast_exp(float x) {
   int32_t e = static_cast<int32_t>(n) + 127;
   return p * bits_to_float(static_cast<uint32_t>(e) << 23);
 }
-
-struct Buf {  // 256-aligned storage, bytes filled with a sentinel
-  std::vector<char> raw;
-  char* p;
-  explicit Buf(size_t bytes) : raw(bytes + 512, (char)0xcd) {
-    p = raw.data() + (256 - reinterpret_cast<uintptr_t>(raw.data()) % 256) % 256;
-  }
-};
-
-static int failures = 0;
 
 // a gate value: mostly normal, sometimes one of the limits
 static double gate_value(std::mt19937& g, bool specials) {

@@ -19,11 +19,8 @@
 // - P V: thread (part, slice) owns 8 output columns of every row and walks keys part, part + P, ...
 //   (consecutive threads read consecutive 16 bytes of a value row); the P partial sums are added in
 //   a fixed order at the end, so the result does not depend on scheduling.
+#include "device_common.cuh"
 #include "kernels.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
@@ -47,20 +44,6 @@ constexpr float kInf = INFINITY;
 
 template <typename X> __device__ __forceinline__ X imin(X a, X b) { return a < b ? a : b; }
 template <typename X> __device__ __forceinline__ X imax(X a, X b) { return a < b ? b : a; }
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(double v) { return static_cast<float>(v); }
-
-template <typename T> struct Cvt;
-template <> struct Cvt<float> { __device__ static float of(float v) { return v; } };
-template <> struct Cvt<double> { __device__ static double of(float v) { return v; } };
-template <> struct Cvt<__nv_bfloat16> {
-  __device__ static __nv_bfloat16 of(float v) { return __float2bfloat16_rn(v); }
-};
-template <> struct Cvt<__half> { __device__ static __half of(float v) { return __float2half_rn(v); } };
-template <typename T> __device__ __forceinline__ T from_f(float v) { return Cvt<T>::of(v); }
 
 // Products and sums rounded one by one (no fused multiply-add), as the CPU kernel and the torch
 // reference compute the rotation.
@@ -86,8 +69,6 @@ __device__ __forceinline__ float sub_rn(float a, float b) {
 #endif
 }
 
-template <typename T> struct alignas(16) Vec16 { T v[16 / sizeof(T)]; };
-
 // 8 consecutive elements as fp32: 16-byte loads when kVec (p 16-byte aligned), else one by one.
 template <bool kVec, typename T>
 __device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
@@ -95,13 +76,13 @@ __device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
     constexpr int W = 16 / sizeof(T);
 #pragma unroll
     for (int i = 0; i < 8; i += W) {
-      const Vec16<T> x = *reinterpret_cast<const Vec16<T>*>(p + i);
+      const Pack<T, W> x = load_pack<W>(p + i);
 #pragma unroll
-      for (int j = 0; j < W; ++j) f[i + j] = to_f(x.v[j]);
+      for (int j = 0; j < W; ++j) f[i + j] = to_acc(x.v[j]);
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) f[j] = to_f(p[j]);
+    for (int j = 0; j < 8; ++j) f[j] = to_acc(p[j]);
   }
 }
 
@@ -110,10 +91,10 @@ template <typename T> __device__ __forceinline__ void store8(T* p, const float (
   constexpr int W = 16 / sizeof(T);
 #pragma unroll
   for (int i = 0; i < 8; i += W) {
-    Vec16<T> x;
+    Pack<T, W> x;
 #pragma unroll
-    for (int j = 0; j < W; ++j) x.v[j] = from_f<T>(f[i + j]);
-    *reinterpret_cast<Vec16<T>*>(p + i) = x;
+    for (int j = 0; j < W; ++j) x.v[j] = from_acc<T>(f[i + j]);
+    store_pack<W>(p + i, x);
   }
 }
 
@@ -122,7 +103,6 @@ __device__ __forceinline__ float group_sum(float v, int L) {
   for (int o = L >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
-__device__ __forceinline__ float warp_sum(float v) { return group_sum(v, 32); }
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -315,7 +295,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       float o = 0.f;
       for (int i = 0; i < P; ++i) o += red[i * D + d];
       if (p.splits == 1)
-        out[orow * D + d] = from_f<T>(o * inv);
+        out[orow * D + d] = from_acc<T>(o * inv);
       else
         p.ws_o[(orow * p.splits + split) * D + d] = o;
     }
@@ -396,10 +376,10 @@ template <typename T> __global__ void __launch_bounds__(256) rotary_append_kerne
   if (h < p.q_heads + p.kv_heads) {
     T* dst = h >= p.q_heads ? row + (h - p.q_heads) * p.D : nullptr;
     if (u < p.rd2) {
-      const float x0 = to_f(x[u]), x1 = to_f(x[u + p.rd2]);
+      const float x0 = static_cast<float>(to_acc(x[u])), x1 = static_cast<float>(to_acc(x[u + p.rd2]));
       const float c = p.cos[pos * p.rd2 + u], s = p.sin[pos * p.rd2 + u];
-      const T y0 = from_f<T>(sub_rn(mul_rn(x0, c), mul_rn(x1, s)));
-      const T y1 = from_f<T>(add_rn(mul_rn(x0, s), mul_rn(x1, c)));
+      const T y0 = from_acc<T>(sub_rn(mul_rn(x0, c), mul_rn(x1, s)));
+      const T y1 = from_acc<T>(add_rn(mul_rn(x0, s), mul_rn(x1, c)));
       x[u] = y0;
       x[u + p.rd2] = y1;
       if (dst != nullptr) {
@@ -420,20 +400,7 @@ template <typename T> __global__ void __launch_bounds__(256) rotary_append_kerne
 // ---------------------------------------------------------------------------------------------
 // host side
 
-template <typename T> struct Tag { using type = T; };
-
-template <typename F> void dispatch(DType t, F&& f) {
-  switch (t) {
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case DType::kFloat16: return f(Tag<__half>{});
-    case DType::kFloat64: return;  // the host refuses fp64 first
-  }
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 }  // namespace
 
@@ -482,7 +449,7 @@ void flash_attn_kvcache_launch(const FlashAttnKvcacheArgs& a, float* workspace, 
   p.causal = a.causal;
   const dim3 grid(static_cast<unsigned>(pl.blocks_x), static_cast<unsigned>(a.Hk),
                   static_cast<unsigned>(a.B));
-  dispatch(a.type, [&](auto tag) {
+  dispatch<false>(a.type, [&](auto tag) {  // the host refuses fp64 first
     using T = typename decltype(tag)::type;
     // 16-byte loads need every row start 16-byte aligned: base pointers and strides
     constexpr int64_t W = 16 / sizeof(T);
@@ -503,14 +470,10 @@ void decode_rotary_append_launch(const DecodeRotaryAppendArgs& a, cudaStream_t s
   if (total == 0) return;
   RotaryParams p{a.qkv, a.kv_rows, a.cos, a.sin, a.positions, a.slots, a.tokens, a.q_heads,
                  a.kv_heads, a.D, a.rd2, a.n_positions, a.n_rows};
-  const auto run = [&](auto tag) {
+  dispatch(a.type, [&](auto tag) {
     using T = typename decltype(tag)::type;
     rotary_append_kernel<T><<<static_cast<unsigned>(ceil_div(total, 256)), 256, 0, stream>>>(p);
-  };
-  if (a.type == DType::kFloat64)
-    run(Tag<double>{});
-  else
-    dispatch(a.type, run);
+  });
 }
 
 }  // namespace ifast::cuda

@@ -10,11 +10,8 @@
 // once more (from L2) and writes (softmax - onehot) * scale, in place over the logits in the
 // fused op. Rows are read in 16-byte vectors from their first 16-byte boundary on: a scalar head
 // and tail cover any V and any row start.
+#include "device_common.cuh"
 #include "kernels.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cfloat>
@@ -27,24 +24,6 @@ namespace {
 constexpr int kMaxThreads = 512;
 constexpr int kReduceThreads = 256;
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename T> using acc_t = typename Acc<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-
-template <typename T> struct Cvt;
-template <> struct Cvt<float> { __device__ static float of(float v) { return v; } };
-template <> struct Cvt<double> { __device__ static double of(double v) { return v; } };
-template <> struct Cvt<__nv_bfloat16> {
-  __device__ static __nv_bfloat16 of(float v) { return __float2bfloat16_rn(v); }
-};
-template <> struct Cvt<__half> { __device__ static __half of(float v) { return __float2half_rn(v); } };
-template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) { return Cvt<T>::of(v); }
-
 // fmax ignores a NaN operand, so a NaN logit never becomes the running max; its exp term still
 // makes the sum NaN, as it must.
 __device__ __forceinline__ float amax(float a, float b) { return fmaxf(a, b); }
@@ -56,8 +35,6 @@ __device__ __forceinline__ double aexp(double v) { return exp(v); }
 template <typename A> struct Lowest;
 template <> struct Lowest<float> { static constexpr float value = -FLT_MAX; };
 template <> struct Lowest<double> { static constexpr double value = -DBL_MAX; };
-
-template <typename T, int N> struct alignas(sizeof(T) * N) Pack { T v[N]; };
 
 // Visits row[0, V) as this thread's share of the group: fs(col) for the scalar head (up to the
 // first 16-byte boundary) and tail, fv(col) for VEC-element vectors starting at a 16-byte
@@ -159,7 +136,7 @@ __global__ void __launch_bounds__(kMaxThreads)
               s += aexp(v - m);
             },
             [&](int64_t c) {
-              const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(xr + c);
+              const Pack<T, VEC> p = load_pack<VEC>(xr + c);
               A v[VEC];
               A mx = Lowest<A>::value;
 #pragma unroll
@@ -196,7 +173,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int j = 0; j < VEC; ++j) zp.v[j] = z;
       for_row<VEC>(
           xr, V, [&](int64_t c) { gr[c] = z; },
-          [&](int64_t c) { *reinterpret_cast<Pack<T, VEC>*>(gr + c) = zp; });
+          [&](int64_t c) { store_pack<VEC>(gr + c, zp); });
       continue;
     }
     for_row<VEC>(
@@ -206,14 +183,14 @@ __global__ void __launch_bounds__(kMaxThreads)
           gr[c] = from_acc<T>((c == label ? p - A(1) : p) * scale);
         },
         [&](int64_t c) {
-          const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(xr + c);
+          const Pack<T, VEC> p = load_pack<VEC>(xr + c);
           Pack<T, VEC> o;
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const A e = aexp(to_acc(p.v[j]) - lse);
             o.v[j] = from_acc<T>((c + j == label ? e - A(1) : e) * scale);
           }
-          *reinterpret_cast<Pack<T, VEC>*>(gr + c) = o;
+          store_pack<VEC>(gr + c, o);
         });
   }
 }
@@ -251,20 +228,6 @@ __global__ void __launch_bounds__(kReduceThreads)
     // mean over no tokens is 0, not torch's NaN: a fully masked micro-batch must not poison training
     if (mean) t = sc[0] > 0 ? t / static_cast<double>(sc[0]) : 0.0;
     *loss = static_cast<A>(t);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// host side
-
-template <typename T> struct Tag { using type = T; };
-
-template <typename F> void dispatch(DType t, F&& f) {
-  switch (t) {
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kFloat64: return f(Tag<double>{});
-    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case DType::kFloat16: return f(Tag<__half>{});
   }
 }
 

@@ -27,7 +27,6 @@
 namespace ifast::cuda {
 namespace {
 
-at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 bool parse_mean(const std::string& r, const char* fn) {
   if (r == "mean") return true;

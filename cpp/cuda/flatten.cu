@@ -2,27 +2,14 @@
 // launch per bucket. blockIdx.y picks the tensor, blockIdx.x strides over it; blocks past the end
 // of a small tensor exit at once. Same rounding as cpp/cpu/flatten.cpp (one product in fp32, or
 // fp64, then one rounding to out's type); reference: internlm_fast/ops/flatten.py.
+#include "device_common.cuh"
 #include "kernels.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 
 namespace ifast::cuda {
 namespace {
-
-__device__ __forceinline__ float ld(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ double ld(const double* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float ld(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ float ld(const __half* p, int64_t i) { return __half2float(p[i]); }
-
-__device__ __forceinline__ void st(float* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(double* p, int64_t i, double v) { p[i] = v; }
-__device__ __forceinline__ void st(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void st(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
 
 template <typename S, typename D, typename A>
 __global__ void flatten_scale_kernel(const int64_t* __restrict__ desc, D* __restrict__ out, A scale) {
@@ -31,7 +18,7 @@ __global__ void flatten_scale_kernel(const int64_t* __restrict__ desc, D* __rest
   const int64_t off = d[1], n = d[2];
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    st(out, off + i, static_cast<A>(ld(src, i)) * scale);
+    out[off + i] = from_acc<D>(static_cast<A>(to_acc(src[i])) * scale);
   }
 }
 

@@ -1,6 +1,7 @@
 // Host glue of the CUDA flatten-and-scale: checks, the per-tensor descriptors (source pointer,
 // offset, length) staged in pinned memory and copied to the device on the current stream, then
 // the launcher of flatten.cu, in chunks of at most 65535 tensors (the grid's y limit).
+#include "host_common.h"
 #include "kernels.h"
 #include "ops_cuda.h"
 
@@ -13,16 +14,6 @@
 
 namespace ifast::cuda {
 namespace {
-
-DType dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, "flatten_scale: unsupported dtype ", t);
-  }
-}
 
 constexpr int64_t kMaxTensorsPerLaunch = 65535;
 
@@ -58,8 +49,8 @@ void flatten_scale_fwd(const std::vector<at::Tensor>& tensors, const at::Tensor&
     // pinned source, non-blocking copy: the caching host allocator keeps the buffer until it is done
     const at::Tensor desc_dev = desc.to(out.device(), /*non_blocking=*/true);
     FlattenScaleArgs a{};
-    a.src_type = dtype_of(st);
-    a.dst_type = dtype_of(dt);
+    a.src_type = dtype_of(st, "flatten_scale");
+    a.dst_type = dtype_of(dt, "flatten_scale");
     a.desc = desc_dev.const_data_ptr<int64_t>();
     a.n = n;
     a.max_numel = max_numel;

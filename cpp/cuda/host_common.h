@@ -20,6 +20,9 @@ inline DType dtype_of(at::ScalarType t, const char* what) {
   }
 }
 
+// The accumulation type of a storage type: fp64 for fp64, else fp32.
+inline at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 // A dimension of size 1 is never stepped over, and torch may record any stride for it: 0 keeps the
 // kernels' alignment checks (stride % vector width) from rejecting the vector path over it.
 inline int64_t stride_or_zero(const at::Tensor& t, int64_t dim) {

@@ -7,11 +7,8 @@
 // thread per step when every pointer is aligned and H is a multiple of the vector width,
 // one element otherwise. A row is read twice (sum of squares, then scale); the second read hits
 // L1/L2, so DRAM sees each byte once.
+#include "device_common.cuh"
 #include "kernels.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -20,44 +17,6 @@ namespace ifast::cuda {
 namespace {
 
 constexpr int kMaxThreads = 512;  // per block; keeps 128 registers per thread for the backward
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename T> using acc_t = typename Acc<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-
-template <typename T> struct Cvt;
-template <> struct Cvt<float> { __device__ static float of(float v) { return v; } };
-template <> struct Cvt<double> { __device__ static double of(double v) { return v; } };
-// round to nearest even; NaN stays NaN
-template <> struct Cvt<__nv_bfloat16> {
-  __device__ static __nv_bfloat16 of(float v) { return __float2bfloat16_rn(v); }
-};
-template <> struct Cvt<__half> { __device__ static __half of(float v) { return __float2half_rn(v); } };
-template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) { return Cvt<T>::of(v); }
-
-// N contiguous elements moved as one 16-byte access (two for an fp32 weight beside bf16/fp16 x).
-constexpr size_t pack_align(size_t bytes) { return bytes < 16 ? bytes : 16; }
-template <typename T, int N> struct alignas(pack_align(sizeof(T) * N)) Pack { T v[N]; };
-
-template <int N, typename T>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* p, int i) {
-  return *reinterpret_cast<const Pack<T, N>*>(p + static_cast<int64_t>(i) * N);
-}
-template <int N, typename T>
-__device__ __forceinline__ void store_pack(T* p, int i, const Pack<T, N>& v) {
-  *reinterpret_cast<Pack<T, N>*>(p + static_cast<int64_t>(i) * N) = v;
-}
-
-template <typename A> __device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // Sum over the blockDim.x threads sharing a row, returned to all of them. A fixed shuffle tree,
 // then the warps' partials in warp order: the same bits on every run. Every thread of the block
@@ -242,8 +201,6 @@ __global__ void __launch_bounds__(256)
 // ---------------------------------------------------------------------------------------------
 // host side
 
-template <typename T> struct Tag { using type = T; };
-
 // (x storage, weight storage): the weight is x's dtype or x's accumulation type (see kernels.h)
 template <typename F> void dispatch(DType xt, DType wt, F&& f) {
   switch (xt) {
@@ -256,16 +213,6 @@ template <typename F> void dispatch(DType xt, DType wt, F&& f) {
       if (wt == DType::kFloat16) return f(Tag<__half>{}, Tag<__half>{});
       return f(Tag<__half>{}, Tag<float>{});
   }
-}
-
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
-int sm_count() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    return 1;  // the launch that follows reports the error
-  return n > 0 ? n : 1;
 }
 
 struct Plan {

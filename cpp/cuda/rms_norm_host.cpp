@@ -1,5 +1,6 @@
 // Host glue of the CUDA RMSNorm: checks, device guard, allocation on torch's caching allocator,
 // dtype mapping, then the raw-pointer launchers of rms_norm.cu on the current stream.
+#include "host_common.h"
 #include "kernels.h"
 #include "ops_cuda.h"
 
@@ -14,18 +15,6 @@
 
 namespace ifast::cuda {
 namespace {
-
-DType dtype_of(at::ScalarType t, const char* what) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, what, ": unsupported dtype ", t);
-  }
-}
-
-at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The kernels read a weight of x's dtype or of x's accumulation type; any other is converted once
 // per call (H elements), which keeps the kernel instantiations few.

@@ -9,11 +9,8 @@
 // A unit reads all its elements before writing them and no element belongs to two units, so out
 // may be x. x is read and out written once; a token's cos/sin row is shared by its heads and
 // comes from L1.
+#include "device_common.cuh"
 #include "kernels.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -23,34 +20,12 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename T> using acc_t = typename Acc<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-
-template <typename T> struct Cvt;
-template <> struct Cvt<float> { __device__ static float of(float v) { return v; } };
-template <> struct Cvt<double> { __device__ static double of(double v) { return v; } };
-// round to nearest even; NaN stays NaN
-template <> struct Cvt<__nv_bfloat16> {
-  __device__ static __nv_bfloat16 of(float v) { return __float2bfloat16_rn(v); }
-};
-template <> struct Cvt<__half> { __device__ static __half of(float v) { return __float2half_rn(v); } };
-template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) { return Cvt<T>::of(v); }
-
-constexpr size_t pack_align(size_t bytes) { return bytes < 16 ? bytes : 16; }
-template <typename T, int N> struct alignas(pack_align(sizeof(T) * N)) Pack { T v[N]; };
-
 // N consecutive elements: aligned 16-byte accesses (fewer bytes for a short pack) on the vector
 // path, N element accesses otherwise.
 template <int N, bool kVec, typename T>
 __device__ __forceinline__ Pack<T, N> load_n(const T* p) {
   if constexpr (kVec) {
-    return *reinterpret_cast<const Pack<T, N>*>(p);
+    return load_pack<N>(p);
   } else {
     Pack<T, N> r;
 #pragma unroll
@@ -61,7 +36,7 @@ __device__ __forceinline__ Pack<T, N> load_n(const T* p) {
 template <int N, bool kVec, typename T>
 __device__ __forceinline__ void store_n(T* p, const Pack<T, N>& v) {
   if constexpr (kVec) {
-    *reinterpret_cast<Pack<T, N>*>(p) = v;
+    store_pack<N>(p, v);
   } else {
 #pragma unroll
     for (int j = 0; j < N; ++j) p[j] = v.v[j];
@@ -156,8 +131,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // host side
 
-template <typename T> struct Tag { using type = T; };
-
 // (x storage, cos/sin storage): cos/sin are x's dtype or fp32
 template <typename F> void dispatch(DType xt, DType ct, F&& f) {
   const bool f32 = ct == DType::kFloat32;
@@ -173,16 +146,6 @@ template <typename F> void dispatch(DType xt, DType ct, F&& f) {
       if (f32) return f(Tag<__half>{}, Tag<float>{});
       return f(Tag<__half>{}, Tag<__half>{});
   }
-}
-
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
-int sm_count() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    return 1;  // the launch that follows reports the error
-  return n > 0 ? n : 1;
 }
 
 // Pairs per rotary unit on the vector path: 16 bytes of x per half (half-rotated) or in all

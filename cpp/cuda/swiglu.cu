@@ -13,47 +13,17 @@
 // row stride is aligned and F is a multiple of the vector width, one element otherwise), blockDim.y
 // rows share a block; grid.x covers a row, grid.y strides over the rows. gate and up may be
 // row-strided views (the halves of a packed [rows, 2F] tensor), so the packed variant never copies.
+#include "device_common.cuh"
 #include "kernels.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace ifast::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename T> using acc_t = typename Acc<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-
-template <typename T> struct Cvt;
-template <> struct Cvt<float> { __device__ static float of(float v) { return v; } };
-template <> struct Cvt<double> { __device__ static double of(double v) { return v; } };
-// round to nearest even; NaN stays NaN
-template <> struct Cvt<__nv_bfloat16> {
-  __device__ static __nv_bfloat16 of(float v) { return __float2bfloat16_rn(v); }
-};
-template <> struct Cvt<__half> { __device__ static __half of(float v) { return __float2half_rn(v); } };
-template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) { return Cvt<T>::of(v); }
-
-template <typename T, int N> struct alignas(sizeof(T) * N) Pack { T v[N]; };
-
-template <int N, typename T> __device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, N>*>(p);
-}
-template <int N, typename T> __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
-  *reinterpret_cast<Pack<T, N>*>(p) = v;
-}
 
 // Beyond -kSat the sigmoid is below 2e-35 (float) / 1e-304 (double): silu is 0 to every digit a
 // caller sees, and clamping there keeps exp and the sigmoid out of overflow and denormals (which
@@ -117,27 +87,30 @@ template <typename T, typename A> __device__ __forceinline__ void swiglu_grad(A 
   du = d * silu;
 }
 
-// Row r, vector c of each operand; V elements a vector.
+// f(r, e) for this thread's share of the rows r < rows and the vectors of V elements starting at
+// e in [0, F): rows grid-stride over y, vectors over x.
+template <int V, typename Fn>
+__device__ __forceinline__ void for_each_vec(int64_t rows, int64_t F, Fn&& f) {
+  const int64_t nv = F / V;
+  const int64_t rstep = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  const int64_t cstep = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += rstep)
+    for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < nv; c += cstep)
+      f(r, c * V);
+}
+
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     fwd_kernel(const T* __restrict__ g, int64_t gs, const T* __restrict__ u, int64_t us,
                T* __restrict__ out, int64_t rows, int64_t F) {
   using A = acc_t<T>;
-  const int64_t nv = F / V;
-  const int64_t rstep = static_cast<int64_t>(gridDim.y) * blockDim.y;
-  const int64_t cstep = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += rstep) {
-    const T* gr = g + r * gs;
-    const T* ur = u + r * us;
-    T* outr = out + r * F;
-    for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < nv; c += cstep) {
-      const Pack<T, V> gv = load_pack<V>(gr + c * V), uv = load_pack<V>(ur + c * V);
-      Pack<T, V> o;
+  for_each_vec<V>(rows, F, [&](int64_t r, int64_t e) {
+    const Pack<T, V> gv = load_pack<V>(g + r * gs + e), uv = load_pack<V>(u + r * us + e);
+    Pack<T, V> o;
 #pragma unroll
-      for (int j = 0; j < V; ++j) o.v[j] = from_acc<T>(swiglu_of<T, A>(to_acc(gv.v[j]), to_acc(uv.v[j])));
-      store_pack<V>(outr + c * V, o);
-    }
-  }
+    for (int j = 0; j < V; ++j) o.v[j] = from_acc<T>(swiglu_of<T, A>(to_acc(gv.v[j]), to_acc(uv.v[j])));
+    store_pack<V>(out + r * F + e, o);
+  });
 }
 
 // dgate and dup rows are os apart (F, or 2F with dup = dgate + F for the packed gradient).
@@ -146,55 +119,24 @@ __global__ void __launch_bounds__(kThreads)
     bwd_kernel(const T* __restrict__ dout, const T* __restrict__ g, int64_t gs, const T* __restrict__ u,
                int64_t us, T* __restrict__ dg, T* __restrict__ du, int64_t os, int64_t rows, int64_t F) {
   using A = acc_t<T>;
-  const int64_t nv = F / V;
-  const int64_t rstep = static_cast<int64_t>(gridDim.y) * blockDim.y;
-  const int64_t cstep = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += rstep) {
-    const T* dr = dout + r * F;
-    const T* gr = g + r * gs;
-    const T* ur = u + r * us;
-    T* dgr = dg + r * os;
-    T* dur = du + r * os;
-    for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < nv; c += cstep) {
-      const Pack<T, V> dv = load_pack<V>(dr + c * V), gv = load_pack<V>(gr + c * V);
-      const Pack<T, V> uv = load_pack<V>(ur + c * V);
-      Pack<T, V> og, ou;
+  for_each_vec<V>(rows, F, [&](int64_t r, int64_t e) {
+    const Pack<T, V> dv = load_pack<V>(dout + r * F + e), gv = load_pack<V>(g + r * gs + e);
+    const Pack<T, V> uv = load_pack<V>(u + r * us + e);
+    Pack<T, V> og, ou;
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        A a, b;
-        swiglu_grad<T, A>(to_acc(gv.v[j]), to_acc(uv.v[j]), to_acc(dv.v[j]), a, b);
-        og.v[j] = from_acc<T>(a);
-        ou.v[j] = from_acc<T>(b);
-      }
-      store_pack<V>(dgr + c * V, og);
-      store_pack<V>(dur + c * V, ou);
+    for (int j = 0; j < V; ++j) {
+      A a, b;
+      swiglu_grad<T, A>(to_acc(gv.v[j]), to_acc(uv.v[j]), to_acc(dv.v[j]), a, b);
+      og.v[j] = from_acc<T>(a);
+      ou.v[j] = from_acc<T>(b);
     }
-  }
+    store_pack<V>(dg + r * os + e, og);
+    store_pack<V>(du + r * os + e, ou);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
 // host side
-
-template <typename T> struct Tag { using type = T; };
-
-template <typename F> void dispatch(DType t, F&& f) {
-  switch (t) {
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kFloat64: return f(Tag<double>{});
-    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case DType::kFloat16: return f(Tag<__half>{});
-  }
-}
-
-bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-int sm_count() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    return 1;  // the launch that follows reports the error
-  return n > 0 ? n : 1;
-}
 
 struct Grid {
   dim3 grid, block;
@@ -212,6 +154,16 @@ Grid make_grid(int64_t rows, int64_t nv) {
   return Grid{dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), dim3(G, R)};
 }
 
+// launch(grid, std::integral_constant<int, W>) starts the kernel of W-element vectors: 16 bytes
+// when vec, else one element.
+template <typename T, typename L> void launch_vec(bool vec, int64_t rows, int64_t F, L&& launch) {
+  constexpr int V = 16 / sizeof(T);
+  if (vec)
+    launch(make_grid(rows, F / V), std::integral_constant<int, V>{});
+  else
+    launch(make_grid(rows, F), std::integral_constant<int, 1>{});
+}
+
 }  // namespace
 
 void swiglu_fwd_launch(const SwigluFwdArgs& a, cudaStream_t stream) {
@@ -221,15 +173,12 @@ void swiglu_fwd_launch(const SwigluFwdArgs& a, cudaStream_t stream) {
     constexpr int V = 16 / sizeof(T);
     const auto g = static_cast<const T*>(a.gate), u = static_cast<const T*>(a.up);
     const auto out = static_cast<T*>(a.out);
-    const bool vec = a.F % V == 0 && a.gate_stride % V == 0 && a.up_stride % V == 0 && aligned(g) &&
-                     aligned(u) && aligned(out);
-    if (vec) {
-      const Grid p = make_grid(a.rows, a.F / V);
-      fwd_kernel<T, V><<<p.grid, p.block, 0, stream>>>(g, a.gate_stride, u, a.up_stride, out, a.rows, a.F);
-    } else {
-      const Grid p = make_grid(a.rows, a.F);
-      fwd_kernel<T, 1><<<p.grid, p.block, 0, stream>>>(g, a.gate_stride, u, a.up_stride, out, a.rows, a.F);
-    }
+    const bool vec = a.F % V == 0 && a.gate_stride % V == 0 && a.up_stride % V == 0 && aligned(g, 16) &&
+                     aligned(u, 16) && aligned(out, 16);
+    launch_vec<T>(vec, a.rows, a.F, [&](const Grid& p, auto w) {
+      fwd_kernel<T, decltype(w)::value>
+          <<<p.grid, p.block, 0, stream>>>(g, a.gate_stride, u, a.up_stride, out, a.rows, a.F);
+    });
   });
 }
 
@@ -242,17 +191,12 @@ void swiglu_bwd_launch(const SwigluBwdArgs& a, cudaStream_t stream) {
     const auto u = static_cast<const T*>(a.up);
     const auto dg = static_cast<T*>(a.dgate), du = static_cast<T*>(a.dup);
     const bool vec = a.F % V == 0 && a.gate_stride % V == 0 && a.up_stride % V == 0 &&
-                     a.grad_stride % V == 0 && aligned(d) && aligned(g) && aligned(u) && aligned(dg) &&
-                     aligned(du);
-    if (vec) {
-      const Grid p = make_grid(a.rows, a.F / V);
-      bwd_kernel<T, V><<<p.grid, p.block, 0, stream>>>(d, g, a.gate_stride, u, a.up_stride, dg, du,
-                                                       a.grad_stride, a.rows, a.F);
-    } else {
-      const Grid p = make_grid(a.rows, a.F);
-      bwd_kernel<T, 1><<<p.grid, p.block, 0, stream>>>(d, g, a.gate_stride, u, a.up_stride, dg, du,
-                                                       a.grad_stride, a.rows, a.F);
-    }
+                     a.grad_stride % V == 0 && aligned(d, 16) && aligned(g, 16) &&
+                     aligned(u, 16) && aligned(dg, 16) && aligned(du, 16);
+    launch_vec<T>(vec, a.rows, a.F, [&](const Grid& p, auto w) {
+      bwd_kernel<T, decltype(w)::value><<<p.grid, p.block, 0, stream>>>(
+          d, g, a.gate_stride, u, a.up_stride, dg, du, a.grad_stride, a.rows, a.F);
+    });
   });
 }
 

@@ -4,13 +4,10 @@ Every op picks its backend by device (see `backend`) and checks its arguments be
 """
 
 from . import registry
-from .attention import (
-    attention_ref,
-    attention_varlen_ref,
-    flash_attn_func,
+from .attention import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func
+from .attention_packed import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
-    flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
