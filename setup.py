@@ -68,6 +68,7 @@ def _extension():
 
     with_cuda = _want_cuda(torch.version.cuda, cuda_home)
     march = os.environ.get("INTERNLM_FAST_CPU_ARCH", "native")
+    # CMakeLists.txt compiles with the same flags (tests/test_build_flags.py compares the two)
     cxx = ["-O3", "-fopenmp", f"-march={march}", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"]
     cxx += [f"-DIFAST_CPU_ARCH={march}"]  # reported by python -m internlm_fast.info
     sources = ["cpp/bindings.cpp", *sorted(glob.glob("cpp/cpu/*.cpp"))]
@@ -100,7 +101,7 @@ ext, build_ext = _extension()
 setup(
     name="internlm_fast",
     version="0.1.0",
-    description="InternLM, fast: compiled kernels, trainer, inference and server for InternLM models",
+    description="InternLM, fast: compiled kernels, trainer and inference for InternLM models",
     python_requires=">=3.11",
     package_dir={"": "python", "internlm_fast.triton_kernels": "triton_kernels"},
     # every package under python/ (a new subpackage cannot be left out of the install)

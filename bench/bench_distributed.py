@@ -2,7 +2,7 @@
 thread, the tiny preset (4 layers, hidden 256, vocab 8192), each process a batch of 4 x 512 tokens
 (the default config's micro batch).
 
-Bars (issue 6): tokens/s of the 2 processes together >= 1.6x the single process's; optimizer state
+Bars: tokens/s of the 2 processes together >= 1.6x the single process's; optimizer state
 per process (AdamW moments, plus fp32 masters that are not the model's own memory) <= 55% of the
 single process's. Each configuration runs in fresh processes, launched as torchrun would (RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT), alternating single / pair / single / pair so drift in the

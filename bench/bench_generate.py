@@ -1,6 +1,6 @@
 """Decoding speed of the tiny preset against transformers' generate (2 threads, fp32, greedy).
 
-Bars (issue 5), side by side in one run:
+Bars, side by side in one run:
 - batch 1, a 128-token prompt, 128 new tokens: our generate >= 3x the tokens/s of transformers'
   LlamaForCausalLM(attention_bias=True).generate on the same weights, with identical tokens;
 - a batch of 8 prompts of mixed lengths, 128 new tokens each: total tokens/s >= 4x our batch 1.

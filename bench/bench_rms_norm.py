@@ -1,6 +1,6 @@
 """rms_norm against eager torch and F.rms_norm at LLM shapes (CPU, 2 threads, fp32).
 
-Bars (issue 2): forward at 4096 x 4096 >= 5x eager and >= 70% of copy bandwidth;
+Bars: forward at 4096 x 4096 >= 5x eager and >= 70% of copy bandwidth;
 forward+backward >= 3x eager.
 """
 

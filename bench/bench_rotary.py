@@ -1,7 +1,7 @@
 """apply_rotary against the Hugging Face formula at InternLM-7B's attention shape (CPU, 2 threads,
 fp32): q and k of (1, 2048, 32, 128), full rotary over head_dim 128.
 
-Bar (issue): forward (q and k together) >= 4x Hugging Face's `x * cos + rotate_half(x) * sin`.
+Bar: forward (q and k together) >= 4x Hugging Face's `x * cos + rotate_half(x) * sin`.
 Reported without a bar: forward+backward ratio, GB/s against copy bandwidth.
 """
 

@@ -1,6 +1,6 @@
 """swiglu against eager `F.silu(g) * u` at InternLM-7B's MLP shape (CPU, 2 threads, fp32).
 
-Bars (issue): at gate/up 4096 x 11008, forward+backward >= 1.5x eager (autograd) and forward
+Bars: at gate/up 4096 x 11008, forward+backward >= 1.5x eager (autograd) and forward
 >= 70% of copy bandwidth. The packed [..., 2F] variant is reported against its eager form.
 """
 

@@ -1,7 +1,7 @@
 """Side-by-side benchmarks: our op and the alternative a user would otherwise call, timed in one
 run with interleaved rounds, reported as ratios (absolute times on shared machines are noise).
 
-`pytest bench/ --benchmark-only` runs them; each bar from the issues is asserted on the ratio.
+`pytest bench/ --benchmark-only` runs them; each module's bars (its docstring) are asserted on the ratios.
 """
 
 from __future__ import annotations

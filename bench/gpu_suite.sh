@@ -121,8 +121,8 @@ unset TRITON_INTERPRET INTERNLM_FAST_BACKEND
 TESTS_RC=0
 if [[ "${IFAST_GPU_SKIP_TESTS:-0}" != 1 ]]; then
   files=()
-  for pattern in test_registry test_attention test_kvcache test_rotary test_swiglu test_rms_norm \
-      test_cross_entropy test_flatten test_triton_kernels 'test_flash_attn*_triton' test_model test_model_triton \
+  for pattern in test_registry test_flash_attn test_kvcache test_rotary test_swiglu test_rms_norm \
+      test_cross_entropy test_flatten_scale test_triton_kernels 'test_flash_attn*_triton' test_model test_model_triton \
       test_generate_kvcache; do
     for f in tests/$pattern.py; do
       [[ -f "$f" ]] && files+=("$f")

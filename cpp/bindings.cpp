@@ -29,51 +29,81 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   build["compiler"] = __VERSION__;
   m.attr("build_info") = build;
 
+  // Every kernel takes keyword arguments, named as in cpu/ops_cpu.h on both submodules (and in
+  // triton_kernels): tests/test_kernel_signatures.py checks the names against the headers.
   auto cpu = m.def_submodule("cpu", "C++ CPU kernels");
   cpu.def("output_cache_clear", &ifast::cpu::output_cache_clear);
   cpu.def("output_cache_stats", &ifast::cpu::output_cache_stats);
-  cpu.def("rms_norm_fwd", &ifast::cpu::rms_norm_fwd, nogil);
-  cpu.def("rms_norm_bwd", &ifast::cpu::rms_norm_bwd, nogil);
-  cpu.def("flash_attn_fwd", &ifast::cpu::flash_attn_fwd, nogil);
-  cpu.def("flash_attn_bwd", &ifast::cpu::flash_attn_bwd, nogil);
-  cpu.def("flash_attn_kvcache_fwd", &ifast::cpu::flash_attn_kvcache_fwd, nogil);
+  cpu.def("rms_norm_fwd", &ifast::cpu::rms_norm_fwd, nogil, py::arg("x"), py::arg("weight"),
+          py::arg("residual"), py::arg("eps"));
+  cpu.def("rms_norm_bwd", &ifast::cpu::rms_norm_bwd, nogil, py::arg("dy"), py::arg("x"), py::arg("weight"),
+          py::arg("rstd"), py::arg("dresidual_out"));
+  cpu.def("flash_attn_fwd", &ifast::cpu::flash_attn_fwd, nogil, py::arg("q"), py::arg("k"), py::arg("v"),
+          py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("softmax_scale"), py::arg("causal"));
+  cpu.def("flash_attn_bwd", &ifast::cpu::flash_attn_bwd, nogil, py::arg("dout"), py::arg("q"), py::arg("k"),
+          py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+          py::arg("softmax_scale"), py::arg("causal"));
+  cpu.def("flash_attn_kvcache_fwd", &ifast::cpu::flash_attn_kvcache_fwd, nogil, py::arg("q"),
+          py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_lens"), py::arg("softmax_scale"),
+          py::arg("causal"));
   cpu.def("rotary_fwd", &ifast::cpu::rotary_fwd, nogil, py::arg("x"), py::arg("cos"), py::arg("sin"),
           py::arg("seqlen_offsets"), py::arg("cu_seqlens"), py::arg("interleaved"), py::arg("conjugate"),
           py::arg("out"));
   cpu.def("rotary_bwd", &ifast::cpu::rotary_bwd, nogil, py::arg("x"), py::arg("cos"), py::arg("sin"),
           py::arg("seqlen_offsets"), py::arg("cu_seqlens"), py::arg("interleaved"), py::arg("conjugate"),
           py::arg("out"));
-  cpu.def("swiglu_fwd", &ifast::cpu::swiglu_fwd, nogil);
-  cpu.def("swiglu_bwd", &ifast::cpu::swiglu_bwd, nogil);
-  cpu.def("cross_entropy_fwd", &ifast::cpu::cross_entropy_fwd, nogil);
-  cpu.def("cross_entropy_bwd", &ifast::cpu::cross_entropy_bwd, nogil);
-  cpu.def("fused_linear_cross_entropy_fwd", &ifast::cpu::fused_linear_cross_entropy_fwd, nogil);
-  cpu.def("fused_linear_cross_entropy_bwd", &ifast::cpu::fused_linear_cross_entropy_bwd, nogil);
-  cpu.def("flatten_scale_fwd", &ifast::cpu::flatten_scale_fwd, nogil);
-  cpu.def("few_rows_linear", &ifast::cpu::few_rows_linear, nogil);
-  cpu.def("argmax_rows", &ifast::cpu::argmax_rows, nogil);
-  cpu.def("decode_rotary_append", &ifast::cpu::decode_rotary_append, nogil);
+  cpu.def("swiglu_fwd", &ifast::cpu::swiglu_fwd, nogil, py::arg("gate"), py::arg("up"));
+  cpu.def("swiglu_bwd", &ifast::cpu::swiglu_bwd, nogil, py::arg("dout"), py::arg("gate"), py::arg("up"),
+          py::arg("packed"));
+  cpu.def("cross_entropy_fwd", &ifast::cpu::cross_entropy_fwd, nogil, py::arg("logits"), py::arg("labels"),
+          py::arg("ignore_index"), py::arg("reduction"));
+  cpu.def("cross_entropy_bwd", &ifast::cpu::cross_entropy_bwd, nogil, py::arg("dloss"), py::arg("logits"),
+          py::arg("labels"), py::arg("lse"), py::arg("ignore_index"), py::arg("reduction"));
+  cpu.def("fused_linear_cross_entropy_fwd", &ifast::cpu::fused_linear_cross_entropy_fwd, nogil,
+          py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("ignore_index"),
+          py::arg("reduction"), py::arg("chunk_size"), py::arg("need_dhidden"), py::arg("need_dweight"));
+  cpu.def("fused_linear_cross_entropy_bwd", &ifast::cpu::fused_linear_cross_entropy_bwd, nogil,
+          py::arg("dloss"), py::arg("dhidden"), py::arg("dweight"));
+  cpu.def("flatten_scale_fwd", &ifast::cpu::flatten_scale_fwd, nogil, py::arg("tensors"), py::arg("out"),
+          py::arg("scale"));
+  cpu.def("few_rows_linear", &ifast::cpu::few_rows_linear, nogil, py::arg("x"), py::arg("panels_w"),
+          py::arg("bias"));
+  cpu.def("argmax_rows", &ifast::cpu::argmax_rows, nogil, py::arg("x"));
+  cpu.def("decode_rotary_append", &ifast::cpu::decode_rotary_append, nogil, py::arg("qkv"), py::arg("cos"),
+          py::arg("sin"), py::arg("positions"), py::arg("kv_rows"), py::arg("slots"), py::arg("q_heads"));
 
 #ifdef IFAST_WITH_CUDA
   m.attr("with_cuda") = true;
   auto cuda = m.def_submodule("cuda", "CUDA kernels");
-  cuda.def("rms_norm_fwd", &ifast::cuda::rms_norm_fwd, nogil);
-  cuda.def("rms_norm_bwd", &ifast::cuda::rms_norm_bwd, nogil);
-  cuda.def("flatten_scale_fwd", &ifast::cuda::flatten_scale_fwd, nogil);
+  cuda.def("rms_norm_fwd", &ifast::cuda::rms_norm_fwd, nogil, py::arg("x"), py::arg("weight"),
+           py::arg("residual"), py::arg("eps"));
+  cuda.def("rms_norm_bwd", &ifast::cuda::rms_norm_bwd, nogil, py::arg("dy"), py::arg("x"), py::arg("weight"),
+           py::arg("rstd"), py::arg("dresidual_out"));
+  cuda.def("flatten_scale_fwd", &ifast::cuda::flatten_scale_fwd, nogil, py::arg("tensors"), py::arg("out"),
+           py::arg("scale"));
   cuda.def("rotary_fwd", &ifast::cuda::rotary_fwd, nogil, py::arg("x"), py::arg("cos"), py::arg("sin"),
            py::arg("seqlen_offsets"), py::arg("cu_seqlens"), py::arg("interleaved"), py::arg("conjugate"),
            py::arg("out"));
   cuda.def("rotary_bwd", &ifast::cuda::rotary_bwd, nogil, py::arg("x"), py::arg("cos"), py::arg("sin"),
            py::arg("seqlen_offsets"), py::arg("cu_seqlens"), py::arg("interleaved"), py::arg("conjugate"),
            py::arg("out"));
-  cuda.def("swiglu_fwd", &ifast::cuda::swiglu_fwd, nogil);
-  cuda.def("swiglu_bwd", &ifast::cuda::swiglu_bwd, nogil);
-  cuda.def("cross_entropy_fwd", &ifast::cuda::cross_entropy_fwd, nogil);
-  cuda.def("cross_entropy_bwd", &ifast::cuda::cross_entropy_bwd, nogil);
-  cuda.def("fused_linear_cross_entropy_fwd", &ifast::cuda::fused_linear_cross_entropy_fwd, nogil);
-  cuda.def("fused_linear_cross_entropy_bwd", &ifast::cuda::fused_linear_cross_entropy_bwd, nogil);
-  cuda.def("flash_attn_kvcache_fwd", &ifast::cuda::flash_attn_kvcache_fwd, nogil);
-  cuda.def("decode_rotary_append", &ifast::cuda::decode_rotary_append, nogil);
+  cuda.def("swiglu_fwd", &ifast::cuda::swiglu_fwd, nogil, py::arg("gate"), py::arg("up"));
+  cuda.def("swiglu_bwd", &ifast::cuda::swiglu_bwd, nogil, py::arg("dout"), py::arg("gate"), py::arg("up"),
+           py::arg("packed"));
+  cuda.def("cross_entropy_fwd", &ifast::cuda::cross_entropy_fwd, nogil, py::arg("logits"), py::arg("labels"),
+           py::arg("ignore_index"), py::arg("reduction"));
+  cuda.def("cross_entropy_bwd", &ifast::cuda::cross_entropy_bwd, nogil, py::arg("dloss"), py::arg("logits"),
+           py::arg("labels"), py::arg("lse"), py::arg("ignore_index"), py::arg("reduction"));
+  cuda.def("fused_linear_cross_entropy_fwd", &ifast::cuda::fused_linear_cross_entropy_fwd, nogil,
+           py::arg("hidden"), py::arg("weight"), py::arg("labels"), py::arg("ignore_index"),
+           py::arg("reduction"), py::arg("chunk_size"), py::arg("need_dhidden"), py::arg("need_dweight"));
+  cuda.def("fused_linear_cross_entropy_bwd", &ifast::cuda::fused_linear_cross_entropy_bwd, nogil,
+           py::arg("dloss"), py::arg("dhidden"), py::arg("dweight"));
+  cuda.def("flash_attn_kvcache_fwd", &ifast::cuda::flash_attn_kvcache_fwd, nogil, py::arg("q"),
+           py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_lens"), py::arg("softmax_scale"),
+           py::arg("causal"));
+  cuda.def("decode_rotary_append", &ifast::cuda::decode_rotary_append, nogil, py::arg("qkv"), py::arg("cos"),
+           py::arg("sin"), py::arg("positions"), py::arg("kv_rows"), py::arg("slots"), py::arg("q_heads"));
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -12,40 +12,24 @@ from pathlib import Path
 
 import internlm_fast
 
+from .train_helpers import run_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
 
 
+# every rank one thread; several buckets even for this tiny model, so the overlap is exercised
+DIST_RUN = {
+    "data.total_steps": 20,
+    "ckpt.checkpoint_every": 10,
+    "threads": 1,
+    "dist.bucket_mb": 0.05,
+    "dist.timeout_s": 20,
+}
+
+
 def overrides(corpus, run_dir: Path, **extra) -> list[str]:
-    values = {
-        "data.train": corpus["train"],
-        "data.val": corpus["val"],
-        "data.tokenizer": corpus["tokenizer"],
-        "data.seq_len": 64,
-        "data.micro_bsz": 2,
-        "data.total_steps": 20,
-        "model.vocab_size": 512,
-        "model.hidden_size": 64,
-        "model.intermediate_size": 96,
-        "model.num_hidden_layers": 2,
-        "model.num_attention_heads": 4,
-        "model.max_position_embeddings": 128,
-        "optimizer.lr": 1e-2,
-        "lr_scheduler.warmup_ratio": 0.25,
-        "log.folder": run_dir,
-        "log.eval_every": 0,
-        "log.eval_batches": 2,
-        "log.progress": False,
-        "log.tensorboard": False,
-        "ckpt.checkpoint_every": 10,
-        "ckpt.keep_last": 10,
-        "generate.max_new_tokens": 0,
-        "threads": 1,
-        "dist.bucket_mb": 0.05,  # several buckets even for this tiny model: the overlap is exercised
-        "dist.timeout_s": 20,
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    return run_overrides(corpus, run_dir, **{**DIST_RUN, **extra})
 
 
 def _free_port() -> int:

@@ -18,15 +18,6 @@ from internlm_fast.train.config import load_config
 from internlm_fast.train.trainer import Trainer
 
 
-def optimizer_state_bytes(trainer: Trainer) -> int:
-    if trainer.zero is not None:
-        return trainer.zero.state_bytes()
-    n = sum(t.numel() * t.element_size() for s in trainer.optimizer.state.values() for t in s.values() if t.dim())
-    if trainer.master is not None:
-        n += sum(p.numel() * p.element_size() for p in trainer.master.params)
-    return n
-
-
 def poison_last_rank_at(trainer: Trainer, step: int) -> list[int]:
     """Make the last rank's loss NaN at `step` (1-based), as the single-process NaN test does; returns
     the list that collects the steps every rank reported as skipped."""
@@ -38,8 +29,7 @@ def poison_last_rank_at(trainer: Trainer, step: int) -> list[int]:
     def wrapped(batches):
         poison = last and trainer.step + 1 == step
         if poison:
-            if trainer.zero is not None:  # the last update's all-gather would overwrite the NaN
-                trainer.zero.wait_params()
+            trainer.optimizer.wait_params()  # ZeRO's last all-gather would overwrite the NaN
             saved = weight.detach()[0].item()
             with torch.no_grad():
                 weight[0] = float("nan")
@@ -62,13 +52,12 @@ def main() -> int:
     skipped = poison_last_rank_at(trainer, nan_at) if nan_at else []
     result = trainer.fit()
     rank = trainer.dist.rank if trainer.dist is not None else 0
-    if trainer.zero is not None:
-        trainer.zero.wait_params()
+    trainer.optimizer.wait_params()
     record = {
         "rank": rank,
         "losses": result.losses,
         "val_loss": result.val_loss,
-        "state_bytes": optimizer_state_bytes(trainer),
+        "state_bytes": trainer.optimizer.state_bytes(),
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "rows_consumed": trainer.loader.state_dict()["rows_consumed"],
         "threads": torch.get_num_threads(),

@@ -21,17 +21,13 @@ from internlm_fast.model.pretrained import load_pretrained
 from internlm_fast.train.checkpoint import save_checkpoint
 from internlm_fast.train.config import config_to_dict, load_config
 
+from .model_helpers import TINY_CONFIG
+
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-SMALL = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    max_position_embeddings=128,
-)
+# three layers: the pipeline shards below hold two and one
+SMALL = {**TINY_CONFIG, "num_hidden_layers": 3}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +46,7 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
     folder = tmp_path_factory.mktemp("tok")
     text = folder / "text.txt"
     text.write_text((Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text())
-    return Tokenizer(train_tokenizer([text], folder / "tok.model", vocab_size=512))
+    return Tokenizer(train_tokenizer([text], folder / "tok.model", vocab_size=SMALL["vocab_size"]))
 
 
 def _internlm_state(model: InternLMForCausalLM) -> dict[str, torch.Tensor]:
@@ -109,14 +105,12 @@ def test_internlm_training_checkpoint_with_pipeline_shards(tmp_path, model, caps
     assert main(["from-internlm", str(src), str(tmp_path / "b"), "--config", "tiny", *sets]) == 0
     _assert_same_weights(model, load_pretrained(tmp_path / "b"))
     # InternLM's own model_config.pt: no --config needed, sizes come from the tensors
-    torch.save(
-        {"num_attention_heads": 4, "hidden_size": 64, "num_layers": 3, "vocab_size": 512, "layer_norm_epsilon": 1e-6},
-        src / "model_config.pt",
-    )
+    sizes = {k: SMALL[k] for k in ("num_attention_heads", "hidden_size", "vocab_size")}
+    torch.save({**sizes, "num_layers": SMALL["num_hidden_layers"], "layer_norm_epsilon": 1e-6}, src / "model_config.pt")
     loaded = load_pretrained(src)
     assert loaded.config.max_position_embeddings == 2048
     with torch.no_grad():
-        ids = torch.arange(40)[None] % 512
+        ids = torch.arange(40)[None] % SMALL["vocab_size"]
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     # wrong heads: the packed tensor does not fit, and the message says which file and key
     assert main(["from-internlm", str(src), str(tmp_path / "c"), "--config", "tiny"]) == 2

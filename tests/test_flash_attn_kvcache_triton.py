@@ -1,7 +1,8 @@
-"""The Triton decoding kernels (triton_kernels/flash_attn_kvcache.py) called directly:
-flash_attn_kvcache_fwd against the fp64 oracle under the 2x rule, over every way the work is cut
-(one cache chunk written directly, several merged, more chunks than a sequence has blocks, several
-row blocks), and decode_rotary_append against apply_rotary_ref plus a copy into the cache rows.
+"""The Triton decoding kernels (triton_kernels/flash_attn_kvcache.py and decode_rotary_append.py)
+called directly: flash_attn_kvcache_fwd against the fp64 oracle under the 2x rule, over every way
+the work is cut (one cache chunk written directly, several merged, more chunks than a sequence has
+blocks, several row blocks), and decode_rotary_append against apply_rotary_ref plus a copy into the
+cache rows.
 
 Without a GPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), where the
 kernels use 16-key blocks, so the lengths below span several blocks and end mid-block.
@@ -13,11 +14,15 @@ import pytest
 import torch
 
 from internlm_fast.ops import available, backend, use_backend
-from internlm_fast.ops.kvcache import _attend_ref, flash_attn_with_kvcache, flash_attn_with_kvcache_ref
+from internlm_fast.ops.flash_attn_kvcache import (
+    attention_kvcache_ref,
+    flash_attn_with_kvcache,
+    flash_attn_with_kvcache_ref,
+)
 
 from .conftest import ATOL, assert_matches_oracle
-from .test_decode_append import _reference as _rotary_append_reference
-from .test_decode_append import _tables
+from .test_decode_rotary_append import _reference as _rotary_append_reference
+from .test_decode_rotary_append import _tables
 
 pytestmark = pytest.mark.skipif(not available("triton"), reason="triton is not installed")
 
@@ -65,23 +70,24 @@ SHAPES = [
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_kvcache_fwd_matches_oracle(tk, shape, causal, dtype, num_splits):
+def test_kvcache_fwd_matches_oracle(tk, monkeypatch, shape, causal, dtype, num_splits):
     b, sq, hq, hk, d, lens = shape
     g = torch.Generator().manual_seed(sum(lens) + d + sq)
     q = _randn(b, sq, hq, d, dtype=dtype, g=g)
     k, v = _cache(b, max(lens) + 5, hk, d, lens, dtype, g)
     n = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     scale = d**-0.5
-    out, lse = tk.flash_attn_kvcache_fwd(q, k, v, n, scale, causal, num_splits=num_splits)
-    ref_out, ref_lse = _attend_ref(q, k, v, n, scale, causal)
-    out64, lse64 = _attend_ref(q.double(), k.double(), v.double(), n, scale, causal)
+    monkeypatch.setattr(tk.flash_attn_kvcache, "NUM_SPLITS", num_splits)
+    out, lse = tk.flash_attn_kvcache_fwd(q, k, v, n, scale, causal)
+    ref_out, ref_lse = attention_kvcache_ref(q, k, v, n, scale, causal)
+    out64, lse64 = attention_kvcache_ref(q.double(), k.double(), v.double(), n, scale, causal)
     assert out.is_contiguous() and lse.dtype == torch.float32 and lse.shape == (b, hq, sq)
     assert_matches_oracle("out", out, ref_out, out64, atol=ATOL[dtype])
     _assert_lse("lse", lse, ref_lse.float(), lse64, atol=ATOL[torch.float32])
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
-def test_kvcache_fwd_row_blocks_and_empty_chunks(tk, num_splits):
+def test_kvcache_fwd_row_blocks_and_empty_chunks(tk, monkeypatch, num_splits):
     """68 query rows of one kv head (two row blocks of 64, causal limits differing per block), and up to
     8 chunks for sequences of 1 to 5 blocks: chunks past a sequence's end hold nothing to merge."""
     g = torch.Generator().manual_seed(num_splits)
@@ -89,9 +95,10 @@ def test_kvcache_fwd_row_blocks_and_empty_chunks(tk, num_splits):
     q = _randn(b, sq, hq, d, dtype=torch.float32, g=g)
     k, v = _cache(b, 128, hk, d, lens, torch.float32, g)
     n = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    out, lse = tk.flash_attn_kvcache_fwd(q, k, v, n, 0.2, True, num_splits=num_splits)
-    ref_out, ref_lse = _attend_ref(q, k, v, n, 0.2, True)
-    out64, lse64 = _attend_ref(q.double(), k.double(), v.double(), n, 0.2, True)
+    monkeypatch.setattr(tk.flash_attn_kvcache, "NUM_SPLITS", num_splits)
+    out, lse = tk.flash_attn_kvcache_fwd(q, k, v, n, 0.2, True)
+    ref_out, ref_lse = attention_kvcache_ref(q, k, v, n, 0.2, True)
+    out64, lse64 = attention_kvcache_ref(q.double(), k.double(), v.double(), n, 0.2, True)
     assert_matches_oracle("out", out, ref_out, out64, atol=ATOL[torch.float32])
     _assert_lse("lse", lse, ref_lse, lse64, atol=ATOL[torch.float32])
 
@@ -103,8 +110,8 @@ def test_kvcache_fwd_auto_splits_fp16_and_contiguous_cache(tk, dtype):
     k, v = (_randn(2, 90, 2, 64, dtype=dtype, g=g) for _ in range(2))
     n = torch.tensor([90, 41], dtype=torch.int32, device=DEVICE)
     out, lse = tk.flash_attn_kvcache_fwd(q, k, v, n, 0.125, True)
-    ref_out, ref_lse = _attend_ref(q, k, v, n, 0.125, True)
-    out64, lse64 = _attend_ref(q.double(), k.double(), v.double(), n, 0.125, True)
+    ref_out, ref_lse = attention_kvcache_ref(q, k, v, n, 0.125, True)
+    out64, lse64 = attention_kvcache_ref(q.double(), k.double(), v.double(), n, 0.125, True)
     assert_matches_oracle("out", out, ref_out, out64, atol=ATOL[dtype])
     _assert_lse("lse", lse, ref_lse.float(), lse64, atol=ATOL[torch.float32])
 

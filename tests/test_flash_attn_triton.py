@@ -1,5 +1,5 @@
 """The Triton flash-attention kernels called directly (internlm_fast.triton_kernels.flash_attn_fwd /
-flash_attn_bwd), for what test_attention.py does not reach through the public op: strided views of
+flash_attn_bwd), for what test_flash_attn.py does not reach through the public op: strided views of
 a packed qkv projection with GQA, empty inputs, sequences without keys, fp16, head_dim 8 (padded
 tile), block shapes in both orders, the split GQA dk/dv path, batches past the grid limit, and
 deterministic gradients.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from internlm_fast.ops import available, backend
-from internlm_fast.ops.attention import attention_varlen_ref
+from internlm_fast.ops.flash_attn import attention_varlen_ref
 
 from .conftest import ATOL, assert_matches_oracle
 

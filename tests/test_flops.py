@@ -7,14 +7,7 @@ from internlm_fast.model import InternLMConfig, InternLMForCausalLM, preset
 from internlm_fast.ops import use_backend
 from internlm_fast.train.flops import tflops, train_flops_per_step
 
-SMALL = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=176,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-)
+from .model_helpers import tiny_config
 
 
 def _direct_count(config: InternLMConfig, batch: int, seqlen: int, checkpointing: bool) -> float:
@@ -46,7 +39,7 @@ def test_formula_matches_the_matmul_count_of_internlm_7b(checkpointing):
 def test_formula_matches_torch_flop_counter_on_a_real_step(kv_heads, checkpointing):
     # the reference backend is plain torch, so FlopCounterMode sees every matmul of the step
     # (ours skips masked attention tiles and fuses the loss; the formula counts the full work)
-    config = InternLMConfig(**SMALL, num_key_value_heads=kv_heads, gradient_checkpointing=checkpointing)
+    config = tiny_config(num_key_value_heads=kv_heads, gradient_checkpointing=checkpointing)
     torch.manual_seed(0)
     model = InternLMForCausalLM(config).train()
     batch, seqlen = 2, 16

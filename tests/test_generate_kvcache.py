@@ -1,13 +1,19 @@
-"""The KV-cache forward (packed prefill, decode steps, shrinking cache) equals model.forward."""
+"""The model's forward with a KV cache (packed prefill, decode steps, shrinking cache) equals its
+forward without one."""
 
 from __future__ import annotations
+
+import copy
+import pickle
 
 import pytest
 import torch
 
-from internlm_fast.infer import CachedDecoder
+from internlm_fast.infer import KVCache, decode, prefill
+from internlm_fast.model.modeling import rotary_tables
 from internlm_fast.ops import use_backend
 
+from .conftest import ATOL, assert_matches_oracle
 from .generate_helpers import one_thread, small_model  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,16 +32,15 @@ def test_decoding_equals_full_forward_at_every_step(prompts, kv_heads):
     model = small_model(num_key_value_heads=kv_heads)
     seqs = [list(p) for p in prompts]
     with torch.inference_mode():
-        decoder = CachedDecoder(model)
-        cache = decoder.new_cache(len(prompts), 160)
-        logits = decoder.prefill(cache, prompts)
+        cache = KVCache.for_model(model, len(prompts), 160)
+        logits = prefill(model, cache, prompts)
         for _ in range(12):
             for b, seq in enumerate(seqs):
                 torch.testing.assert_close(logits[b], _full_logits(model, seq), **TOL)
             tokens = logits.argmax(-1)
             for b, t in enumerate(tokens.tolist()):
                 seqs[b].append(t)
-            logits = decoder.decode(cache, tokens)
+            logits = decode(model, cache, tokens)
     assert cache.lens.tolist() == [len(s) for s in seqs]
 
 
@@ -43,12 +48,11 @@ def test_packed_prefill_equals_each_prompt_alone():
     model = small_model()
     prompts = [list(range(1, 60)), [7], [200, 3, 4], list(range(100, 331))]
     with torch.inference_mode():
-        decoder = CachedDecoder(model)
-        cache = decoder.new_cache(len(prompts), 240)
-        packed = decoder.prefill(cache, prompts)
+        cache = KVCache.for_model(model, len(prompts), 240)
+        packed = prefill(model, cache, prompts)
         for b, p in enumerate(prompts):
-            alone_cache = decoder.new_cache(1, 240)
-            alone = decoder.prefill(alone_cache, [p])
+            alone_cache = KVCache.for_model(model, 1, 240)
+            alone = prefill(model, alone_cache, [p])
             torch.testing.assert_close(packed[b], alone[0], **TOL)
             torch.testing.assert_close(packed[b], _full_logits(model, p), **TOL)
             n = len(p)  # the cached keys and values too
@@ -60,9 +64,8 @@ def test_dropping_finished_rows_keeps_the_others_exact():
     model = small_model()
     prompts = [[1, 2, 3], list(range(10, 50)), [9] * 7, [4, 5]]
     with torch.inference_mode():
-        decoder = CachedDecoder(model)
-        cache = decoder.new_cache(4, 80)
-        logits = decoder.prefill(cache, prompts)
+        cache = KVCache.for_model(model, 4, 80)
+        logits = prefill(model, cache, prompts)
         seqs = [list(p) for p in prompts]
         live = [0, 1, 2, 3]
         for drop in [[], [0], [], [2], []]:
@@ -72,7 +75,7 @@ def test_dropping_finished_rows_keeps_the_others_exact():
                 seqs[row].append(int(tokens[i]))
             cache.keep(keep)
             live = [live[i] for i in keep]
-            logits = decoder.decode(cache, tokens[keep])
+            logits = decode(model, cache, tokens[keep])
             for i, row in enumerate(live):
                 torch.testing.assert_close(logits[i], _full_logits(model, seqs[row]), **TOL)
         assert live == [1, 3] and cache.batch == 2
@@ -86,10 +89,9 @@ def test_reference_backend_runs_the_same_path():
     out = {}
     for name in ("cpu", "ref"):
         with use_backend(name), torch.inference_mode():
-            decoder = CachedDecoder(model)
-            cache = decoder.new_cache(2, 16)
-            first = decoder.prefill(cache, prompts)
-            out[name] = (first, decoder.decode(cache, first.argmax(-1)))
+            cache = KVCache.for_model(model, 2, 16)
+            first = prefill(model, cache, prompts)
+            out[name] = (first, decode(model, cache, first.argmax(-1)))
     for a, b in zip(out["cpu"], out["ref"]):
         torch.testing.assert_close(a, b, **TOL)
 
@@ -98,11 +100,73 @@ def test_decode_weights_follow_parameter_updates():
     model = small_model()
     prompt = [[5, 6, 7]]
     with torch.inference_mode():
-        before = CachedDecoder(model).prefill(CachedDecoder(model).new_cache(1, 8), prompt)
+        before = prefill(model, KVCache.for_model(model, 1, 8), prompt)
     with torch.no_grad():
         model.model.layers[0].self_attn.k_proj.weight.mul_(-1.0)  # an in-place update, as an optimizer does
     with torch.inference_mode():
-        decoder = CachedDecoder(model)
-        after = decoder.prefill(decoder.new_cache(1, 8), prompt)
+        after = prefill(model, KVCache.for_model(model, 1, 8), prompt)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after[0], _full_logits(model, prompt[0]), **TOL)
+
+
+def test_forward_with_a_cache_checks_its_inputs():
+    model = small_model()
+    with torch.inference_mode():
+        cache = KVCache.for_model(model, 2, 8)
+        with pytest.raises(ValueError, match="one token per live sequence"):
+            model(torch.tensor([[1], [2], [3]]), cache=cache)
+        with pytest.raises(ValueError, match="cu_seqlens must run from 0 to 5"):
+            model(torch.tensor([[1, 2, 3, 4, 5]]), cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32), cache=cache)
+        with pytest.raises(ValueError, match="1 to 8 tokens"):
+            prefill(model, cache, [list(range(9))])
+        with pytest.raises(ValueError, match="at most|1 to 2 prompts"):
+            prefill(model, cache, [[1], [2], [3]])
+        logits = model(torch.tensor([[5, 6, 7]]), cu_seqlens=torch.tensor([0, 3], dtype=torch.int32), cache=cache)
+        assert logits.logits.shape == (1, model.config.vocab_size) and cache.lens.tolist() == [3, 0]
+        with pytest.raises(ValueError, match="empty cache rows"):
+            prefill(model, cache, [[1]])
+        cache.keep([0])
+        for _ in range(5):
+            decode(model, cache, torch.tensor([4]))
+        with pytest.raises(ValueError, match="a sequence is full: 8 tokens"):
+            decode(model, cache, torch.tensor([4]))
+        with pytest.raises(ValueError, match="labels"):
+            model(torch.tensor([[4]]), labels=torch.tensor([[4]]), cache=cache)
+    with pytest.raises(RuntimeError, match="no autograd"):
+        decode(model, cache, torch.tensor([4]))
+
+
+def test_a_generating_model_copies_and_pickles():
+    """The decoding copies of the weights and the bound kernels are not part of the model's state."""
+    model = small_model()
+    ids = torch.tensor([[3, 4, 5]])
+    first = model.generate(ids, max_new_tokens=5)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(other.generate(ids, max_new_tokens=5), first)
+
+
+def test_bf16_decoding_follows_the_oracle():
+    """A bf16 model's cache steps (fp32 rotary tables, copies in bf16) against its own full forward in
+    bf16 and the fp64 oracle on the same weights: the 2x rule on each step's logits."""
+    model = small_model(std=0.1).to(torch.bfloat16)
+    oracle = copy.deepcopy(model).double()
+    oracle.rotary_cos, oracle.rotary_sin = (t.double() for t in rotary_tables(model.config))  # unrounded
+    seq = [5, 9, 2, 7, 30, 11]
+
+    def full(m, s, backend):
+        with use_backend(backend), torch.no_grad():
+            return m(torch.tensor([s])).logits[0, -1]
+
+    with torch.inference_mode():
+        cache = KVCache.for_model(model, 1, 16)
+        logits = prefill(model, cache, [seq])[0]
+        for token in (3, 17, 200, 4):
+            assert_matches_oracle(
+                f"logits after {len(seq)} tokens",
+                logits,
+                full(model, seq, "cpu"),
+                full(oracle, seq, "ref"),
+                ATOL[torch.bfloat16],
+            )
+            seq.append(token)
+            logits = decode(model, cache, torch.tensor([token]))[0]

@@ -2,9 +2,16 @@ import pytest
 import torch
 
 from internlm_fast.ops import use_backend
-from internlm_fast.ops.attention import attention_ref
-from internlm_fast.ops.kvcache import flash_attn_with_kvcache, flash_attn_with_kvcache_ref
+from internlm_fast.ops.flash_attn import attention_ref
+from internlm_fast.ops.flash_attn_kvcache import (
+    attention_kvcache_ref,
+    flash_attn_with_kvcache,
+    flash_attn_with_kvcache_ref,
+)
+from internlm_fast.ops.inference import InferenceKernels, decode_rotary_append_ref
 from internlm_fast.ops.rotary import apply_rotary_ref
+
+from .conftest import ATOL, assert_matches_oracle
 
 OP = "flash_attn_kvcache"  # the tests taking impl_device run on every backend of this op
 
@@ -87,6 +94,41 @@ def test_no_new_tokens_and_empty_cache(impl_device):
     assert torch.equal(out[0], torch.zeros_like(out[0]))  # nothing to attend to
     ref = flash_attn_with_kvcache_ref(q, kc, vc, cache_seqlens=lens)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_decode_step_matches_the_references(impl_device, dtype):
+    """A decode step as the model's cached forward runs it, through the lean kernels of the backend
+    (decode_rotary_append, then flash_attn_kvcache on the cache it wrote): q, the cache rows and the
+    output against the references (decode_rotary_append_ref, attention_kvcache_ref), the output
+    under the 2x rule against the fp64 oracle. Rows of 5 cached tokens and 0 (a first token)."""
+    impl, device = impl_device
+    g = torch.Generator().manual_seed(7)
+    b, hq, hk, d, cap = 2, 4, 2, 32, 9
+    cos, sin = (t.to(device) for t in _rope(16, d))
+    qkv = torch.randn(b, hq + 2 * hk, d, generator=g, dtype=torch.float64)
+    kv = torch.randn(b, cap, 2, hk, d, generator=g, dtype=torch.float64)
+    positions = torch.tensor([5, 0], device=device)
+    slots = torch.arange(b, device=device) * cap + positions
+    visible = (positions + 1).to(torch.int32)
+    runs = {}
+    for name, dt in (("lean", dtype), ("ref", dtype), ("oracle", torch.float64)):
+        x, cache = qkv.to(device, dt), kv.to(device, dt)
+        rows = cache.view(-1, 2, hk, d)
+        if name == "lean":
+            with use_backend(impl):
+                kern = InferenceKernels(x)
+                kern.rotary_append_(x, cos, sin, positions, rows, slots, hq)
+                out = kern.attend_cache(x[:, None, :hq], cache[:, :, 0], cache[:, :, 1], visible, d**-0.5)
+        else:
+            decode_rotary_append_ref(x, cos, sin, positions, rows, slots, hq)
+            out = attention_kvcache_ref(x[:, None, :hq], cache[:, :, 0], cache[:, :, 1], visible, d**-0.5, True)[0]
+        runs[name] = x, cache, out
+    (x, cache, out), (x_ref, cache_ref, out_ref), (_, _, out64) = runs["lean"], runs["ref"], runs["oracle"]
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(x, x_ref, **tol)
+    torch.testing.assert_close(cache, cache_ref, **tol)
+    assert_matches_oracle("decode step output", out, out_ref, out64, atol=ATOL[dtype])
 
 
 def test_bad_kvcache_arguments():

@@ -1,6 +1,13 @@
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+import internlm_fast.model
 from internlm_fast.model import InternLMConfig, InternLMForCausalLM, preset
 from internlm_fast.ops import use_backend
 
@@ -98,13 +105,13 @@ def test_presets_and_config_errors():
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_fused_projections_equal_transformers_and_the_unfused_path(kv_heads, monkeypatch):
     # FUSED_GEMM_MIN_TOKENS = 1 forces one GEMM for q/k/v and one for gate/up; 10**9 separate linears
-    from internlm_fast.model import modeling
+    from internlm_fast.model import projection
 
     hf, ours = _pair(kv_heads)
     ids = torch.randint(0, CFG["vocab_size"], (2, 120))
     grads, losses = {}, {}
     for min_tokens in (1, 10**9):  # fused, then separate linears
-        monkeypatch.setattr(modeling, "FUSED_GEMM_MIN_TOKENS", min_tokens)
+        monkeypatch.setattr(projection, "FUSED_GEMM_MIN_TOKENS", min_tokens)
         ours.zero_grad()
         with use_backend("cpu"):
             losses[min_tokens] = ours(ids, labels=ids).loss
@@ -116,3 +123,30 @@ def test_fused_projections_equal_transformers_and_the_unfused_path(kv_heads, mon
     torch.testing.assert_close(losses[1], losses[10**9], atol=1e-6, rtol=1e-6)
     for n in grads[1]:
         torch.testing.assert_close(grads[1][n], grads[10**9][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_the_model_package_does_not_import_inference():
+    """model/ is below infer/: no import of internlm_fast.infer in its sources, and importing it (and
+    running a forward) loads none; model.generate/chat/stream_chat reach infer by name when called."""
+    model_dir = Path(internlm_fast.model.__file__).parent
+    for source in model_dir.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith("internlm_fast.infer"), f"{source.name} imports {node.module}"
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("internlm_fast.infer") for a in node.names), source.name
+    code = (
+        "import sys, torch\n"
+        "from internlm_fast.model import InternLMConfig, InternLMForCausalLM\n"
+        "m = InternLMForCausalLM(InternLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64,"
+        " num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16))\n"
+        "m(torch.zeros(1, 4, dtype=torch.long))\n"
+        "assert not any(n.startswith('internlm_fast.infer') for n in sys.modules), sorted(sys.modules)\n"
+        "m.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2)\n"
+        "assert 'internlm_fast.infer' in sys.modules\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(model_dir.parents[1]), os.environ.get("PYTHONPATH")])),
+    }
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)

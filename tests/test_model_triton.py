@@ -14,21 +14,14 @@ from internlm_fast.ops.inference import InferenceKernels
 
 from .conftest import ATOL, assert_matches_oracle
 from .generate_helpers import small_model
+from .model_helpers import TINY_CONFIG
 
 pytestmark = pytest.mark.skipif(not available("triton"), reason="triton is not installed")
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 BASELINE = "cuda" if GPU else "cpu"  # the other backend of this device, whose error sets the bar
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+TINY = {**TINY_CONFIG, "num_key_value_heads": 2}  # GQA: two query heads a kv head
 
 
 def _batch(device: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from internlm_fast.data.packed_loader import PackedBatch, PackedLoader
-from internlm_fast.model import InternLMForCausalLM, preset
+from internlm_fast.model import InternLMForCausalLM
+
+from .model_helpers import tiny_config
 
 
 class ListDataset:
@@ -251,7 +253,7 @@ def test_packed_loss_equals_the_mean_of_per_segment_losses():
     rng = np.random.default_rng(11)
     masks = [rng.random(len(d)) < 0.7 if i % 2 else None for i, d in enumerate(docs)]
     ds = ListDataset(docs, masks, vocab_size=vocab)
-    model = InternLMForCausalLM(preset("tiny", vocab_size=vocab, num_hidden_layers=2, hidden_size=64))
+    model = InternLMForCausalLM(tiny_config(vocab_size=vocab))
     model.eval()
     batches = list(PackedLoader(ds, seq_len=16, micro_batch_size=3, seed=0, loop=False))
     assert len(batches) >= 2 and batches[-1].num_tokens < 48  # includes a padded row

@@ -14,18 +14,13 @@ from internlm_fast.data import Tokenizer, train_tokenizer
 from internlm_fast.model import InternLMConfig, InternLMForCausalLM
 from internlm_fast.model.pretrained import load_pretrained, save_pretrained
 
+from .model_helpers import TINY_CONFIG
+
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-VOCAB = 512
-SMALL = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=128,
-)
+SMALL = TINY_CONFIG
+VOCAB = SMALL["vocab_size"]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from internlm_fast.train.config import ConfigError, load_config
 from internlm_fast.train.trainer import Trainer
 
 from .corpus_helpers import make_corpus
+from .train_helpers import run_overrides
 
 
 @pytest.fixture(scope="module")
@@ -22,29 +23,7 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 def _overrides(corpus, run_dir: Path, **extra) -> list[str]:
-    values = {
-        "data.train": corpus["train"],
-        "data.val": corpus["val"],
-        "data.tokenizer": corpus["tokenizer"],
-        "data.seq_len": 64,
-        "data.micro_bsz": 2,
-        "data.total_steps": 3,
-        "model.vocab_size": 512,
-        "model.hidden_size": 64,
-        "model.intermediate_size": 96,
-        "model.num_hidden_layers": 2,
-        "model.num_attention_heads": 4,
-        "model.max_position_embeddings": 128,
-        "optimizer.lr": 1e-2,
-        "log.folder": run_dir,
-        "log.eval_batches": 1,
-        "log.progress": False,
-        "log.tensorboard": False,
-        "generate.max_new_tokens": 0,
-        "threads": 2,
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in values.items()]
+    return run_overrides(corpus, run_dir, **{"data.total_steps": 3, **extra})
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -21,6 +21,7 @@ from internlm_fast.train.config import load_config
 from internlm_fast.train.trainer import Trainer
 
 from .corpus_helpers import make_corpus
+from .train_helpers import run_overrides
 
 
 @pytest.fixture(scope="module")
@@ -30,32 +31,8 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 def _overrides(corpus, run_dir: Path, **extra) -> list[str]:
-    values = {
-        "data.train": str(corpus["train"]),
-        "data.val": str(corpus["val"]),
-        "data.tokenizer": str(corpus["tokenizer"]),
-        "data.seq_len": 64,
-        "data.micro_bsz": 2,
-        "data.total_steps": 8,
-        "model.vocab_size": 512,
-        "model.hidden_size": 64,
-        "model.intermediate_size": 96,
-        "model.num_hidden_layers": 2,
-        "model.num_attention_heads": 4,
-        "model.max_position_embeddings": 128,
-        "optimizer.lr": 1e-2,
-        "lr_scheduler.warmup_ratio": 0.25,
-        "log.folder": str(run_dir),
-        "log.eval_every": 4,
-        "log.eval_batches": 2,
-        "log.progress": False,
-        "ckpt.checkpoint_every": 3,
-        "ckpt.keep_last": 10,
-        "generate.max_new_tokens": 8,
-        "threads": 2,
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    every = {"log.eval_every": 4, "ckpt.checkpoint_every": 3, "log.tensorboard": True, "generate.max_new_tokens": 8}
+    return run_overrides(corpus, run_dir, **{**every, **extra})
 
 
 def _train(corpus, run_dir: Path, **extra):

@@ -10,7 +10,7 @@ reads kv head h // (Hq / Hk), and the gradients of a kv head sum over its query 
 align bottom-right: query i of a sequence sees key j when j <= i + len_k - len_q; a row that sees
 no key outputs zeros with lse = +inf. out is a new contiguous tensor in q's dtype, lse (Hq, total_q)
 fp32 natural-log; dq/dk/dv new contiguous tensors in the inputs' dtype. fp16, bf16, fp32; head_dim
-a multiple of 8 up to 256. Reference: internlm_fast/ops/attention.py::attention_ref.
+a multiple of 8 up to 256. Reference: internlm_fast/ops/flash_attn.py::attention_ref.
 
 Forward: one program per (query block, head, sequence) streams the key blocks with an online
 softmax in base 2. Key blocks split into a run that needs no mask (every key visible to every row
@@ -53,7 +53,7 @@ DKDV_SPLIT: int | None = None
 # Launch configurations on a GPU, tried in order: the next one takes over if Triton reports that one
 # does not fit in shared memory. Keyed by the padded head dim; (block_m, block_n, warps, stages).
 # Chosen so the sm_90 builds of bf16 kernels neither spill registers nor exceed 164 KB of shared
-# memory (the A100's limit), checked with ptxas; not yet tuned by timing.
+# memory (the A100's limit), checked with ptxas; not tuned by timing.
 _FWD_CONFIGS = {
     64: [(128, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
     128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (32, 32, 4, 1)],

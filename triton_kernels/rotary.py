@@ -174,7 +174,7 @@ def rotary_fwd(
 
 
 def rotary_bwd(
-    dout: torch.Tensor,
+    x: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     seqlen_offsets: torch.Tensor,
@@ -183,4 +183,5 @@ def rotary_bwd(
     conjugate: bool,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    return _launch(dout, cos, sin, seqlen_offsets, cu_seqlens, interleaved, not conjugate, out)
+    """x is the incoming gradient (the C++ kernels' name: the backward is the forward's signature)."""
+    return _launch(x, cos, sin, seqlen_offsets, cu_seqlens, interleaved, not conjugate, out)

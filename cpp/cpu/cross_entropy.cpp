@@ -154,8 +154,8 @@ at::Tensor scalar_loss(double v, at::ScalarType t) {
 // Liger-Kernel's choice: a chunk's logits about as large as the hidden states, so the op never
 // holds much more than its inputs. Clamped below at 512 tokens because dweight += dlogits^T @
 // hidden re-reads and rewrites all of dweight once per chunk: with K = 512 that GEMM does 128
-// flops per byte of dweight traffic and stays compute-bound (measured at 4096 x 1024 x 32000:
-// 128-token chunks, Liger's value there, run ~25% slower than 512-1024).
+// flops per byte of dweight traffic and stays compute-bound (at 4096 x 1024 x 32000, 128-token
+// chunks, Liger's value there, are slower than 512-1024).
 int64_t auto_chunk(int64_t rows, int64_t V, int64_t H) {
   const int64_t ratio = std::max<int64_t>(1, (V + H - 1) / H);
   const int64_t want = std::max<int64_t>(1, (rows + ratio - 1) / ratio);

@@ -1,11 +1,10 @@
 // out (M, N) = x (M, K) @ W (K, N) [+ bias] for the few rows of a decode step (M <= ~16), fp32,
 // with W stored once, at load time, as column panels: panels (N / 16, K, 16), panel p holding
 // columns 16p..16p+15 of W row after row. MKL handles such a GEMM badly: it repacks the weights on
-// every call and runs short M on one thread, so a batch-8 step cost ~3.5x a batch-1 step although
-// both stream the same weights from memory (21 MB per step for the tiny preset). Here each thread
-// owns whole panels; a microkernel keeps R rows x 16P columns of accumulators in registers and
-// streams P panels, contiguous, once per 6 rows (from L2 after the first). On 2 EPYC cores, hot in
-// cache, (8, 256) x (256, 8192) runs at ~175 GFLOP/s and one row at ~115 GB/s of weights.
+// every call and runs short M on one thread, so a batch-8 step costs several times a batch-1 step
+// although both stream the same weights from memory. Here each thread owns whole panels; a
+// microkernel keeps R rows x 16P columns of accumulators in registers and streams P panels,
+// contiguous, once per 6 rows (from L2 after the first).
 // Reference: torch.addmm(bias, x, W).
 #include "common.h"
 #include "ops_cpu.h"
@@ -25,8 +24,8 @@ namespace {
 constexpr int kCols = 16;  // columns per panel: two AVX2 registers
 constexpr int kRows = 6;   // rows per microkernel call: 12 accumulators + 2 panel loads + 1 broadcast
 // Panel rows (64 B, one cache line each) prefetched ahead of the one being multiplied. The hardware
-// prefetcher alone left a batch-1 decode step waiting on memory: 32 lines ahead took the tiny
-// preset's step from 0.89 to 0.67 ms on 2 EPYC cores (16 was too short, 64 and 128 no better).
+// prefetcher alone leaves a batch-1 decode step waiting on memory; 16 lines ahead is too short a
+// lead, 64 and 128 gain nothing over 32.
 constexpr int kPrefetchRows = 32;
 
 // out[r][0..16P) = bias + sum_k x[r][k] * w_p[k][0..16) for R rows and P adjacent panels (w_p =
@@ -97,7 +96,7 @@ constexpr RowsFn kRowsFn[kRows + 1] = {nullptr, rows<1>, rows<2>, rows<3>, rows<
 
 }  // namespace
 
-at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& panels_w, const c10::optional<at::Tensor>& bias) {
+at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& panels_w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && panels_w.dim() == 3 && panels_w.size(2) == kCols && x.size(1) == panels_w.size(1),
               "few_rows_linear: x (M, K) and the weight panels (N / 16, K, 16) must agree on K");
   TORCH_CHECK(x.is_contiguous() && panels_w.is_contiguous(), "few_rows_linear: x and the panels must be contiguous");

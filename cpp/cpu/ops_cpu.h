@@ -88,7 +88,7 @@ void flatten_scale_fwd(const std::vector<at::Tensor>& tensors, const at::Tensor&
 // out = x (M, K) @ W (K, N) [+ bias (N,)] for the few rows of a decode step, W given as column
 // panels (N / 16, K, 16) made once; panels split across the threads (MKL repacks the weights per
 // call and uses one thread at small M). fp32, contiguous.
-at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& panels_w, const c10::optional<at::Tensor>& bias);
+at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& panels_w, const std::optional<at::Tensor>& bias);
 // The index of each row's maximum (the first; the first NaN if any), x (rows, V) fp32 with
 // contiguous rows -> (rows,) int64: torch.argmax(x, -1) for greedy decoding.
 at::Tensor argmax_rows(const at::Tensor& x);

@@ -1,5 +1,5 @@
-// One head's rotary rotation, shared by rotary.cpp (the op) and decode_append.cpp (a decode step's
-// fused rotary + cache append).
+// One head's rotary rotation, shared by rotary.cpp (the op) and decode_rotary_append.cpp (a decode
+// step's fused rotary + cache append).
 #pragma once
 
 #include "common.h"

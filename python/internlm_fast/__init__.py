@@ -1,4 +1,4 @@
-"""internlm_fast: InternLM, fast. Compiled kernels, a lean trainer, inference and serving."""
+"""internlm_fast: InternLM, fast. Compiled kernels, a lean trainer and inference."""
 
 import torch  # noqa: F401  (loads libtorch, which internlm_fast._C links against)
 

@@ -2,7 +2,7 @@
 
 Works with a model trained by `train_tokenizer` and with the official InternLM `tokenizer.model`.
 
-Chat template (DESIGN.md), one turn:  ``<s><|User|>:{query}<eoh>\\n<|Bot|>:{answer}<eoa>\\n``.
+Chat template (InternLM-chat's), one turn:  ``<s><|User|>:{query}<eoh>\\n<|Bot|>:{answer}<eoa>\\n``.
 A system message comes first as ``<s><|System|>:{content}\\n``; the first user turn then omits its own
 ``<s>`` (one sequence start, as InternLM's ``build_inputs`` does).
 """

@@ -1,24 +1,25 @@
-"""Inference: KV-cache prefill and decode, sampling, stopping, streaming, generation and chat."""
+"""Inference on top of the model's forward with a KV cache: the cache storage, packed prefill and
+decode steps, sampling, stopping, streaming, generation and chat."""
 
+from .cache_storage import KVCache
 from .chat import CHAT_DEFAULTS, chat, chat_prompt_ids, stream_chat
-from .decoder import CachedDecoder
 from .generate import (
     Generation,
     GenerationConfig,
     Step,
+    decode,
     generate_ids,
     generate_steps,
     generate_text,
     generate_tokens,
+    prefill,
     stream_text,
 )
-from .kv_cache import KVCache
 from .sampling import SamplingConfig, select_tokens
 from .streaming import IncrementalDetokenizer, StopStringFilter, TextStream
 
 __all__ = [
     "CHAT_DEFAULTS",
-    "CachedDecoder",
     "Generation",
     "GenerationConfig",
     "IncrementalDetokenizer",
@@ -29,10 +30,12 @@ __all__ = [
     "TextStream",
     "chat",
     "chat_prompt_ids",
+    "decode",
     "generate_ids",
     "generate_steps",
     "generate_text",
     "generate_tokens",
+    "prefill",
     "select_tokens",
     "stream_chat",
     "stream_text",

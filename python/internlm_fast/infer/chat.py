@@ -1,4 +1,4 @@
-"""InternLM's chat API: `chat` and `stream_chat` with its template and defaults (DESIGN.md).
+"""InternLM's chat API: `chat` and `stream_chat` with its template and defaults.
 
 The prompt is the tokenizer's chat template (Tokenizer.chat_prompt, the format the model was
 fine-tuned on): each past turn `<s><|User|>:{query}<eoh>\\n<|Bot|>:{answer}<eoa>\\n`, then

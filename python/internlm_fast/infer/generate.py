@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from internlm_fast.model import InternLMForCausalLM
+from internlm_fast.ops.inference import inference_kernels
 
-from .decoder import CachedDecoder
+from .cache_storage import KVCache
 from .sampling import SamplingConfig, make_generator, select_tokens
 from .streaming import TextStream, check_stop_strings
 
@@ -79,6 +80,23 @@ def check_prompts(model: InternLMForCausalLM, prompts: Sequence[Sequence[int]]) 
     return out
 
 
+def prefill(model: InternLMForCausalLM, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Runs the prompts (one per cache row, from the first, each at most the cache length) into empty
+    cache rows as one packed row, no padding. Returns the logits after each prompt's last token,
+    (prompts, vocab). Under torch.inference_mode()."""
+    device = cache.lens.device
+    ids = torch.tensor([[t for p in prompts for t in p]], dtype=torch.long, device=device)
+    cu = torch.zeros(len(prompts) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor([len(p) for p in prompts]).cumsum(0)
+    return model.forward_cached(ids, cache, cu.to(device))
+
+
+def decode(model: InternLMForCausalLM, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """One decode step: tokens (cache.batch,) int64, one per live sequence. Returns the logits after
+    them, (batch, vocab). Under torch.inference_mode()."""
+    return model.forward_cached(tokens[:, None], cache)
+
+
 def generate_steps(
     model: InternLMForCausalLM, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, tokenizer=None
 ) -> Iterator[list[Step]]:
@@ -98,20 +116,21 @@ def _steps(
     # position fewer is cached
     budget = [min(cfg.max_new_tokens, limit - len(p) + 1) for p in prompts]
     with torch.inference_mode():
-        decoder = CachedDecoder(model)
-        cache = decoder.new_cache(len(prompts), max(len(p) + n - 1 for p, n in zip(prompts, budget)))
-        generator = make_generator(cfg.seed, decoder.device)
+        cache = KVCache.for_model(model, len(prompts), max(len(p) + n - 1 for p, n in zip(prompts, budget)))
+        device = cache.lens.device
+        generator = make_generator(cfg.seed, device)
+        argmax = inference_kernels(cache.lens).argmax
         seen = None
         if cfg.repetition_penalty != 1.0:
-            seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=decoder.device)
+            seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
             for b, p in enumerate(prompts):
                 seen[b, p] = True
         streams = [TextStream(tokenizer, cfg.stop_strings) for _ in prompts] if tokenizer is not None else None
         rows = list(range(len(prompts)))  # the sequence of each live cache row
         produced = [0] * len(prompts)
-        logits = decoder.prefill(cache, prompts)
+        logits = prefill(model, cache, prompts)
         while True:
-            tokens = select_tokens(logits, cfg, seen, generator, decoder.kernels.argmax)
+            tokens = select_tokens(logits, cfg, seen, generator, argmax)
             if seen is not None:
                 seen[torch.arange(len(rows), device=seen.device), tokens] = True
             steps, keep = [], []
@@ -141,7 +160,7 @@ def _steps(
                 tokens = tokens[index]
                 if seen is not None:
                     seen = seen[index]
-            logits = decoder.decode(cache, tokens)
+            logits = decode(model, cache, tokens)
 
 
 def generate_ids(

@@ -1,4 +1,7 @@
-"""transformers-style `generate` over padded (batch, seqlen) tensors, on top of generate_ids."""
+"""The generation methods of InternLMForCausalLM: model.generate, model.chat and model.stream_chat call
+the functions of the same names here (modeling.GENERATION_API). `generate` is transformers' over
+padded (batch, seqlen) tensors, on top of generate_ids; chat and stream_chat are InternLM's (chat.py).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,10 @@ from torch import Tensor
 
 from internlm_fast.model import InternLMForCausalLM
 
+from .chat import chat, stream_chat
 from .generate import GenerationConfig, generate_ids
+
+__all__ = ["chat", "generate", "stream_chat"]
 
 
 def _rows(input_ids: object, attention_mask: object) -> list[list[int]]:

@@ -5,27 +5,70 @@ forward(input_ids, labels=None, cu_seqlens=None) takes a (batch, seqlen) batch, 
 (1, total) of documents delimited by int32 cu_seqlens: attention never crosses a document and
 positions restart at 0 in each. Labels have input_ids' shape and are shifted inside (-100 ignored,
 and in a packed row the last token of a document does not predict the next document).
+
+With a KV cache (forward(..., cache=...), no autograd) the same layers run one of two inference
+steps: a packed prefill of new prompts into empty cache rows, or one decode step of one new token
+per live sequence. Their arithmetic is the training forward's; only the kernels differ: the lean
+forward-only ones of ops.inference, with the projections on decoding copies of the weights
+(model/projection.py).
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from internlm_fast import ops
+from internlm_fast.ops.inference import inference_kernels
 
 from .config import InternLMConfig
+from .projection import MAX_COPY_BYTES, Projection
 
 
 @dataclass
 class CausalLMOutput:
     loss: Tensor | None = None
     logits: Tensor | None = None  # None when the loss was computed without materialising them
+    num_targets: Tensor | None = None  # 0-d int64: the targets the loss averages over (labels != -100)
+
+
+class KVCacheStorage(Protocol):
+    """What the forward reads and writes of a KV cache (internlm_fast.infer.KVCache is one): per layer,
+    `flat[layer]` (rows, 2, kv_heads, head_dim), sequence b's token t at row row_starts[b] + t, and
+    `keys[layer]` / `values[layer]` (batch, max_len, kv_heads, head_dim) views of it; `lens` int64
+    (batch,), the tokens cached per sequence, advanced by the forward; `batch` live rows, the first."""
+
+    flat: list[Tensor]
+    keys: list[Tensor]
+    values: list[Tensor]
+    lens: Tensor
+    row_starts: Tensor
+    batch: int
+    max_len: int
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    """What every layer reads besides its input."""
+
+    cos: Tensor
+    sin: Tensor
+    cu_seqlens: Tensor | None = None  # int32: the documents of a packed row
+    max_seqlen: int = 0
+    kernels: Any = ops  # ops (autograd, argument checks), or ops.inference's kernels with a cache
+    cache: KVCacheStorage | None = None
+    positions: Tensor | None = None  # int64 (sequences,): the position of each one's first new token
+    slots: Tensor | None = None  # int64 (tokens,): each new token's row in cache.flat[layer]
+    visible: Tensor | None = None  # int32 (batch,): a decode step's cached tokens per sequence, its own included
+    copy_weights: bool = False  # the projections read decoding copies of the weights
 
 
 def rotary_tables(config: InternLMConfig, device=None) -> tuple[Tensor, Tensor]:
@@ -36,61 +79,68 @@ def rotary_tables(config: InternLMConfig, device=None) -> tuple[Tensor, Tensor]:
     return angles.cos().float(), angles.sin().float()
 
 
-# Below this many tokens (decoding, short prompts) concatenating the weights on every call would
-# copy more bytes than the one larger GEMM saves; packed_linear concatenates the outputs instead.
-FUSED_GEMM_MIN_TOKENS = 512
-
-
-def packed_linear(x: Tensor, linears: tuple[nn.Linear, ...]) -> Tensor:
-    """The outputs of several linears on the same input side by side, [x W_1^T + b_1 | x W_2^T + b_2 | ...].
-
-    With enough tokens it is one GEMM against the concatenated weights (concatenated per call, so the
-    parameters keep their HF names): one pass over x, and in the backward one input-gradient GEMM
-    and one weight-gradient GEMM, N times larger, which run markedly faster than N small ones
-    (q/k/v at hidden 256: 9.2 -> 5.8 ms for the weight gradients on 2 cores)."""
-    if x.numel() < FUSED_GEMM_MIN_TOKENS * x.shape[-1]:
-        return torch.cat([lin(x) for lin in linears], dim=-1)
-    weight = torch.cat([lin.weight for lin in linears])
-    bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
-    return F.linear(x, weight, bias)
-
-
 class RMSNorm(nn.Module):
-    """A weight and an eps for ops.rms_norm; with a residual, the add is fused into the norm."""
+    """A weight and an eps for rms_norm; with a residual, the add is fused into the norm."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        return ops.rms_norm(x, self.weight, self.eps, residual=residual)
+    def forward(self, x: Tensor, residual: Tensor | None = None, kernels: Any = ops) -> Tensor | tuple[Tensor, Tensor]:
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
+
+    __call__ = forward  # no hook dispatch: see DecoderLayer
 
 
 class Attention(nn.Module):
-    def __init__(self, config: InternLMConfig) -> None:
+    def __init__(self, config: InternLMConfig, layer_idx: int) -> None:
         super().__init__()
         h, d = config.hidden_size, config.head_dim
+        self.layer_idx = layer_idx
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        self.scale = d**-0.5
         self.q_proj = nn.Linear(h, self.heads * d, bias=config.bias)
         self.k_proj = nn.Linear(h, self.kv_heads * d, bias=config.bias)
         self.v_proj = nn.Linear(h, self.kv_heads * d, bias=config.bias)
         self.o_proj = nn.Linear(self.heads * d, h, bias=config.bias)
+        self.qkv = Projection(self.q_proj, self.k_proj, self.v_proj)
+        self.o = Projection(self.o_proj)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None, max_seqlen: int) -> Tensor:
-        b, s, _ = x.shape
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        qkv = self.qkv(x, ctx)
+        if ctx.cache is None:
+            out = self._attend(qkv.view(*x.shape[:-1], -1, self.head_dim), ctx).reshape(*x.shape[:-1], -1)
+        else:  # x: (tokens, hidden)
+            out = self._attend_cache(qkv.view(x.shape[0], -1, self.head_dim), ctx).view(x.shape[0], -1)
+        return self.o(out, ctx)
+
+    __call__ = forward  # no hook dispatch: see DecoderLayer
+
+    def _attend(self, qkv: Tensor, ctx: ForwardContext) -> Tensor:
+        """Causal attention of qkv (batch, seqlen, heads, head_dim), or of one packed row of documents."""
         hq, hk = self.heads, self.kv_heads
-        qkv = packed_linear(x, (self.q_proj, self.k_proj, self.v_proj))
-        qk, v = qkv.view(b, s, hq + 2 * hk, self.head_dim).split([hq + hk, hk], dim=2)
-        # q and k are adjacent heads of the one output: one rotary pass turns both
-        if cu_seqlens is None:
-            q, k = ops.apply_rotary(qk, cos, sin).split([hq, hk], dim=2)
-            out = ops.flash_attn_func(q, k, v, causal=True)
-        else:  # one packed row: (total, heads, head_dim) with per-document positions
-            qk = ops.apply_rotary(qk[0], cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-            q, k = qk.split([hq, hk], dim=1)
-            out = ops.flash_attn_varlen_func(q, k, v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
-        return self.o_proj(out.reshape(b, s, hq * self.head_dim))
+        # q and k are adjacent heads of the one projection: one rotary pass turns both
+        if ctx.cu_seqlens is None:
+            qk, v = qkv.split([hq + hk, hk], dim=2)
+            q, k = ops.apply_rotary(qk, ctx.cos, ctx.sin).split([hq, hk], dim=2)
+            return ops.flash_attn_func(q, k, v, causal=True)
+        cu, n = ctx.cu_seqlens, ctx.max_seqlen  # (total, heads, head_dim), positions per document
+        qk, v = qkv[0].split([hq + hk, hk], dim=1)
+        q, k = ops.apply_rotary(qk, ctx.cos, ctx.sin, cu_seqlens=cu, max_seqlen=n).split([hq, hk], dim=1)
+        return ops.flash_attn_varlen_func(q, k, v, cu, cu, n, n, causal=True)
+
+    def _attend_cache(self, qkv: Tensor, ctx: ForwardContext) -> Tensor:
+        """qkv (tokens, heads, head_dim) of the new tokens: rotates q and k in place, appends k and v to
+        the cache, then attends over the cache (decode) or among the new prompts (prefill)."""
+        hq, hk, kern, cache, i = self.heads, self.kv_heads, ctx.kernels, ctx.cache, self.layer_idx
+        if ctx.cu_seqlens is None:  # one token per sequence: rotary and append in one pass
+            kern.rotary_append_(qkv, ctx.cos, ctx.sin, ctx.positions, cache.flat[i], ctx.slots, hq)
+            return kern.attend_cache(qkv[:, None, :hq], cache.keys[i], cache.values[i], ctx.visible, self.scale)
+        kern.rotary_(qkv[:, : hq + hk], ctx.cos, ctx.sin, ctx.positions, ctx.cu_seqlens)
+        cache.flat[i].index_copy_(0, ctx.slots, qkv[:, hq:].view(-1, 2, hk, self.head_dim))
+        q, k, v = qkv.split([hq, hk, hk], dim=1)
+        return kern.attend_varlen(q, k, v, ctx.cu_seqlens, self.scale)
 
 
 class MLP(nn.Module):
@@ -99,37 +149,66 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up = Projection(self.gate_proj, self.up_proj)
+        self.down = Projection(self.down_proj)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(ops.swiglu_packed(packed_linear(x, (self.gate_proj, self.up_proj))))
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        return self.down(ctx.kernels.swiglu_packed(self.gate_up(x, ctx)), ctx)
+
+    __call__ = forward  # no hook dispatch: see DecoderLayer
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: InternLMConfig) -> None:
+    """Its parts (RMSNorm, Attention, MLP) are called without nn.Module.__call__'s hook dispatch: a
+    decode step of a small model is bound by Python time, and the dispatch of their four calls a
+    layer cost 5% of a step of the tiny preset. Forward hooks go on the decoder layers, which keep the
+    dispatch (ZeRO's parameter prefetch hooks them)."""
+
+    def __init__(self, config: InternLMConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, residual: Tensor | None, cos, sin, cu_seqlens, max_seqlen) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, residual: Tensor | None, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
         """x: the previous sublayer's output (or the embeddings when residual is None). Returns this
         layer's MLP output and the residual stream before it; the next norm adds them (fused)."""
+        kernels = ctx.kernels
         if residual is None:
-            residual, h = x, self.input_layernorm(x)
+            residual, h = x, self.input_layernorm(x, None, kernels)
         else:
-            h, residual = self.input_layernorm(x, residual)
-        attn = self.self_attn(h, cos, sin, cu_seqlens, max_seqlen)
-        h, residual = self.post_attention_layernorm(attn, residual)
-        return self.mlp(h), residual
+            h, residual = self.input_layernorm(x, residual, kernels)
+        attn = self.self_attn(h, ctx)
+        h, residual = self.post_attention_layernorm(attn, residual, kernels)
+        return self.mlp(h, ctx), residual
 
 
 class InternLMModel(nn.Module):
     def __init__(self, config: InternLMConfig) -> None:
         super().__init__()
+        self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: Tensor, ctx: ForwardContext) -> Tensor:
+        """The final normed hidden states, input_ids' shape + (hidden,)."""
+        recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            if recompute:
+                x, residual = checkpoint(layer, x, residual, ctx, use_reentrant=False)
+            else:
+                x, residual = layer(x, residual, ctx)
+        h, _ = self.norm(x, residual, ctx.kernels)
+        return h
+
+
+# The generation API (decoding loop, sampling, stop strings, streaming, chat) is internlm_fast.infer,
+# which builds on this module: the model names it rather than importing it, so model/ depends on
+# nothing above it and is complete without it.
+GENERATION_API = "internlm_fast.infer.model_api"
 
 
 class InternLMForCausalLM(nn.Module):
@@ -140,10 +219,16 @@ class InternLMForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.head = Projection(self.lm_head)
         cos, sin = rotary_tables(config)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
+        self._linear_numel = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        self._inference: tuple | None = None  # (kernels, cos, sin, copy_weights) of the last prefill
         self.apply(self._init)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_inference": None}  # kernels are bound per process
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -160,19 +245,8 @@ class InternLMForCausalLM(nn.Module):
             raise ValueError(f"a packed batch is one row (1, total) with cu_seqlens; got {tuple(input_ids.shape)}")
         seqlen = input_ids.shape[1]
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens is not None else seqlen
-        if max_seqlen > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence of {max_seqlen} tokens exceeds max_position_embeddings {self.config.max_position_embeddings}"
-            )
-        cos, sin = self.rotary_cos, self.rotary_sin
-        x, residual = self.model.embed_tokens(input_ids), None
-        for layer in self.model.layers:
-            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, residual = checkpoint(layer, x, residual, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
-            else:
-                x, residual = layer(x, residual, cos, sin, cu_seqlens, max_seqlen)
-        h, _ = self.model.norm(x, residual)
-        return h
+        self._check_length(max_seqlen)
+        return self.model(input_ids, ForwardContext(self.rotary_cos, self.rotary_sin, cu_seqlens, max_seqlen))
 
     def forward(
         self,
@@ -180,7 +254,13 @@ class InternLMForCausalLM(nn.Module):
         labels: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
         return_logits: bool = False,
+        cache: KVCacheStorage | None = None,
     ) -> CausalLMOutput:
+        """The loss (with labels) or the logits. With a cache: forward_cached's logits, (sequences, vocab)."""
+        if cache is not None:
+            if labels is not None:
+                raise ValueError("labels and a KV cache do not go together: the cached forward is inference only")
+            return CausalLMOutput(logits=self.forward_cached(input_ids, cache, cu_seqlens))
         h = self.hidden_states(input_ids, cu_seqlens)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(h))
@@ -193,58 +273,105 @@ class InternLMForCausalLM(nn.Module):
         hs = h[:, :-1].reshape(-1, h.shape[-1])
         loss = ops.fused_linear_cross_entropy(hs, self.lm_head.weight, target.reshape(-1))
         logits = self.lm_head(h) if return_logits else None
-        return CausalLMOutput(loss=loss, logits=logits)
+        return CausalLMOutput(loss=loss, logits=logits, num_targets=(target != -100).sum())
 
-    # -- generation (internlm_fast.infer): KV-cache prefill/decode, sampling, chat --------------
+    def forward_cached(self, input_ids: Tensor, cache: KVCacheStorage, cu_seqlens: Tensor | None = None) -> Tensor:
+        """One inference step against a KV cache (no autograd): with cu_seqlens, input_ids (1, total)
+        holds new prompts packed, prefilled into the first empty cache rows; without, input_ids
+        (cache.batch, 1) holds one new token per live sequence, at position cache.lens. Writes the new
+        tokens' keys and values, advances cache.lens and returns the logits after each sequence's last
+        new token, (sequences, vocab). A prefill chooses the kernels and checks the decoding copies of
+        the weights; the decode steps after it reuse them (nothing changes within a generation)."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("the forward with a KV cache has no autograd: run it under torch.inference_mode()")
+        if cu_seqlens is None:
+            ctx = self._decode_context(input_ids, cache)
+        else:
+            ctx = self._prefill_context(input_ids, cache, cu_seqlens)
+        h = self.model(input_ids.view(-1), ctx)
+        if cu_seqlens is not None:
+            h = h[cu_seqlens[1:].long() - 1]
+        logits = self.head(h, ctx)
+        if cu_seqlens is not None:
+            cache.lens[: cu_seqlens.shape[0] - 1] = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        else:
+            ctx.positions += 1  # a view of cache.lens
+        return logits
 
-    def generate(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        seed: int | None = None,
-        stop_strings: str | list[str] | None = None,
-        tokenizer=None,
-    ) -> Tensor:
-        """input_ids (batch, seqlen) followed by the new ids, as transformers' generate returns them
-        (see internlm_fast.infer.model_api.generate)."""
-        from internlm_fast.infer.model_api import generate
+    def _decode_context(self, input_ids: Tensor, cache: KVCacheStorage) -> ForwardContext:
+        b = cache.batch
+        if input_ids.shape != (b, 1):
+            raise ValueError(f"a decode step takes one token per live sequence, ({b}, 1); got {tuple(input_ids.shape)}")
+        positions = cache.lens[:b]
+        limit = min(cache.max_len, self.config.max_position_embeddings)
+        if b and int(positions.max()) >= limit:
+            raise ValueError(f"a sequence is full: {limit} tokens (the cache length or max_position_embeddings)")
+        kernels, cos, sin, copy = self._inference or self._inference_setup()
+        slots, visible = cache.row_starts[:b] + positions, (positions + 1).to(torch.int32)
+        return ForwardContext(cos, sin, None, 0, kernels, cache, positions, slots, visible, copy)
 
-        return generate(
-            self,
-            input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            seed=seed,
-            stop_strings=stop_strings,
-            tokenizer=tokenizer,
-        )
+    def _prefill_context(self, input_ids: Tensor, cache: KVCacheStorage, cu_seqlens: Tensor) -> ForwardContext:
+        n = self._check_prefill(input_ids, cache, cu_seqlens, min(cache.max_len, self.config.max_position_embeddings))
+        device = input_ids.device
+        seq = torch.repeat_interleave(torch.arange(n, device=device), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+        slots = cache.row_starts[seq] + torch.arange(input_ids.shape[1], device=device) - cu_seqlens[:-1].long()[seq]
+        kernels, cos, sin, copy = self._inference_setup()
+        return ForwardContext(cos, sin, cu_seqlens, 0, kernels, cache, cache.lens[:n], slots, None, copy)
 
-    def chat(self, tokenizer, query: str, history: list[tuple[str, str]] = [], **gen) -> tuple[str, list]:  # noqa: B006
+    def _inference_setup(self) -> tuple[Any, Tensor, Tensor, bool]:
+        """The kernels for this model's device under the backend forced now, the rotary tables in fp32
+        (the fused rotary + append kernels take fp32 tables whatever the model's dtype) and whether the
+        projections decode on copies of the weights; kept for the decode steps."""
+        cos, sin = self.rotary_cos, self.rotary_sin
+        if cos.dtype != torch.float32:
+            cos, sin = rotary_tables(self.config, cos.device)
+        weight = self.lm_head.weight
+        copy = self._linear_numel * weight.element_size() <= MAX_COPY_BYTES
+        self._inference = (inference_kernels(weight), cos, sin, copy)
+        return self._inference
+
+    @staticmethod
+    def _check_prefill(input_ids: Tensor, cache: KVCacheStorage, cu_seqlens: Tensor, limit: int) -> int:
+        """The number of prompts, after checking them (one read of cu_seqlens and the cache lengths)."""
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.device != input_ids.device:
+            raise ValueError("cu_seqlens must be an int32 tensor (prompts + 1,) on input_ids' device")
+        cu = cu_seqlens.tolist()
+        n = len(cu) - 1
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1 or not 1 <= n <= cache.batch:
+            raise ValueError(
+                f"a prefill takes one packed row (1, total) of 1 to {cache.batch} prompts with cu_seqlens; "
+                f"got input_ids {tuple(input_ids.shape)} and {n} prompts"
+            )
+        lengths = [b - a for a, b in zip(cu, cu[1:])]
+        if cu[0] != 0 or cu[-1] != input_ids.shape[1] or not all(1 <= t <= limit for t in lengths):
+            raise ValueError(
+                f"cu_seqlens must run from 0 to {input_ids.shape[1]} in steps of 1 to {limit} tokens "
+                f"(cache length, max_position_embeddings); got {cu}"
+            )
+        if bool(cache.lens[:n].any()):
+            raise ValueError("prefill writes into empty cache rows: the first cache rows already hold tokens")
+        return n
+
+    def _check_length(self, tokens: int) -> None:
+        if tokens > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {tokens} tokens exceeds max_position_embeddings {self.config.max_position_embeddings}"
+            )
+
+    # -- generation: internlm_fast.infer's, with InternLM's and transformers' method names ---------
+
+    def generate(self, *args, **kwargs) -> Tensor:
+        """transformers' generate: input_ids (batch, seqlen) followed by the new ids. Arguments: those
+        of internlm_fast.infer.model_api.generate (max_new_tokens, do_sample, temperature, top_p, ...)."""
+        return _generation_api().generate(self, *args, **kwargs)
+
+    def chat(self, tokenizer, query: str, history: Sequence[tuple[str, str]] = (), **gen) -> tuple[str, list]:
         """InternLM's chat: (response, history + [(query, response)]); defaults in infer.chat.CHAT_DEFAULTS."""
-        from internlm_fast.infer.chat import chat
+        return _generation_api().chat(self, tokenizer, query, history, **gen)
 
-        return chat(self, tokenizer, query, history, **gen)
-
-    def stream_chat(self, tokenizer, query: str, history: list[tuple[str, str]] = [], **gen):  # noqa: B006
+    def stream_chat(self, tokenizer, query: str, history: Sequence[tuple[str, str]] = (), **gen) -> Iterator:
         """Yields (response so far, history + [(query, response so far)]) as the response grows."""
-        from internlm_fast.infer.chat import stream_chat
-
-        return stream_chat(self, tokenizer, query, history, **gen)
+        return _generation_api().stream_chat(self, tokenizer, query, history, **gen)
 
     @classmethod
     def from_pretrained(
@@ -261,3 +388,7 @@ class InternLMForCausalLM(nn.Module):
         from .pretrained import save_pretrained
 
         return save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer=tokenizer)
+
+
+def _generation_api() -> ModuleType:
+    return importlib.import_module(GENERATION_API)

@@ -4,13 +4,6 @@ Every op picks its backend by device (see `backend`) and checks its arguments be
 """
 
 from . import registry
-from .attention import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func
-from .attention_packed import (
-    flash_attn_kvpacked_func,
-    flash_attn_qkvpacked_func,
-    flash_attn_varlen_kvpacked_func,
-    flash_attn_varlen_qkvpacked_func,
-)
 from .backend import BACKENDS, BackendUnavailable, available, use_backend
 from .cross_entropy import (
     cross_entropy,
@@ -18,8 +11,15 @@ from .cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_ref,
 )
-from .flatten import flatten_scale_, flatten_scale_ref
-from .kvcache import flash_attn_with_kvcache, flash_attn_with_kvcache_ref
+from .flash_attn import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func
+from .flash_attn_kvcache import flash_attn_with_kvcache, flash_attn_with_kvcache_ref
+from .flash_attn_packed import (
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
+from .flatten_scale import flatten_scale_, flatten_scale_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rotary import apply_rotary, apply_rotary_ref
 from .swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref

@@ -6,10 +6,11 @@ overhead, not the arithmetic, would set the speed. `InferenceKernels` binds each
 once (by device and the forced backend, as the public ops choose) and calls it directly.
 
 Contract: inference only (no autograd; under torch.inference_mode or no_grad), and the caller checks
-shapes, dtypes and positions once per generation instead of on every call (infer/decoder.py does);
+shapes, dtypes and positions once per forward instead of on every call (the model's cached forward does);
 the kernels still refuse malformed tensors themselves (TORCH_CHECK), so nothing reaches memory
 unchecked. The "ref" backend maps to the pure-torch references, so the lean path can be tested against
-the oracle too.
+the oracle too; the decode-only kernels' references are public here (decode_rotary_append_ref,
+few_rows_linear_ref, argmax_rows_ref) or in their op module (attention_kvcache_ref).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import torch
 from torch import Tensor
 
 from . import backend
-from .attention import attention_varlen_ref
-from .kvcache import _attend_ref
+from .flash_attn import attention_varlen_ref
+from .flash_attn_kvcache import attention_kvcache_ref
 from .rms_norm import rms_norm_ref
 from .rotary import apply_rotary_ref
 from .swiglu import swiglu_ref
 
-# every op the decoder calls; each resolves through the registry (ops/registry.py) once
+# every op a decode step calls; each resolves through the registry (ops/registry.py) once
 _OPS = (
     "rms_norm",
     "rotary",
@@ -53,12 +54,28 @@ def decode_rotary_append_ref(
     kv_rows.index_copy_(0, slots, qkv[:, q_heads:].reshape(n, 2, kv_heads, d))
 
 
+def few_rows_linear_ref(x: Tensor, wt: Tensor, bias: Tensor | None) -> Tensor:
+    """The reference of the kernel few_rows_linear: x (rows, in) @ wt (in, out) + bias, wt being the
+    weight the kernel reads as column_panels(wt)."""
+    return x @ wt if bias is None else torch.addmm(bias, x, wt)
+
+
+def argmax_rows_ref(x: Tensor) -> Tensor:
+    """The reference of the kernel argmax_rows: the index of each row's maximum, (rows,) int64."""
+    return x.argmax(dim=-1)
+
+
 class InferenceKernels:
-    """The forward kernels for tensors living where `like` lives, chosen once from the registry."""
+    """The forward kernels for tensors living where `like` lives, chosen once from the registry
+    (`inference_kernels` keeps one per device type and forced backend)."""
 
     def __init__(self, like: Tensor) -> None:
         self.impl = {op: backend.select(op, like) for op in _OPS}
         self._k = {op: backend.kernels(impl) if impl not in ("ref", "aten") else None for op, impl in self.impl.items()}
+        if self._k["few_rows_linear"] is not None:
+            # a decode step makes one call per projection: the kernel itself, without a Python frame
+            # (it refuses a non-contiguous x; the model's activations are contiguous)
+            self.few_rows_linear = self._k["few_rows_linear"].few_rows_linear
 
     def has_few_rows_linear(self, wt: Tensor) -> bool:
         """Whether few_rows_linear serves this (in, out) weight: the C++ kernel, fp32, whole panels.
@@ -72,15 +89,16 @@ class InferenceKernels:
         return wt.view(k, n // PANEL_COLUMNS, PANEL_COLUMNS).permute(1, 0, 2).contiguous()
 
     def few_rows_linear(self, x: Tensor, panels: Tensor, bias: Tensor | None) -> Tensor:
-        """x (rows, in) @ W + bias for a few rows (a decode step), W as column_panels(W)."""
-        return self._k["few_rows_linear"].few_rows_linear(x.contiguous(), panels, bias)
+        """x (rows, in) contiguous @ W + bias for a few rows (a decode step), W as column_panels(W).
+        Only where has_few_rows_linear: the kernel replaces this method then."""
+        raise NotImplementedError(f"few_rows_linear has no kernel on backend {self.impl['few_rows_linear']!r}")
 
     def argmax(self, x: Tensor) -> Tensor:
         """torch.argmax(x, dim=-1) of (rows, V) logits, by the C++ kernel where it serves (CPU fp32)."""
         kernel = self._k["argmax_rows"]
         if kernel is not None and x.dtype == torch.float32:
             return kernel.argmax_rows(x if x.stride(-1) == 1 else x.contiguous())
-        return x.argmax(dim=-1)
+        return argmax_rows_ref(x)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
         """x (rows, hidden) contiguous. Returns y, or (y, x + residual) with a residual."""
@@ -116,6 +134,12 @@ class InferenceKernels:
         k = self._k["swiglu"]
         return swiglu_ref(gate, up) if k is None else k.swiglu_fwd(gate, up)
 
+    def swiglu_packed(self, x: Tensor) -> Tensor:
+        """silu(x[:, :F]) * x[:, F:] of a (rows, 2F) tensor with unit last stride."""
+        gate, up = x.chunk(2, dim=-1)
+        k = self._k["swiglu"]
+        return swiglu_ref(gate, up) if k is None else k.swiglu_fwd(gate, up)
+
     def attend_varlen(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> Tensor:
         """Causal attention of packed sequences (total, heads, d) delimited by int32 cu_seqlens."""
         kern = self._k["flash_attn"]
@@ -128,5 +152,18 @@ class InferenceKernels:
         q's own tokens) rows of each sequence's cache."""
         kern = self._k["flash_attn_kvcache"]
         if kern is None:
-            return _attend_ref(q, k_cache, v_cache, lens, scale, True)[0]
+            return attention_kvcache_ref(q, k_cache, v_cache, lens, scale, True)[0]
         return kern.flash_attn_kvcache_fwd(q, k_cache, v_cache, lens, scale, True)[0]
+
+
+_bound: dict[tuple[str, str], InferenceKernels] = {}
+
+
+def inference_kernels(like: Tensor) -> InferenceKernels:
+    """The InferenceKernels for tensors living where `like` lives under the backend forced now, made
+    once (choosing them reads the registry: too slow for every decode step)."""
+    key = (backend.forced_backend(), like.device.type)
+    kernels = _bound.get(key)
+    if kernels is None:
+        kernels = _bound[key] = InferenceKernels(like)
+    return kernels

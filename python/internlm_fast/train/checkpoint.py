@@ -95,6 +95,57 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+class CheckpointCommit:
+    """One checkpoint written atomically: files go into a hidden temporary folder beside the final
+    one, and commit() fsyncs them, writes checksums.json last and renames the folder into place.
+
+    A sharded run builds one on every rank with the same `tag` (so every rank names the same
+    temporary folder); rank 0 alone calls begin() and commit(), with barriers between."""
+
+    def __init__(self, folder: str | Path, step: int, tag: str) -> None:
+        self.folder = Path(folder)
+        self.step = step
+        self.final = self.folder / f"step-{step:08d}"
+        self.tmp = self.folder / f".tmp-{self.final.name}-{tag}"
+
+    def begin(self) -> Path:
+        """Make the temporary folder, removing those left by runs killed mid-save."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def write_state(self, trainer_state: dict) -> None:
+        """trainer.json (the trainer's state and the step) and rng.pt (this process' RNG states)."""
+        (self.tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": self.step}, indent=1))
+        torch.save(rng_state(), self.tmp / "rng.pt")
+
+    def sync(self, names: list[str]) -> None:
+        """fsync files this process wrote (on a shared file system only the writer can flush them)."""
+        for name in names:
+            _fsync(self.tmp / name)
+
+    def commit(self, keep_last: int) -> Path:
+        """Checksums of every file, written last; then the rename, and all but the newest `keep_last`
+        checkpoints deleted. Returns the checkpoint folder."""
+        files = sorted(p for p in self.tmp.iterdir() if p.name != "checksums.json")
+        sums = {}
+        for f in files:
+            _fsync(f)
+            sums[f.name] = _sha256(f)
+        (self.tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
+        _fsync(self.tmp / "checksums.json")
+        _fsync(self.tmp)
+        if self.final.exists():  # the same step saved again (a resumed run): replace it
+            shutil.rmtree(self.final)
+        os.rename(self.tmp, self.final)
+        _fsync(self.folder)
+        for old in list_checkpoints(self.folder)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+
 def save_checkpoint(
     folder: str | Path,
     step: int,
@@ -105,30 +156,12 @@ def save_checkpoint(
 ) -> Path:
     """Write step `step` atomically into `folder`, then delete all but the newest `keep_last`.
     model_state: name -> tensor, as model_tensors(model) gives."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".tmp-step-*"):  # left by a run killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
-    final = folder / f"step-{step:08d}"
-    tmp = folder / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
+    commit = CheckpointCommit(folder, step, str(os.getpid()))
+    tmp = commit.begin()
     save_file(model_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
-    sums = {}
-    for name in _FILES:
-        _fsync(tmp / name)
-        sums[name] = _sha256(tmp / name)
-    (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
-    _fsync(tmp / "checksums.json")
-    if final.exists():  # the same step saved again (a resumed run): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync(folder)
-    for old in list_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    commit.write_state(trainer_state)
+    return commit.commit(keep_last)
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:

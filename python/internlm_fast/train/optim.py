@@ -5,9 +5,9 @@ dimensions (the projection matrices, the input embeddings and the lm_head), none
 (the q/k/v/o biases and the RMSNorm weights), whose decay only pulls a scale or an offset toward
 zero and hurts more than it regularises.
 
-The step is torch's fused AdamW kernel where the parameters' device has one (CPU and CUDA): on the
-tiny preset on 2 CPU cores it takes ~5 ms against ~20-35 ms for the multi-tensor (foreach) path,
-whose sqrt/div/lerp each sweep every parameter separately. Same update, same fp32 state.
+The step is torch's fused AdamW kernel where the parameters' device has one (CPU and CUDA): one
+sweep over each parameter, where the multi-tensor (foreach) path sweeps every parameter once per
+sqrt/div/lerp. Same update, same fp32 state.
 """
 
 from __future__ import annotations

@@ -2,20 +2,19 @@
 
 Per step: micro_num micro-batches (gradient accumulation), gradient clipping, a skipped update when
 the loss or the gradient norm is not finite (counted as inf_nan_skip_batches, as InternLM does),
-the warmup + cosine learning rate, metrics, periodic validation and checkpoints. bf16 runs the
-model in bf16 and keeps fp32 master weights in the optimizer, as InternLM's optimizer does.
+the warmup + cosine learning rate, metrics, periodic validation and checkpoints. How the weights
+and the optimizer state are kept (plain fp32, fp32 masters of a bf16 model, ZeRO shards under
+torchrun), and how they are checkpointed, is the optimizer's business: see optimizer_modes.py.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from internlm_fast.data import PackedBatch, PackedLoader, TokenDataset, Tokenizer, prepare_builtin_corpus
 from internlm_fast.data.token_file import unigram_entropy
@@ -24,21 +23,12 @@ from internlm_fast.model import InternLMConfig, InternLMForCausalLM
 from internlm_fast.model.pretrained import atomic_output_folder, load_pretrained, save_pretrained
 
 from . import distributed as D
-from .checkpoint import (
-    latest_valid_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    model_tensors,
-    save_checkpoint,
-    set_rng_state,
-)
+from .checkpoint import latest_valid_checkpoint, list_checkpoints
 from .config import TrainConfig, config_to_dict
 from .flops import train_flops_per_step
 from .metrics import MetricsLogger, memory_mib
-from .optim import build_optimizer
+from .optimizer_modes import TrainOptimizer, build_train_optimizer
 from .schedule import WarmupCosine
-from .zero_checkpoint import adamw_state_from_shards, is_sharded, load_zero_state, rank_rng_state, save_zero_checkpoint
-from .zero_optim import ZeroOptimizer
 
 
 def _say(msg: str) -> None:
@@ -55,23 +45,6 @@ class TrainResult:
     checkpoint: Path | None = None
     final: Path | None = None  # the trained model as a Hugging Face folder (with the tokenizer)
     sample: str | None = None
-
-
-class MasterWeights:
-    """fp32 copies of low-precision parameters: the optimizer steps these, the model gets them cast."""
-
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        self.model_params = params
-        self.params = [nn.Parameter(p.detach().float().clone()) for p in params]
-
-    def grads_to_master(self) -> None:
-        for m, p in zip(self.params, self.model_params):
-            m.grad = None if p.grad is None else p.grad.float()
-
-    def master_to_model(self) -> None:
-        with torch.no_grad():
-            for m, p in zip(self.params, self.model_params):
-                p.copy_(m)
 
 
 def _device(name: str) -> torch.device:
@@ -111,39 +84,11 @@ class Trainer:
             self._say(f"initialised from {cfg.model.init_from}")
         else:
             self.model = InternLMForCausalLM(self.model_config).to(self.device)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.dtype]
-        self.master = self.zero = None
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.dtype != torch.float32:
-            self._to_low_precision()
-            if self.dist is None:
-                self.master = MasterWeights([p for p in self.model.parameters() if p.requires_grad])
-                params = self.master.params
-        self.params = params
-        o = cfg.optimizer
-        if self.dist is not None:  # the sharded optimizer keeps its own fp32 master shard
-            self.zero = ZeroOptimizer(
-                self.model,
-                self.dist,
-                lr=o.lr,
-                betas=(o.adam_beta1, o.adam_beta2),
-                eps=o.adam_eps,
-                weight_decay=o.weight_decay,
-                bucket_mb=cfg.dist.bucket_mb,
-                stage=cfg.dist.zero_stage,
-                blocks=list(self.model.model.layers),
-            )
-            self.optimizer = self.zero.optimizer
-        else:
-            self.optimizer = build_optimizer(
-                self._optimized_params(),
-                lr=o.lr,
-                betas=(o.adam_beta1, o.adam_beta2),
-                eps=o.adam_eps,
-                weight_decay=o.weight_decay,
-            )
+        self.model.config.gradient_checkpointing = cfg.model.checkpointing
+        self._cast_model({"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.dtype])
+        self.optimizer: TrainOptimizer = build_train_optimizer(self.model, cfg, self.dist)
         self.schedule = WarmupCosine(
-            o.lr, cfg.data.total_steps, cfg.lr_scheduler.warmup_ratio, cfg.lr_scheduler.eta_min
+            cfg.optimizer.lr, cfg.data.total_steps, cfg.lr_scheduler.warmup_ratio, cfg.lr_scheduler.eta_min
         )
         d = cfg.data
         rank, world = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
@@ -192,14 +137,11 @@ class Trainer:
         if self.unigram_entropy is None:
             self.unigram_entropy = unigram_entropy(self.train_data)
 
-    def _to_low_precision(self) -> None:
+    def _cast_model(self, dtype: torch.dtype) -> None:
         # rotary tables stay fp32: positions up to max_position_embeddings need more than bf16's 8 bits
         cos, sin = self.model.rotary_cos, self.model.rotary_sin
-        self.model.to(self.dtype)
+        self.model.to(dtype)
         self.model.rotary_cos, self.model.rotary_sin = cos, sin
-
-    def _optimized_params(self) -> nn.Module | list[nn.Parameter]:
-        return self.model if self.master is None else self.master.params
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -217,42 +159,18 @@ class Trainer:
     def train_step(self, batches: list[PackedBatch]) -> dict:
         """Forward/backward over the micro-batches, then clip and update (or skip). Returns metrics."""
         self.model.train()
-        self.model.config.gradient_checkpointing = self.cfg.model.checkpointing
         total_loss = 0.0
         for i, batch in enumerate(batches):
-            if self.zero is not None:
-                self.zero.prepare_backward(last=i == len(batches) - 1)
+            self.optimizer.prepare_backward(last=i == len(batches) - 1)
             batch = self._batch_to_device(batch)
             out = self.model(batch.input_ids, labels=batch.labels, cu_seqlens=batch.cu_seqlens)
             (out.loss / len(batches)).backward()
             total_loss += out.loss.item() / len(batches)
-        if self.zero is not None:
-            return self._zero_update(total_loss)
-        if self.master is not None:
-            self.master.grads_to_master()
-        clip = self.cfg.optimizer.clip_grad_norm
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf))
         lr = self.schedule(self.step)
-        skipped = not (math.isfinite(total_loss) and math.isfinite(grad_norm))
-        if skipped:
-            self.inf_nan_skip_batches += 1
-        else:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            if self.master is not None:
-                self.master.master_to_model()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.zero_grad(set_to_none=True)
-        return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
-
-    def _zero_update(self, loss: float) -> dict:
-        """The sharded step: global loss and norm, the same skip decision on every rank."""
-        lr = self.schedule(self.step)
-        metrics = self.zero.step(loss, lr, self.cfg.optimizer.clip_grad_norm)
+        metrics = self.optimizer.step(total_loss, lr, self.cfg.optimizer.clip_grad_norm)
         if metrics["skipped"]:
             self.inf_nan_skip_batches += 1
-        self.model.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         return {**metrics, "lr": lr}
 
     @torch.no_grad()
@@ -271,7 +189,7 @@ class Trainer:
                 break
             batch = self._batch_to_device(batch)
             out = self.model(batch.input_ids, labels=batch.labels, cu_seqlens=batch.cu_seqlens)
-            n = _num_targets(batch)
+            n = int(out.num_targets)
             loss_sum += out.loss.item() * n
             count += n
         self.model.train()
@@ -288,28 +206,12 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        if self.zero is not None:
-            state, keep = self._trainer_state(), self.cfg.ckpt.keep_last
-            return save_zero_checkpoint(self.dist, self.zero, self.model, self.ckpt_dir, self.step, state, keep)
-        if self.master is None:
-            tensors = model_tensors(self.model)
-        else:  # the fp32 masters are the exact state; the model holds their cast
-            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-            tensors = {n: m.detach().cpu().contiguous() for n, m in zip(names, self.master.params)}
-        return save_checkpoint(
-            self.ckpt_dir,
-            self.step,
-            tensors,
-            {"optimizer": self.optimizer.state_dict()},
-            self._trainer_state(),
-            keep_last=self.cfg.ckpt.keep_last,
-        )
+        return self.optimizer.save(self.ckpt_dir, self.step, self._trainer_state(), self.cfg.ckpt.keep_last)
 
     def export(self) -> Path | None:
         """The model (in its training dtype) and tokenizer as a Hugging Face folder `final/` in the log
         folder, replaced atomically; written by rank 0 once the last all-gather has landed."""
-        if self.zero is not None:
-            self.zero.wait_params()
+        self.optimizer.wait_params()
         if not self.is_main:
             return None
         final = self.run_dir / "final"
@@ -328,39 +230,12 @@ class Trainer:
                 return None
         else:
             path = Path(where)
-        ckpt = load_checkpoint(path)
-        if self.zero is not None:
-            return self._resume_sharded(ckpt)
-        missing, unexpected = self.model.load_state_dict(
-            {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in ckpt.model_state.items()}, strict=False
-        )
-        tied = {"lm_head.weight"} if self.model_config.tie_word_embeddings else set()
-        if set(missing) - tied or unexpected:
-            raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
-        if self.master is not None:
-            with torch.no_grad():
-                for (name, _), m in zip(
-                    [(n, p) for n, p in self.model.named_parameters() if p.requires_grad], self.master.params
-                ):
-                    m.copy_(ckpt.model_state[name])
-        if is_sharded(ckpt):  # written by a torchrun run: its shards, reassembled
-            self.optimizer.load_state_dict(adamw_state_from_shards(ckpt, self.optimizer, self.model))
-        else:
-            self.optimizer.load_state_dict(ckpt.optimizer_state["optimizer"])
-        self._resume_trainer_state(ckpt, ckpt.rng_state)
-        return path
-
-    def _resume_sharded(self, ckpt) -> Path:
-        load_zero_state(self.dist, self.zero, self.model, ckpt)
-        self._resume_trainer_state(ckpt, rank_rng_state(ckpt, self.dist.rank))
-        return ckpt.path
-
-    def _resume_trainer_state(self, ckpt, rng: dict) -> None:
+        ckpt = self.optimizer.load(path)
         self.loader.load_state_dict(ckpt.trainer_state["loader"])
         self.inf_nan_skip_batches = int(ckpt.trainer_state["inf_nan_skip_batches"])
         self.step = ckpt.step
-        set_rng_state(rng)
         self._say(f"resumed from {ckpt.path} (step {self.step})")
+        return ckpt.path
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -465,14 +340,6 @@ class Trainer:
             self.model, ids, g.max_new_tokens, g.temperature, g.top_p, self.tokenizer.stop_ids, seed=self.cfg.seed
         )
         return self.tokenizer.decode(new)
-
-
-def _num_targets(batch: PackedBatch) -> int:
-    """Tokens that have a label in the model's shifted loss (what its mean divides by)."""
-    target = batch.labels[0, 1:].clone()
-    ends = batch.cu_seqlens[1:-1].long() - 1
-    target[ends[(ends >= 0) & (ends < target.numel())]] = -100
-    return int((target != -100).sum())
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -20,19 +20,19 @@ stays as it was.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import distributed as D
-from .checkpoint import Checkpoint, CheckpointError, _fsync, _sha256, list_checkpoints, model_tensors, rng_state
+from .checkpoint import Checkpoint, CheckpointCommit, CheckpointError, model_tensors, rng_state
 from .distributed import DistContext
-from .zero_optim import ZeroOptimizer
+
+if TYPE_CHECKING:
+    from .zero_optim import ZeroOptimizer
 
 FORMAT = "zero"
 
@@ -63,54 +63,38 @@ def save_zero_checkpoint(
     keep_last: int = 2,
 ) -> Path:
     """Every rank calls this at the same step; returns the checkpoint folder."""
-    folder = Path(folder)
-    final = folder / f"step-{step:08d}"
-    tmp = folder / f".tmp-{final.name}-dist"
+    commit = CheckpointCommit(folder, step, "dist")
     masters = zero.gather_masters()  # a collective: before anything that only rank 0 does
     if ctx.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".tmp-step-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    D.barrier(ctx, f"checkpoint {final.name}: folder made")
+        commit.begin()
+    D.barrier(ctx, f"checkpoint {commit.final.name}: folder made")
     mine = [shard_file(ctx.rank, ctx.world_size), rng_file(ctx.rank)]
-    torch.save(zero.shard_state(), tmp / mine[0])
-    torch.save(rng_state(), tmp / mine[1])
-    for name in mine:
-        _fsync(tmp / name)
+    torch.save(zero.shard_state(), commit.tmp / mine[0])
     if ctx.is_main:
         if all(b.param_flat.dtype == torch.float32 for b in zero.buckets.buckets):
             tensors = model_tensors(model)
         else:  # the fp32 masters are the exact state; the model holds their cast
             tensors = _master_tensors(zero, masters)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        layout = zero.buckets.layout()
+        save_file(tensors, str(commit.tmp / "model.safetensors"), metadata={"format": "pt"})
         torch.save(
             {
                 "format": FORMAT,
                 "world_size": ctx.world_size,
                 "step": zero.step_count,
-                "layout": layout,
+                "layout": zero.buckets.layout(),
                 "shards": [shard_file(r, ctx.world_size) for r in range(ctx.world_size)],
             },
-            tmp / "optimizer.pt",
+            commit.tmp / "optimizer.pt",
         )
-        (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
-        for name in ("model.safetensors", "optimizer.pt", "trainer.json"):
-            _fsync(tmp / name)
-    D.barrier(ctx, f"checkpoint {final.name}: shards written")
+        commit.write_state(trainer_state)  # rng.pt: rank 0's
+    else:
+        torch.save(rng_state(), commit.tmp / mine[1])
+    commit.sync(mine)
+    D.barrier(ctx, f"checkpoint {commit.final.name}: shards written")
     if ctx.is_main:
-        sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
-        _fsync(tmp / "checksums.json")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(folder)
-        for old in list_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    D.barrier(ctx, f"checkpoint {final.name}: renamed into place")
-    return final
+        commit.commit(keep_last)
+    D.barrier(ctx, f"checkpoint {commit.final.name}: renamed into place")
+    return commit.final
 
 
 def _master_tensors(zero: ZeroOptimizer, masters: list[Tensor]) -> dict[str, Tensor]:

@@ -13,19 +13,24 @@ duplicated. Per step:
      the buckets holding its parameters, so the gather overlaps the next forward.
 The update is elementwise, so sharding changes no arithmetic: fp32 runs match a single process
 with the same global batch to rounding of the gradient norm.
+ZeroOptimizer is the sharded implementation of optimizer_modes.TrainOptimizer; its checkpoints are
+written and read by zero_checkpoint.py.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed as D
 from .buckets import Bucket, CommClock, GradBuckets
+from .checkpoint import Checkpoint, load_checkpoint, set_rng_state
 from .distributed import DistContext
+from .zero_checkpoint import load_zero_state, rank_rng_state, save_zero_checkpoint
 
 
 def _runs(b: Bucket, lo: int, hi: int, decayed: list[bool]) -> list[tuple[int, int, bool]]:
@@ -167,6 +172,10 @@ class ZeroOptimizer:
         metrics = self.clock.take(self.buckets.backward_end)
         return {"loss": mean_loss, "grad_norm": grad_norm, "skipped": skipped, **metrics}
 
+    def zero_grad(self) -> None:
+        # the flat gradient shards are consumed by step(); only the model's own .grad remain
+        self.model.zero_grad(set_to_none=True)
+
     def _start_all_gather(self) -> None:
         for b in reversed(self.buckets.buckets):  # forward order: the first block's buckets first
             lo, hi = self.buckets.shard_range(b)
@@ -201,6 +210,38 @@ class ZeroOptimizer:
             "exp_avg": [t.detach().cpu().clone() for t in self.exp_avg],
             "exp_avg_sq": [t.detach().cpu().clone() for t in self.exp_avg_sq],
         }
+
+    def state_dict(self) -> dict:
+        """This rank's shard state with its fp32 master shards."""
+        self.wait_params()
+        return {**self.shard_state(), "masters": [m.detach().cpu().clone() for m in self.masters]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state_dict() saved by this rank of a run with the same world size and layout; a
+        collective (every rank calls it): the model's weights are all-gathered from the masters."""
+        mine = (self.ctx.rank, self.ctx.world_size, self.buckets.layout())
+        if (state["rank"], state["world_size"], state["layout"]) != mine:
+            raise ValueError("the state was saved by another rank, world size or bucket layout; use a checkpoint")
+        self.wait_params()
+        ours = self.exp_avg + self.exp_avg_sq + self.masters
+        saved = state["exp_avg"] + state["exp_avg_sq"] + state["masters"]
+        with torch.no_grad():
+            for dst, src in zip(ours, saved):
+                dst.copy_(src)
+        self._set_step(int(state["step"]))
+        self._start_all_gather()
+        self.wait_params()
+
+    def save(self, folder: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+        """A sharded checkpoint (zero_checkpoint.py); every rank calls it."""
+        return save_zero_checkpoint(self.ctx, self, self.model, folder, step, trainer_state, keep_last)
+
+    def load(self, path: Path) -> Checkpoint:
+        """Any checkpoint, sharded on any world size or single-process; every rank calls it."""
+        ckpt = load_checkpoint(path)
+        load_zero_state(self.ctx, self, self.model, ckpt)
+        set_rng_state(rank_rng_state(ckpt, self.ctx.rank))
+        return ckpt
 
     def load_param_state(self, step: int, state: dict[str, dict[str, Tensor]], masters: dict[str, Tensor]) -> None:
         """Load per-parameter full tensors (any world size's checkpoint, resharded here):
@@ -246,6 +287,9 @@ class ZeroOptimizer:
                     p.copy_(masters[name].reshape(p.shape))
                 for name, (a, e, off) in self._own_slices(b):
                     self.masters[bi][a:e].copy_(masters[name].reshape(-1)[a - off : e - off])
+        self._set_step(step)
+
+    def _set_step(self, step: int) -> None:
         self.step_count = step
         for st in self.optimizer.state.values():
             st["step"].fill_(float(step))

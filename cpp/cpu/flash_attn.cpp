@@ -7,8 +7,8 @@
 // block and dQ of the sequence are private to the task (no atomics, deterministic); P is rebuilt
 // from the saved log-sum-exp, never stored. Memory is O(seqlen): no seqlen x seqlen matrix exists.
 // All arithmetic is fp32; bf16/fp16 inputs are widened once up front.
-// Reference: internlm_fast/ops/attention.py::attention_ref.
-#include "attention_common.h"
+// Reference: internlm_fast/ops/flash_attn.py::attention_ref.
+#include "flash_attn_common.h"
 #include "ops_cpu.h"
 #include "output_allocator.h"
 

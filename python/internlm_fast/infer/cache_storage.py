@@ -1,15 +1,18 @@
-"""A preallocated per-sequence KV cache that shrinks as sequences finish.
+"""The storage of a KV cache: preallocated per sequence, shrinking as sequences finish. The model's
+forward with a cache (InternLMForCausalLM.forward_cached) fills it and reads it.
 
-Each layer holds one tensor (batch, max_len, 2, kv_heads, head_dim): a token's keys and values sit side
-by side, so the decoder writes both with a single index_copy_, and `keys(layer)` / `values(layer)`
-are (batch, max_len, kv_heads, head_dim) views, the layout flash_attn_with_kvcache reads (strided
-tokens, contiguous heads). The live sequences are always the first `batch` rows: `keep` moves the
-survivors to the front, so finished sequences stop costing attention and GEMM rows.
+Each layer holds one tensor (batch, max_len, 2, kv_heads, head_dim): a token's keys and values sit
+side by side, so one pass writes both (the fused rotary + append kernel), and `keys[layer]` /
+`values[layer]` are (batch, max_len, kv_heads, head_dim) views, the layout flash_attn_with_kvcache
+reads (strided tokens, contiguous heads). The live sequences are always the first `batch` rows:
+`keep` moves the survivors to the front, so finished sequences stop costing attention and GEMM rows.
 """
 
 from __future__ import annotations
 
 import torch
+
+from internlm_fast.model import InternLMForCausalLM
 
 
 class KVCache:
@@ -34,6 +37,12 @@ class KVCache:
         self.row_starts = torch.arange(batch, device=device) * max_len
         self.lens = torch.zeros(batch, dtype=torch.int64, device=device)  # tokens cached per sequence
         self._views()
+
+    @classmethod
+    def for_model(cls, model: InternLMForCausalLM, batch: int, max_len: int) -> KVCache:
+        """An empty cache for `batch` sequences of up to max_len tokens, in the model's dtype and device."""
+        c, w = model.config, model.lm_head.weight
+        return cls(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim, w.dtype, w.device)
 
     def _views(self) -> None:
         b = self.batch

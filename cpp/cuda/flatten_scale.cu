@@ -1,7 +1,7 @@
 // Flatten and scale on NVIDIA GPUs: out[off_t + i] = scale * src_t[i] for a list of tensors, one
 // launch per bucket. blockIdx.y picks the tensor, blockIdx.x strides over it; blocks past the end
-// of a small tensor exit at once. Same rounding as cpp/cpu/flatten.cpp (one product in fp32, or
-// fp64, then one rounding to out's type); reference: internlm_fast/ops/flatten.py.
+// of a small tensor exit at once. Same rounding as cpp/cpu/flatten_scale.cpp (one product in fp32, or
+// fp64, then one rounding to out's type); reference: internlm_fast/ops/flatten_scale.py.
 #include "device_common.cuh"
 #include "kernels.h"
 

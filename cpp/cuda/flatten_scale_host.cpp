@@ -1,6 +1,6 @@
 // Host glue of the CUDA flatten-and-scale: checks, the per-tensor descriptors (source pointer,
 // offset, length) staged in pinned memory and copied to the device on the current stream, then
-// the launcher of flatten.cu, in chunks of at most 65535 tensors (the grid's y limit).
+// the launcher of flatten_scale.cu, in chunks of at most 65535 tensors (the grid's y limit).
 #include "host_common.h"
 #include "kernels.h"
 #include "ops_cuda.h"

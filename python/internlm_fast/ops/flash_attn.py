@@ -1,5 +1,5 @@
 """Flash attention with flash-attn's interface (flash_attn_interface.py, v2): dense, packed
-variable-length, their qkv/kv-packed forms, and (in kvcache.py) decoding against a preallocated KV
+variable-length, their qkv/kv-packed forms, and (in flash_attn_kvcache.py) decoding against a preallocated KV
 cache. Every flash-attn argument is accepted with flash-attn's name, position and default.
 
 Layout as in flash-attn: q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, kv_heads,

@@ -1,8 +1,8 @@
-// Pieces shared by the CPU attention kernels (attention.cpp: blocked forward and backward;
-// attention_decode.cpp: split-KV decoding): fp32 row views, sequence geometry, task scheduling.
+// Pieces shared by the CPU attention kernels (flash_attn.cpp: blocked forward and backward;
+// flash_attn_kvcache.cpp: split-KV decoding): fp32 row views, sequence geometry, task scheduling.
 #pragma once
 
-#include "attention_tiles.h"
+#include "flash_attn_tiles.h"
 #include "common.h"
 
 #include <algorithm>
@@ -132,8 +132,8 @@ inline void online_softmax_row(float* s, int valid, int n, float& m, float& l, f
   m = m_new;
 }
 
-// Decoding path (attention_decode.cpp): q (B, Sq, Hq, D) against caches (B, cache_len, Hk, D) holding
-// lens[b] valid keys; writes out (B, Sq, Hq, D) and lse (B, Hq, Sq).
+// Decoding path (flash_attn_kvcache.cpp): q (B, Sq, Hq, D) against caches (B, cache_len, Hk, D)
+// holding lens[b] valid keys; writes out (B, Sq, Hq, D) and lse (B, Hq, Sq).
 void decode_splitkv(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                     const at::Tensor& lens, double softmax_scale, bool causal, at::Tensor& out, at::Tensor& lse);
 

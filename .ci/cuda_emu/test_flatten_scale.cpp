@@ -1,4 +1,4 @@
-// Checks flatten.cu's launcher (every dtype pair, tensors of unequal sizes including empty ones,
+// Checks flatten_scale.cu's launcher (every dtype pair, tensors of unequal sizes including empty ones,
 // blocks past the end of small tensors, padding left untouched) against the same arithmetic on
 // the host: one product in fp32 (fp64 for fp64), one rounding to the output type, so bit-exact.
 #define EMU_MAIN

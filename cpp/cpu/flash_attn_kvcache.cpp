@@ -6,13 +6,13 @@
 //   when that is not enough, and then each chunk's partial softmax is merged at the end. With one
 //   chunk a task normalises and writes its output rows itself: one parallel region per call.
 // - The cache is read in place, never packed or widened, a head at a time down each block of keys.
-//   (Walking each block token by token across the heads measured no different: with the cache out
-//   of L3, a batch-8 step is bound by DRAM bandwidth either way.)
+//   (Walking each block token by token across the heads is no faster: with the cache out of L3, a
+//   batch-8 step is bound by DRAM bandwidth either way.)
 // - Scores of 8 keys at once (fp32, AVX2): eight D-long dot products accumulate side by side and
 //   one transpose-and-add reduces them, instead of a horizontal sum per key; P V keeps a 32-float
 //   slice of the output row in registers while it walks the block's values.
-// Reference: internlm_fast/ops/kvcache.py::flash_attn_with_kvcache_ref.
-#include "attention_common.h"
+// Reference: internlm_fast/ops/flash_attn_kvcache.py::flash_attn_with_kvcache_ref.
+#include "flash_attn_common.h"
 
 #include <ATen/ops/empty.h>
 

@@ -1,6 +1,6 @@
 """flash-attn's packed-input variants: q, k and v as views into one packed tensor (no copy). The
 kernels read strided rows, and autograd sums the three gradients back into the packed tensor's
-gradient. Arguments, order and defaults as flash-attn's; see attention.py for the ones refused."""
+gradient. Arguments, order and defaults as flash-attn's; see flash_attn.py for the ones refused."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .attention import ATTN_DTYPES, flash_attn_func, flash_attn_varlen_func
+from .flash_attn import ATTN_DTYPES, flash_attn_func, flash_attn_varlen_func
 
 
 def _packed(name: str, t: object, ndim: int, axis: int, n: int, layout: str) -> tuple[Tensor, ...]:

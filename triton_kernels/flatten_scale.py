@@ -5,7 +5,7 @@ Kernel contract (identical to internlm_fast._C.cpu):
         tensors: contiguous, one dtype; out: contiguous 1-D of that dtype (or fp32 for 16-bit
         tensors), at least as long as all tensors together. out[o_i : o_i + n_i] = scale * tensors[i],
         the product in fp32 (fp64 for fp64) and rounded once to out's dtype. Reference:
-        internlm_fast/ops/flatten.py.
+        internlm_fast/ops/flatten_scale.py.
 
 Memory-bound: one launch per tensor of BLOCK-element programs. A bucket holds tens of tensors, so
 the launches are few; a single launch over a pointer table would save them but not bytes.

@@ -1,6 +1,6 @@
 """Flash attention on the CPU against torch's SDPA (2 threads, fp32), side by side in one run.
 
-Bars (issue 3):
+Bars:
 - causal forward at (batch 1, 16 heads, 2048 tokens, head_dim 128) >= 1.1x SDPA; forward+backward
   >= 1.0x SDPA; the achieved GFLOP/s is reported against torch.mm at 1024 x 1024;
 - varlen causal forward, 8 packed sequences of different lengths totalling 4096 tokens (16 heads,
@@ -15,9 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from internlm_fast.ops import use_backend
-from internlm_fast.ops.attention import flash_attn_func, flash_attn_varlen_func
-from internlm_fast.ops.kvcache import flash_attn_with_kvcache
+from internlm_fast.ops import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, use_backend
 
 from .conftest import interleaved_medians, measure_in_subprocess, report
 
@@ -107,8 +105,7 @@ def test_decode_cache_4096(side_by_side):
 
 _MEMORY = r"""
 import torch
-from internlm_fast.ops import use_backend
-from internlm_fast.ops.attention import flash_attn_func
+from internlm_fast.ops import flash_attn_func, use_backend
 torch.set_num_threads(THREADS)
 with use_backend("cpu"):
     flash_attn_func(*(torch.randn(1, 8, 2, 64) for _ in range(3)), causal=True)  # load code first

@@ -2,7 +2,7 @@
 // tensors laid end to end from out[0]. This is how the sharded optimizer gathers a bucket's
 // gradients into one flat buffer before its reduce-scatter: one call per bucket, one pass over
 // memory, no per-parameter Python loop. Inputs share one dtype; out has it, or fp32 for bf16/fp16
-// inputs. Reference: internlm_fast/ops/flatten.py::flatten_scale_ref.
+// inputs. Reference: internlm_fast/ops/flatten_scale.py::flatten_scale_ref.
 #include "common.h"
 #include "ops_cpu.h"
 

@@ -3,8 +3,8 @@ import torch
 
 from internlm_fast import ops
 from internlm_fast.ops import use_backend
-from internlm_fast.ops.attention import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func
-from internlm_fast.ops.attention_packed import (
+from internlm_fast.ops.flash_attn import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func
+from internlm_fast.ops.flash_attn_packed import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
     flash_attn_varlen_kvpacked_func,
@@ -379,13 +379,13 @@ def test_packed_variants_equal_the_unpacked_calls(shape, causal):
 def test_packed_variants_read_views_not_copies(monkeypatch):
     """The kernel receives q, k, v as strided views of the packed tensor's storage."""
     seen = []
-    real = ops.attention._attention
+    real = ops.flash_attn._attention
 
     def spy(q, k, v, *rest):
         seen.append((q, k, v))
         return real(q, k, v, *rest)
 
-    monkeypatch.setattr(ops.attention, "_attention", spy)
+    monkeypatch.setattr(ops.flash_attn, "_attention", spy)
     qkv = torch.randn(2, 7, 3, 2, 16)
     vqkv = torch.randn(9, 3, 2, 16)
     with use_backend("cpu"):

@@ -17,7 +17,15 @@ import torch
 from torch import Tensor
 
 from . import _checks, backend
-from .attention import ATTN_DTYPES, _check_qkv, _kernel_dtype, _reject_given, _reject_unsupported, _scale, attention_ref
+from .flash_attn import (
+    ATTN_DTYPES,
+    _check_qkv,
+    _kernel_dtype,
+    _reject_given,
+    _reject_unsupported,
+    _scale,
+    attention_ref,
+)
 from .rotary import apply_rotary
 
 
@@ -110,9 +118,15 @@ def _(q, k_cache, v_cache, lens, scale, causal, impl):
     return q.new_empty(q.shape), q.new_empty(b, h, s, dtype=torch.float32)
 
 
-def _attend_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, lens: Tensor, scale: float, causal: bool):
+def attention_kvcache_ref(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, scale: float, causal: bool
+) -> tuple[Tensor, Tensor]:
+    """The reference of the kernel flash_attn_kvcache_fwd (the oracle): q (batch, seqlen_q, heads, d)
+    against the first cache_lens[b] rows of each sequence's cache (batch, cache_len, kv_heads, d),
+    causal aligned to the end of the cache. Returns out (batch, seqlen_q, heads, d) and lse
+    (batch, heads, seqlen_q)."""
     outs, lses = [], []
-    for b, n in enumerate(lens.tolist()):
+    for b, n in enumerate(cache_lens.tolist()):
         o, lse = attention_ref(q[b : b + 1], k_cache[b : b + 1, :n], v_cache[b : b + 1, :n], causal, scale)
         outs.append(o)
         lses.append(lse)
@@ -169,7 +183,7 @@ def flash_attn_with_kvcache(
         _append(k_cache, v_cache, k, v, lens)
         lens = lens + k.shape[1]
     if impl == "ref":
-        out, lse = _attend_ref(q, k_cache, v_cache, lens, scale, causal)
+        out, lse = attention_kvcache_ref(q, k_cache, v_cache, lens, scale, causal)
     else:
         out, lse = _fwd(q, k_cache, v_cache, lens, scale, causal, impl)
     return (out, lse) if return_softmax_lse else out

@@ -1,9 +1,8 @@
 // The step of a decode that sits between the qkv projection and attention: rotate each new token's
 // q and k by its position and append its k and v to the KV cache, in one pass over the few new
-// tokens. Unfused this was rotary_fwd plus an index_copy_: two calls and a thread wake-up for a few
-// KB (~11 us a layer at batch 8 with the cache hot, 3x that inside a real step). One thread: the
-// work is far below what a parallel region costs. Dims past the rotary ones are left as they are.
-// Reference: the unfused path in internlm_fast/infer/decoder.py (rotary_ then index_copy_).
+// tokens. Unfused it is rotary_fwd plus an index_copy_: two calls and a thread wake-up for a few KB
+// a layer. One thread: the work is far below what a parallel region costs. Dims past the rotary
+// ones are left as they are. Reference: internlm_fast/ops/inference.py::decode_rotary_append_ref.
 #include "common.h"
 #include "ops_cpu.h"
 #include "rotate_head.h"
