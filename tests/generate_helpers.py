@@ -10,14 +10,9 @@ import torch
 from internlm_fast.data import Tokenizer, train_tokenizer
 from internlm_fast.model import InternLMConfig, InternLMForCausalLM
 
-SMALL = dict(
-    vocab_size=400,
-    hidden_size=64,
-    intermediate_size=160,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=256,
-)
+from .model_helpers import TINY_CONFIG
+
+SMALL = {**TINY_CONFIG, "vocab_size": 400, "intermediate_size": 160, "max_position_embeddings": 256}
 
 # The tokenizer learns these characters as pieces; any other non-ASCII character is spelled in
 # byte-fallback tokens, one per UTF-8 byte.

@@ -5,16 +5,14 @@ CPU cores. Tests override single fields (`{**TINY_CONFIG, "num_key_value_heads":
 
 from __future__ import annotations
 
-from internlm_fast.model import InternLMConfig
+from internlm_fast.model import PRESETS, InternLMConfig
 
-TINY_CONFIG: dict[str, int] = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=128,
-)
+# the nano preset (4 heads), cut down: every dimension smaller, 2 layers
+TINY_CONFIG: dict[str, int] = {
+    **PRESETS["nano"],
+    **{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2},
+    "max_position_embeddings": 128,
+}
 
 
 def tiny_config(**overrides: object) -> InternLMConfig:

@@ -9,20 +9,12 @@ import torch
 from internlm_fast.model import InternLMConfig, InternLMForCausalLM
 
 from .generate_helpers import one_thread  # noqa: F401 (fixture)
+from .model_helpers import TINY_CONFIG
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CFG = dict(
-    vocab_size=512,
-    hidden_size=128,
-    intermediate_size=344,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-)
+CFG = {**TINY_CONFIG, "hidden_size": 128, "intermediate_size": 344, "max_position_embeddings": 256}
 
 
 @pytest.fixture(scope="module")

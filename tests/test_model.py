@@ -11,18 +11,11 @@ import internlm_fast.model
 from internlm_fast.model import InternLMConfig, InternLMForCausalLM, preset
 from internlm_fast.ops import use_backend
 
+from .model_helpers import TINY_CONFIG
+
 transformers = pytest.importorskip("transformers")
 
-CFG = dict(
-    vocab_size=300,
-    hidden_size=128,
-    intermediate_size=344,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-)
+CFG = {**TINY_CONFIG, "vocab_size": 300, "hidden_size": 128, "intermediate_size": 344}
 
 
 def _pair(num_key_value_heads=4):

@@ -4,14 +4,9 @@ import torch
 from internlm_fast.model import InternLMConfig, InternLMForCausalLM
 from internlm_fast.train.optim import build_optimizer
 
-CFG = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=32,
-)
+from .model_helpers import TINY_CONFIG
+
+CFG = TINY_CONFIG
 
 
 def _model():

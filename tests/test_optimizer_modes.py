@@ -17,14 +17,9 @@ from internlm_fast.train.distributed import DistContext
 from internlm_fast.train.optimizer_modes import MasterAdamW, PlainAdamW, TrainOptimizer
 from internlm_fast.train.zero_optim import ZeroOptimizer
 
-CFG = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=32,
-)
+from .model_helpers import TINY_CONFIG
+
+CFG = TINY_CONFIG
 MODES = [("plain", torch.float32), ("master", torch.bfloat16), ("zero", torch.float32), ("zero", torch.bfloat16)]
 IDS = [f"{mode}-{str(dtype).removeprefix('torch.')}" for mode, dtype in MODES]
 
