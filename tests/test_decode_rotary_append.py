@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from internlm_fast.ops import available
+from internlm_fast.ops import available, backend
 from internlm_fast.ops.inference import InferenceKernels
 from internlm_fast.ops.rotary import apply_rotary_ref
+
+from .conftest import backend_devices
 
 pytestmark = pytest.mark.skipif(not available("cpu"), reason="the cpu backend is not built")
 
@@ -49,13 +51,15 @@ def test_matches_rotary_then_copy(hq, hk, d, rotary_dim, dtype, n):
     assert torch.equal(kv_rows[untouched], want_rows[untouched])
 
 
-def test_refuses_positions_and_slots_out_of_range():
-    kern = InferenceKernels(torch.zeros(1))
+@pytest.mark.parametrize("impl", [b for b, device in backend_devices("decode_rotary_append") if device == "cpu"])
+def test_refuses_positions_and_slots_out_of_range(impl):
+    """On CPU tensors every backend's kernel checks the values (on a GPU that would cost a sync)."""
+    append = backend.kernels(impl).decode_rotary_append
     cos, sin = _tables(16, 8)
     qkv, rows = torch.zeros(2, 3, 8), torch.zeros(4, 2, 1, 8)
     with pytest.raises(RuntimeError, match="position 16 of token 1 is outside the rotary table"):
-        kern.rotary_append_(qkv, cos, sin, torch.tensor([0, 16]), rows, torch.tensor([0, 1]), 1)
+        append(qkv, cos, sin, torch.tensor([0, 16]), rows, torch.tensor([0, 1]), 1)
     with pytest.raises(RuntimeError, match="slot 4 of token 0 is outside the cache"):
-        kern.rotary_append_(qkv, cos, sin, torch.tensor([0, 1]), rows, torch.tensor([4, 1]), 1)
+        append(qkv, cos, sin, torch.tensor([0, 1]), rows, torch.tensor([4, 1]), 1)
     with pytest.raises(RuntimeError, match="q_heads \\+ 2 \\* kv_heads"):
-        kern.rotary_append_(torch.zeros(2, 4, 8), cos, sin, torch.tensor([0, 1]), rows, torch.tensor([0, 1]), 1)
+        append(torch.zeros(2, 4, 8), cos, sin, torch.tensor([0, 1]), rows, torch.tensor([0, 1]), 1)

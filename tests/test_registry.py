@@ -14,13 +14,14 @@ import torch
 
 from internlm_fast.ops import BackendUnavailable, available, backend, registry, use_backend
 
-BINDINGS = Path(__file__).resolve().parents[1] / "cpp" / "bindings.cpp"
+from .test_kernel_signatures import bound_args
+
 OPS_DIR = Path(__file__).resolve().parents[1] / "python" / "internlm_fast" / "ops"
 
 
 def bound(submodule: str) -> set[str]:
     """The names cpp/bindings.cpp binds on _C.<submodule>."""
-    return set(re.findall(rf'\b{submodule}\.def\("(\w+)"', BINDINGS.read_text()))
+    return set(bound_args(submodule))
 
 
 def triton_names() -> set[str]:

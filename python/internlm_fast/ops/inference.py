@@ -136,9 +136,7 @@ class InferenceKernels:
 
     def swiglu_packed(self, x: Tensor) -> Tensor:
         """silu(x[:, :F]) * x[:, F:] of a (rows, 2F) tensor with unit last stride."""
-        gate, up = x.chunk(2, dim=-1)
-        k = self._k["swiglu"]
-        return swiglu_ref(gate, up) if k is None else k.swiglu_fwd(gate, up)
+        return self.swiglu(*x.chunk(2, dim=-1))
 
     def attend_varlen(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> Tensor:
         """Causal attention of packed sequences (total, heads, d) delimited by int32 cu_seqlens."""

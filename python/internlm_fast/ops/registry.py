@@ -30,7 +30,6 @@ class Op:
     cpu: tuple[str, ...] = ("cpu",)  # backends for CPU tensors, in order
     cuda: tuple[str, ...] = GPU_ORDER  # backends for CUDA tensors, in order
     inference_only: bool = False  # no autograd: decoding's lean path calls the kernel directly
-    doc: str = ""
 
     def order(self, device: str) -> tuple[str, ...]:
         return {"cpu": self.cpu, "cuda": self.cuda}.get(device, ())
@@ -39,52 +38,30 @@ class Op:
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
-        Op("rms_norm", ("rms_norm_fwd", "rms_norm_bwd"), doc="RMSNorm, optionally fused with the residual add"),
-        Op("rotary", ("rotary_fwd", "rotary_bwd"), doc="rotary position embedding (flash-attn's apply_rotary_emb)"),
-        Op("swiglu", ("swiglu_fwd", "swiglu_bwd"), doc="silu(gate) * up, plain and packed"),
-        Op("cross_entropy", ("cross_entropy_fwd", "cross_entropy_bwd"), doc="cross-entropy, online softmax"),
-        Op(
-            "fused_linear_cross_entropy",
-            ("fused_linear_cross_entropy_fwd", "fused_linear_cross_entropy_bwd"),
-            doc="lm-head GEMM + cross-entropy by chunks, never the full logits",
-        ),
-        Op("flatten_scale", ("flatten_scale_fwd",), doc="gradients end to end into a flat bucket, scaled"),
-        # on the GPU the Triton kernel is the flash attention (FlashAttention-2's algorithm, tensor cores
-        # through tl.dot); a CUDA C++ one would add compile time for no gain
-        Op(
-            "flash_attn",
-            ("flash_attn_fwd", "flash_attn_bwd"),
-            cuda=("triton",),
-            doc="flash attention, dense and varlen",
-        ),
-        Op(
-            "flash_attn_kvcache",
-            ("flash_attn_kvcache_fwd",),
-            inference_only=True,
-            doc="attention of new tokens against a KV cache (split over the cache)",
-        ),
-        Op(
-            "decode_rotary_append",
-            ("decode_rotary_append",),
-            inference_only=True,
-            doc="a decode step's rotary of q and k and the KV-cache append, one pass",
-        ),
-        Op(
-            "few_rows_linear",
-            ("few_rows_linear",),
-            cpu=("cpu", "aten"),
-            cuda=("aten",),
-            inference_only=True,
-            doc="decode GEMM (few rows x column-panelled weight); cuBLAS on the GPU",
-        ),
-        Op(
-            "argmax_rows",
-            ("argmax_rows",),
-            cpu=("cpu", "aten"),
-            cuda=("aten",),
-            inference_only=True,
-            doc="greedy pick, torch.argmax's answer",
-        ),
+        # RMSNorm, optionally fused with the residual add
+        Op("rms_norm", ("rms_norm_fwd", "rms_norm_bwd")),
+        # rotary position embedding (flash-attn's apply_rotary_emb)
+        Op("rotary", ("rotary_fwd", "rotary_bwd")),
+        # silu(gate) * up, plain and packed
+        Op("swiglu", ("swiglu_fwd", "swiglu_bwd")),
+        # cross-entropy, online softmax
+        Op("cross_entropy", ("cross_entropy_fwd", "cross_entropy_bwd")),
+        # lm-head GEMM + cross-entropy by chunks, never the full logits
+        Op("fused_linear_cross_entropy", ("fused_linear_cross_entropy_fwd", "fused_linear_cross_entropy_bwd")),
+        # gradients end to end into a flat bucket, scaled
+        Op("flatten_scale", ("flatten_scale_fwd",)),
+        # flash attention, dense and varlen. On the GPU the Triton kernel is the flash attention
+        # (FlashAttention-2's algorithm, tensor cores through tl.dot); a CUDA C++ one would add compile
+        # time for no gain
+        Op("flash_attn", ("flash_attn_fwd", "flash_attn_bwd"), cuda=("triton",)),
+        # attention of new tokens against a KV cache (split over the cache)
+        Op("flash_attn_kvcache", ("flash_attn_kvcache_fwd",), inference_only=True),
+        # a decode step's rotary of q and k and the KV-cache append, one pass
+        Op("decode_rotary_append", ("decode_rotary_append",), inference_only=True),
+        # decode GEMM (few rows x column-panelled weight); cuBLAS on the GPU
+        Op("few_rows_linear", ("few_rows_linear",), cpu=("cpu", "aten"), cuda=("aten",), inference_only=True),
+        # greedy pick, torch.argmax's answer
+        Op("argmax_rows", ("argmax_rows",), cpu=("cpu", "aten"), cuda=("aten",), inference_only=True),
     )
 }
 
