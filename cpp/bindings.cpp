@@ -44,8 +44,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
           py::arg("softmax_scale"), py::arg("causal"));
   cpu.def("flash_attn_kvcache_fwd", &ifast::cpu::flash_attn_kvcache_fwd, nogil, py::arg("q"),
-          py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_lens"), py::arg("softmax_scale"),
-          py::arg("causal"));
+          py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_lens"), py::arg("block_table"),
+          py::arg("softmax_scale"), py::arg("causal"));
   cpu.def("rotary_fwd", &ifast::cpu::rotary_fwd, nogil, py::arg("x"), py::arg("cos"), py::arg("sin"),
           py::arg("seqlen_offsets"), py::arg("cu_seqlens"), py::arg("interleaved"), py::arg("conjugate"),
           py::arg("out"));
@@ -100,8 +100,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cuda.def("fused_linear_cross_entropy_bwd", &ifast::cuda::fused_linear_cross_entropy_bwd, nogil,
            py::arg("dloss"), py::arg("dhidden"), py::arg("dweight"));
   cuda.def("flash_attn_kvcache_fwd", &ifast::cuda::flash_attn_kvcache_fwd, nogil, py::arg("q"),
-           py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_lens"), py::arg("softmax_scale"),
-           py::arg("causal"));
+           py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_lens"), py::arg("block_table"),
+           py::arg("softmax_scale"), py::arg("causal"));
   cuda.def("decode_rotary_append", &ifast::cuda::decode_rotary_append, nogil, py::arg("qkv"), py::arg("cos"),
            py::arg("sin"), py::arg("positions"), py::arg("kv_rows"), py::arg("slots"), py::arg("q_heads"));
 #else

@@ -257,7 +257,7 @@ def attention_cases(draw) -> tuple[str, Callable[[], object]]:
         kw = {
             "cache_batch_idx": {"cache_batch_idx": index},
             "cache_leftpad": {"cache_leftpad": index},
-            "cache_block_table": {"block_table": index[:, None]},
+            "cache_block_table": {"block_table": index[:, None] + b},  # past the pool's b blocks
             "cache_window_size": {"window_size": (2, 0)},
             "cache_num_splits": {"num_splits": -1},
         }.get(bad, {})

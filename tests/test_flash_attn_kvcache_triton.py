@@ -1,8 +1,8 @@
 """The Triton decoding kernels (triton_kernels/flash_attn_kvcache.py and decode_rotary_append.py)
 called directly: flash_attn_kvcache_fwd against the fp64 oracle under the 2x rule, over every way
 the work is cut (one cache chunk written directly, several merged, more chunks than a sequence has
-blocks, several row blocks), and decode_rotary_append against apply_rotary_ref plus a copy into the
-cache rows.
+blocks, several row blocks), on a paged pool through a block table as on a per-sequence cache, and
+decode_rotary_append against apply_rotary_ref plus a copy into the cache rows.
 
 Without a GPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), where the
 kernels use 16-key blocks, so the lengths below span several blocks and end mid-block.
@@ -78,7 +78,7 @@ def test_kvcache_fwd_matches_oracle(tk, monkeypatch, shape, causal, dtype, num_s
     n = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     scale = d**-0.5
     monkeypatch.setattr(tk.flash_attn_kvcache, "NUM_SPLITS", num_splits)
-    out, lse = tk.flash_attn_kvcache_fwd(q, k, v, n, scale, causal)
+    out, lse = tk.flash_attn_kvcache_fwd(q, k, v, n, None, scale, causal)
     ref_out, ref_lse = attention_kvcache_ref(q, k, v, n, scale, causal)
     out64, lse64 = attention_kvcache_ref(q.double(), k.double(), v.double(), n, scale, causal)
     assert out.is_contiguous() and lse.dtype == torch.float32 and lse.shape == (b, hq, sq)
@@ -96,7 +96,7 @@ def test_kvcache_fwd_row_blocks_and_empty_chunks(tk, monkeypatch, num_splits):
     k, v = _cache(b, 128, hk, d, lens, torch.float32, g)
     n = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     monkeypatch.setattr(tk.flash_attn_kvcache, "NUM_SPLITS", num_splits)
-    out, lse = tk.flash_attn_kvcache_fwd(q, k, v, n, 0.2, True)
+    out, lse = tk.flash_attn_kvcache_fwd(q, k, v, n, None, 0.2, True)
     ref_out, ref_lse = attention_kvcache_ref(q, k, v, n, 0.2, True)
     out64, lse64 = attention_kvcache_ref(q.double(), k.double(), v.double(), n, 0.2, True)
     assert_matches_oracle("out", out, ref_out, out64, atol=ATOL[torch.float32])
@@ -109,7 +109,7 @@ def test_kvcache_fwd_auto_splits_fp16_and_contiguous_cache(tk, dtype):
     q = _randn(2, 1, 8, 64, dtype=dtype, g=g)
     k, v = (_randn(2, 90, 2, 64, dtype=dtype, g=g) for _ in range(2))
     n = torch.tensor([90, 41], dtype=torch.int32, device=DEVICE)
-    out, lse = tk.flash_attn_kvcache_fwd(q, k, v, n, 0.125, True)
+    out, lse = tk.flash_attn_kvcache_fwd(q, k, v, n, None, 0.125, True)
     ref_out, ref_lse = attention_kvcache_ref(q, k, v, n, 0.125, True)
     out64, lse64 = attention_kvcache_ref(q.double(), k.double(), v.double(), n, 0.125, True)
     assert_matches_oracle("out", out, ref_out, out64, atol=ATOL[dtype])
@@ -119,13 +119,96 @@ def test_kvcache_fwd_auto_splits_fp16_and_contiguous_cache(tk, dtype):
 def test_kvcache_fwd_zero_length_cache_and_bad_arguments(tk):
     q = torch.randn(2, 1, 4, 32, device=DEVICE)
     k = v = torch.zeros(2, 0, 2, 32, device=DEVICE)
-    out, lse = tk.flash_attn_kvcache_fwd(q, k, v, torch.zeros(2, dtype=torch.int32, device=DEVICE), 1.0, True)
+    out, lse = tk.flash_attn_kvcache_fwd(q, k, v, torch.zeros(2, dtype=torch.int32, device=DEVICE), None, 1.0, True)
     assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isinf(lse).all())
     k = v = torch.zeros(2, 8, 3, 32, device=DEVICE)
     with pytest.raises(ValueError, match="Hq % Hk"):
-        tk.flash_attn_kvcache_fwd(q, k, v, torch.zeros(2, dtype=torch.int32, device=DEVICE), 1.0, True)
+        tk.flash_attn_kvcache_fwd(q, k, v, torch.zeros(2, dtype=torch.int32, device=DEVICE), None, 1.0, True)
     with pytest.raises(ValueError, match="int32"):
-        tk.flash_attn_kvcache_fwd(q, k[:, :, :2], v[:, :, :2], torch.zeros(2, device=DEVICE), 1.0, True)
+        tk.flash_attn_kvcache_fwd(q, k[:, :, :2], v[:, :, :2], torch.zeros(2, device=DEVICE), None, 1.0, True)
+
+
+# ---------------------------------------------------------------- paged cache (block_table)
+
+
+def _paged_cache(lens, max_blocks, block_size, hk, d, dtype, g, spare=3):
+    """A paged pool (num_blocks, block_size, 2, Hk, D), keys and values its strided views, with each
+    sequence's blocks drawn out of order from a shuffled pool larger than needed, and the contiguous
+    caches (B, max_blocks * block_size, Hk, D) the table describes, for the oracle. Rows past each
+    length, table entries past each sequence's blocks and the spare blocks they point to hold NaN, so
+    reading any of them shows in the output. The table is a column slice of a wider tensor (its row
+    stride is not max_blocks)."""
+    used = [-(-n // block_size) for n in lens]
+    num_blocks = sum(used) + spare
+    kv = _randn(num_blocks, block_size, 2, hk, d, dtype=dtype, g=g)
+    order = torch.randperm(num_blocks, generator=g)
+    poison = int(order[-1])
+    kv[order[sum(used) :]] = float("nan")
+    wide = torch.full((len(lens), max_blocks + 2), poison, dtype=torch.int32)
+    table = wide[:, 1 : max_blocks + 1]
+    nxt = 0
+    for i, (n, u) in enumerate(zip(lens, used)):
+        table[i, :u] = order[nxt : nxt + u].to(torch.int32)
+        nxt += u
+        if n % block_size:
+            kv[int(table[i, u - 1]), n % block_size :] = float("nan")
+    contiguous = kv[table.long()].flatten(1, 2)
+    table = table.to(DEVICE)
+    assert table.stride() == (max_blocks + 2, 1)
+    return kv[:, :, 0], kv[:, :, 1], table, contiguous[:, :, 0], contiguous[:, :, 1]
+
+
+def _paged_matches_oracle(tk, q, lens, max_blocks, block_size, hk, scale, causal, g):
+    b, _, _, d = q.shape
+    k, v, table, k_flat, v_flat = _paged_cache(lens, max_blocks, block_size, hk, d, q.dtype, g)
+    n = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out, lse = tk.flash_attn_kvcache_fwd(q, k, v, n, table, scale, causal)
+    ref_out, ref_lse = attention_kvcache_ref(q, k_flat, v_flat, n, scale, causal)
+    out64, lse64 = attention_kvcache_ref(q.double(), k_flat.double(), v_flat.double(), n, scale, causal)
+    assert out.is_contiguous() and lse.dtype == torch.float32 and lse.shape == (b, q.shape[2], q.shape[1])
+    assert_matches_oracle("out", out, ref_out, out64, atol=ATOL[q.dtype])
+    _assert_lse("lse", lse, ref_lse.float(), lse64, atol=ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kvcache_fwd_paged_matches_oracle(tk, monkeypatch, block_size, causal, dtype, num_splits):
+    """GQA 2 with 3 query tokens against a paged pool: an empty sequence, one ending mid-block, one
+    filling its table exactly. Block size 1 and 3 look a block up per key; 16 (the interpreter's key
+    tile) one block per tile."""
+    g = torch.Generator().manual_seed(block_size * 10 + num_splits)
+    max_blocks = -(-40 // block_size)
+    lens = [0, 21, max_blocks * block_size]
+    q = _randn(3, 3, 4, 32, dtype=dtype, g=g)
+    monkeypatch.setattr(tk.flash_attn_kvcache, "NUM_SPLITS", num_splits)
+    _paged_matches_oracle(tk, q, lens, max_blocks, block_size, 2, 32**-0.5, causal, g)
+
+
+@pytest.mark.parametrize("num_splits", [None, 8])
+def test_kvcache_fwd_paged_blocks_of_several_tiles(tk, monkeypatch, num_splits):
+    """Blocks of two key tiles each, MQA with one decode token, the automatic split count, and more
+    chunks than the shorter sequences have tiles."""
+    g = torch.Generator().manual_seed(11)
+    q = _randn(2, 1, 4, 32, dtype=torch.float32, g=g)
+    monkeypatch.setattr(tk.flash_attn_kvcache, "NUM_SPLITS", num_splits)
+    _paged_matches_oracle(tk, q, [5, 70], 3, 32, 1, 0.2, True, g)
+
+
+def test_kvcache_fwd_paged_bad_arguments(tk):
+    q = torch.randn(2, 1, 4, 32, device=DEVICE)
+    k = v = torch.zeros(5, 4, 2, 32, device=DEVICE)
+    n = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    table = torch.zeros(2, 3, dtype=torch.int32, device=DEVICE)
+    out, lse = tk.flash_attn_kvcache_fwd(q, k, v, n, table, 1.0, True)  # the pool's size is not the batch
+    assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isinf(lse).all())
+    with pytest.raises(ValueError, match="block_table"):
+        tk.flash_attn_kvcache_fwd(q, k, v, n, table.long(), 1.0, True)
+    with pytest.raises(ValueError, match="block_table"):
+        tk.flash_attn_kvcache_fwd(q, k, v, n, table[:1], 1.0, True)
+    with pytest.raises(ValueError, match="unit last stride"):
+        tk.flash_attn_kvcache_fwd(q, k, v, n, torch.zeros(3, 2, dtype=torch.int32, device=DEVICE).t(), 1.0, True)
 
 
 def test_public_op_appends_rotates_and_attends():

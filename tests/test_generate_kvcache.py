@@ -117,14 +117,14 @@ def test_forward_with_a_cache_checks_its_inputs():
             model(torch.tensor([[1], [2], [3]]), cache=cache)
         with pytest.raises(ValueError, match="cu_seqlens must run from 0 to 5"):
             model(torch.tensor([[1, 2, 3, 4, 5]]), cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32), cache=cache)
-        with pytest.raises(ValueError, match="1 to 8 tokens"):
+        with pytest.raises(ValueError, match="prompt 0 has 9 tokens after 0 cached ones: more than 8"):
             prefill(model, cache, [list(range(9))])
         with pytest.raises(ValueError, match="at most|1 to 2 prompts"):
             prefill(model, cache, [[1], [2], [3]])
         logits = model(torch.tensor([[5, 6, 7]]), cu_seqlens=torch.tensor([0, 3], dtype=torch.int32), cache=cache)
         assert logits.logits.shape == (1, model.config.vocab_size) and cache.lens.tolist() == [3, 0]
-        with pytest.raises(ValueError, match="empty cache rows"):
-            prefill(model, cache, [[1]])
+        with pytest.raises(ValueError, match="prompt 0 has 6 tokens after 3 cached ones: more than 8"):
+            prefill(model, cache, [[1] * 6])
         cache.keep([0])
         for _ in range(5):
             decode(model, cache, torch.tensor([4]))
@@ -170,3 +170,24 @@ def test_bf16_decoding_follows_the_oracle():
             )
             seq.append(token)
             logits = decode(model, cache, torch.tensor([token]))[0]
+
+
+@pytest.mark.parametrize("split", [1, 17, 40])
+def test_prefill_after_cached_tokens_equals_one_prefill(split):
+    """A prompt prefilled after tokens its row already caches (a reused prefix) gives the logits and
+    cache of prefilling everything at once, and the decode steps after it match too."""
+    model = small_model()
+    prompts = [list(range(1, 60)), [7, 8, 9, 10, 11] * 9]
+    with torch.inference_mode():
+        whole = KVCache.for_model(model, 2, 80)
+        expect = prefill(model, whole, prompts)
+        parts = KVCache.for_model(model, 2, 80)
+        prefill(model, parts, [p[:split] for p in prompts])
+        got = prefill(model, parts, [p[split:] for p in prompts])
+        torch.testing.assert_close(got, expect, **TOL)
+        assert parts.lens.tolist() == whole.lens.tolist() == [len(p) for p in prompts]
+        tokens = expect.argmax(-1)
+        for _ in range(3):
+            a, b = decode(model, whole, tokens), decode(model, parts, tokens)
+            torch.testing.assert_close(b, a, **TOL)
+            tokens = a.argmax(-1)

@@ -260,7 +260,6 @@ def test_causal_defaults_to_false_as_in_flash_attn(impl):
     [
         ("cache_batch_idx", torch.tensor([1, 0], dtype=torch.int32), "a tensor of shape \\(2,\\)"),
         ("cache_leftpad", torch.tensor([0, 2], dtype=torch.int32), "a tensor of shape \\(2,\\)"),
-        ("block_table", torch.zeros(2, 1, dtype=torch.int32), "a tensor of shape \\(2, 1\\)"),
         ("window_size", (8, 0), "\\(8, 0\\)"),
         ("softcap", 50.0, "50.0"),
         ("alibi_slopes", torch.ones(4), "a tensor of shape \\(4,\\)"),

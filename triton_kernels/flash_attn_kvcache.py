@@ -1,12 +1,18 @@
 """Attention against a KV cache in Triton (flash-decoding).
 
 Kernel contract (identical to internlm_fast._C.cpu):
-    flash_attn_kvcache_fwd(q, k_cache, v_cache, cache_lens, softmax_scale, causal) -> [out, lse]
-        q (B, Sq, Hq, D); k_cache/v_cache (B, cache_len, Hk, D), last dim contiguous, other strides
-        free (the model's cache is one (B, max_len, 2, Hk, D) tensor, keys and values its views);
-        cache_lens int32 (B,): the first cache_lens[b] rows are valid. Causal aligned to the end
-        (query i sees key j when j <= i + len - Sq). Hq % Hk == 0. A row that sees no key gets
-        out 0 and lse +inf. out (B, Sq, Hq, D) contiguous in q's dtype, lse (B, Hq, Sq) fp32.
+    flash_attn_kvcache_fwd(q, k_cache, v_cache, cache_lens, block_table, softmax_scale, causal)
+        -> [out, lse]
+        q (B, Sq, Hq, D); cache_lens int32 (B,): the first cache_lens[b] tokens of sequence b are
+        valid. Causal aligned to the end (query i sees key j when j <= i + len - Sq). Hq % Hk == 0.
+        A row that sees no key gets out 0 and lse +inf. out (B, Sq, Hq, D) contiguous in q's dtype,
+        lse (B, Hq, Sq) fp32.
+        block_table None: k_cache/v_cache (B, cache_len, Hk, D), last dim contiguous, other strides
+        free (the model's cache is one (B, max_len, 2, Hk, D) tensor, keys and values its views).
+        block_table int32 (B, max_blocks), last dim contiguous: k_cache/v_cache are a paged pool
+        (num_blocks, block_size, Hk, D) with the same stride freedom, and token t of sequence b is
+        at [block_table[b, t // block_size], t % block_size]; cache_lens[b] <= max_blocks *
+        block_size.
 
 Attention is split-K ("flash-decoding"): decoding reads the whole cache for a handful of query
 rows, so a grid over (batch, kv head) alone leaves most SMs idle at small batch. Each program takes
@@ -16,6 +22,10 @@ a second kernel merges the chunks by log-sum-exp. Chunks are cut on the device f
 sequence's own length, so the host never reads cache_lens (no sync) and short sequences in a long
 cache do not leave whole programs with nothing but masked keys. With one chunk the first kernel
 normalises and writes the output itself.
+
+A paged cache changes only where a key tile's rows are read from: each key's row offset comes
+from its block's id in the table. The chunks are planned from the table's capacity
+(max_blocks * block_size), as the unpaged ones are from cache_len.
 """
 
 from __future__ import annotations
@@ -52,10 +62,11 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, LENS, OUT, LSE, PART_O, PART_ML,
+    Q, K, V, LENS, TABLE, OUT, LSE, PART_O, PART_ML,
     Sq, Hk, group, rows, num_splits, qk_scale,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, s_table,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DIRECT: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BF16_RNE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -87,13 +98,32 @@ def _decode_split_kernel(
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = K + b * sk_b + hk * sk_h
-    v_base = V + b * sv_b + hk * sv_h
+    if PAGED:
+        # sk_b / sv_b step over the pool's blocks; sequence b's blocks come from its table row
+        k_base = K + hk * sk_h
+        v_base = V + hk * sv_h
+        table_row = TABLE + b * s_table
+    else:
+        k_base = K + b * sk_b + hk * sk_h
+        v_base = V + b * sv_b + hk * sv_h
     for j0 in range(j_begin, j_end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         j_ok = j < j_end
-        jj = j.to(tl.int64)
-        kt = tl.load(k_base + jj[None, :] * sk_t + d[:, None], mask=d_ok[:, None] & j_ok[None, :], other=0.0)
+        if PAGED:
+            if PAGE_SIZE % BLOCK_N == 0:
+                # tiles start at multiples of BLOCK_N, so the whole tile lies in one block
+                page = tl.load(table_row + j0 // PAGE_SIZE).to(tl.int64)
+            else:
+                # masked keys may lie past the table's row: block 0 stands in for them, never read
+                page = tl.load(table_row + j // PAGE_SIZE, mask=j_ok, other=0).to(tl.int64)
+            slot = (j % PAGE_SIZE).to(tl.int64)
+            k_off = page * sk_b + slot * sk_t
+            v_off = page * sv_b + slot * sv_t
+        else:
+            jj = j.to(tl.int64)
+            k_off = jj * sk_t
+            v_off = jj * sv_t
+        kt = tl.load(k_base + k_off[None, :] + d[:, None], mask=d_ok[:, None] & j_ok[None, :], other=0.0)
         s = _dot(q, kt, UPCAST) * qk_scale
         vis = j_ok[None, :]
         if CAUSAL:
@@ -105,7 +135,7 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
         row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + jj[:, None] * sv_t + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + v_off[:, None] + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(store_cast(p, V.dtype.element_ty, BF16_RNE), v, UPCAST)
         m = m_new
 
@@ -205,21 +235,28 @@ def _merge_block_s(num_splits: int, block_d: int) -> int:
     return min(next_pow2(num_splits), max(1, 4096 // block_d))
 
 
-def _check_kvcache(q, k_cache, v_cache, cache_lens) -> None:
+def _check_kvcache(q, k_cache, v_cache, cache_lens, block_table) -> None:
+    paged = block_table is not None
+    layout = "a paged pool (num_blocks, block_size, Hk, D)" if paged else "(B, cache_len, Hk, D)"
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError("flash_attn_kvcache (triton): q must be (B, Sq, Hq, D), k/v caches (B, cache_len, Hk, D)")
+        raise ValueError(f"flash_attn_kvcache (triton): q must be (B, Sq, Hq, D), k/v caches {layout}")
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"flash_attn_kvcache (triton): dtype {q.dtype} is not supported (fp32, bf16, fp16)")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError("flash_attn_kvcache (triton): q, k_cache and v_cache must share one dtype")
     B, _, Hq, D = q.shape
-    if k_cache.shape[0] != B or k_cache.shape[3] != D or k_cache.shape[2] == 0 or Hq % k_cache.shape[2]:
+    if (not paged and k_cache.shape[0] != B) or k_cache.shape[3] != D or k_cache.shape[2] == 0 or Hq % k_cache.shape[2]:
         raise ValueError("flash_attn_kvcache (triton): caches must match q's batch and head_dim, Hq % Hk == 0")
     if D > 256 or any(x.stride(-1) != 1 for x in (q, k_cache, v_cache)):
         raise ValueError("flash_attn_kvcache (triton): head_dim <= 256 with a unit last stride")
     if cache_lens.dtype != torch.int32 or cache_lens.shape != (B,):
         raise ValueError(f"flash_attn_kvcache (triton): cache_lens must be int32 of shape ({B},)")
-    if any(x.device != q.device for x in (k_cache, v_cache, cache_lens)):
+    if paged:
+        if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"flash_attn_kvcache (triton): block_table must be int32 of shape ({B}, max_blocks)")
+        if block_table.shape[1] > 1 and block_table.stride(1) != 1:
+            raise ValueError("flash_attn_kvcache (triton): block_table needs a unit last stride")
+    if any(x.device != q.device for x in (k_cache, v_cache, cache_lens) + ((block_table,) if paged else ())):
         raise ValueError("flash_attn_kvcache (triton): all tensors must be on q's device")
 
 
@@ -228,12 +265,17 @@ def flash_attn_kvcache_fwd(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     cache_lens: torch.Tensor,
+    block_table: torch.Tensor | None,
     softmax_scale: float,
     causal: bool,
 ) -> list[torch.Tensor]:
-    _check_kvcache(q, k_cache, v_cache, cache_lens)
+    _check_kvcache(q, k_cache, v_cache, cache_lens, block_table)
     B, Sq, Hq, D = q.shape
-    cache_len, Hk = k_cache.shape[1], k_cache.shape[2]
+    paged = block_table is not None
+    Hk = k_cache.shape[2]
+    page_size = k_cache.shape[1] if paged else 1
+    # the longest any sequence can be: the splits are planned from it, never from cache_lens
+    cache_len = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     group = Hq // Hk
     out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
@@ -244,6 +286,8 @@ def flash_attn_kvcache_fwd(
         lse.fill_(float("inf"))
         return [out, lse]
     cache_lens = cache_lens.contiguous()
+    table = block_table if paged else cache_lens  # never read unpaged
+    table_stride = block_table.stride(0) if paged else 0
 
     rows = Sq * group
     block_m, block_n, block_d, warps, stages = _split_config(rows, D, q.element_size(), interpreted())
@@ -258,11 +302,11 @@ def flash_attn_kvcache_fwd(
         part_ml = torch.empty((B * Hk * num_splits * rows, 2), dtype=torch.float32, device=q.device)
     bf16_rne = emulate_bf16_rounding(q.dtype)
     _decode_split_kernel[(B * Hk, num_splits, row_blocks)](
-        q, k_cache, v_cache, cache_lens, out, lse, part_o, part_ml,
+        q, k_cache, v_cache, cache_lens, table, out, lse, part_o, part_ml,
         Sq, Hk, group, rows, num_splits, float(softmax_scale) * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HEAD_DIM=D, CAUSAL=bool(causal), DIRECT=direct,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table_stride,
+        HEAD_DIM=D, CAUSAL=bool(causal), DIRECT=direct, PAGED=paged, PAGE_SIZE=page_size,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BF16_RNE=bf16_rne,
         UPCAST=q.dtype == torch.bfloat16 and interpreted(), num_warps=warps, num_stages=stages,
     )  # fmt: skip

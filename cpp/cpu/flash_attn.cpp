@@ -304,9 +304,11 @@ std::vector<at::Tensor> flash_attn_bwd(const at::Tensor& dout, const at::Tensor&
 
 std::vector<at::Tensor> flash_attn_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache,
                                                const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                                               const std::optional<at::Tensor>& block_table,
                                                double softmax_scale, bool causal) {
+  const bool paged = block_table.has_value();
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
-                  q.size(0) == k_cache.size(0) && q.size(3) == k_cache.size(3) && q.size(3) % 8 == 0 &&
+                  (paged || q.size(0) == k_cache.size(0)) && q.size(3) == k_cache.size(3) && q.size(3) % 8 == 0 &&
                   k_cache.size(2) > 0 && q.size(2) % k_cache.size(2) == 0,
               "flash_attn_with_kvcache: shapes");
   TORCH_CHECK(q.stride(3) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
@@ -317,13 +319,38 @@ std::vector<at::Tensor> flash_attn_kvcache_fwd(const at::Tensor& q, const at::Te
                   cache_lens.numel() == q.size(0),
               "flash_attn_with_kvcache: cache_seqlens");
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
+  if (paged) {
+    // the pages a sequence reads must exist: a stray id would read outside the pool
+    const at::Tensor& table = *block_table;
+    TORCH_CHECK(table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == B &&
+                    (table.stride(1) == 1 || table.size(1) <= 1),
+                "flash_attn_with_kvcache: block_table must be int32 (batch, max_blocks) with a contiguous last dim");
+    const int64_t page = k_cache.size(1), pages = k_cache.size(0), ld = table.stride(0);
+    const int32_t* ids = table.const_data_ptr<int32_t>();
+    const int32_t* lens = cache_lens.const_data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(lens[b] >= 0 && lens[b] <= table.size(1) * page,
+                  "flash_attn_with_kvcache: cache_seqlens exceeds the block table's capacity");
+      for (int64_t i = 0; i < (lens[b] + page - 1) / page; ++i)
+        TORCH_CHECK(ids[b * ld + i] >= 0 && ids[b * ld + i] < pages,
+                    "flash_attn_with_kvcache: block_table holds a block id outside the cache");
+    }
+  }
   at::Tensor out = empty_output({B, Sq, Hq, D}, q.scalar_type());
   at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
   // a few query tokens: bound by reading the cache, so read it in place (decode_splitkv); a long
   // chunk of new tokens (prefill into a cache): the blocked kernel, whose packing pays off
   if (Sq <= 16) {
-    decode_splitkv(q, k_cache, v_cache, cache_lens, softmax_scale, causal, out, lse);
+    decode_splitkv(q, k_cache, v_cache, cache_lens, block_table, softmax_scale, causal, out, lse);
     return {out, lse};
+  }
+  if (paged) {  // the blocked kernel packs the keys anyway: gather each sequence's pages first
+    const at::Tensor ids = block_table->clamp(0, k_cache.size(0) - 1).reshape({-1}).to(at::kLong);
+    auto gather = [&](const at::Tensor& pool) {
+      return pool.index_select(0, ids).view({B, -1, pool.size(2), pool.size(3)});
+    };
+    return flash_attn_kvcache_fwd(q, gather(k_cache), gather(v_cache), cache_lens, std::nullopt, softmax_scale,
+                                  causal);
   }
   const int64_t Sc = k_cache.size(1), Hk = k_cache.size(2);
   auto rows_view = [](const at::Tensor& t) {  // (B, S, H, D) -> (B*S, H, D), copying only if it must

@@ -132,9 +132,11 @@ inline void online_softmax_row(float* s, int valid, int n, float& m, float& l, f
   m = m_new;
 }
 
-// Decoding path (flash_attn_kvcache.cpp): q (B, Sq, Hq, D) against caches (B, cache_len, Hk, D)
-// holding lens[b] valid keys; writes out (B, Sq, Hq, D) and lse (B, Hq, Sq).
+// Decoding path (flash_attn_kvcache.cpp): q (B, Sq, Hq, D) against caches (B, cache_len, Hk, D), or
+// pages (num_blocks, block_size, Hk, D) through block_table (B, max_blocks), holding lens[b] valid
+// keys; writes out (B, Sq, Hq, D) and lse (B, Hq, Sq). Arguments checked by the caller.
 void decode_splitkv(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                    const at::Tensor& lens, double softmax_scale, bool causal, at::Tensor& out, at::Tensor& lse);
+                    const at::Tensor& lens, const std::optional<at::Tensor>& block_table, double softmax_scale,
+                    bool causal, at::Tensor& out, at::Tensor& lse);
 
 }  // namespace ifast::cpu::attn

@@ -6,6 +6,8 @@
 //   when that is not enough, and then each chunk's partial softmax is merged at the end. With one
 //   chunk a task normalises and writes its output rows itself: one parallel region per call.
 // - The cache is read in place, never packed or widened, a head at a time down each block of keys.
+//   A paged cache (block table) is read the same way: a block of keys is cut into runs that do not
+//   cross a page, so the scores and P V of a run read one page with fixed strides.
 //   (Walking each block token by token across the heads is no faster: with the cache out of L3, a
 //   batch-8 step is bound by DRAM bandwidth either way.)
 // - Scores of 8 keys at once (fp32, AVX2): eight D-long dot products accumulate side by side and
@@ -16,6 +18,7 @@
 
 #include <ATen/ops/empty.h>
 
+#include <limits>
 #include <type_traits>
 
 namespace ifast::cpu::attn {
@@ -103,6 +106,8 @@ struct Decode {
   const T *q, *k, *v;
   int64_t q_b, q_t, q_h, k_b, k_t, k_h, v_b, v_t, v_h;  // strides
   const int32_t* lens;
+  const int32_t* table;  // paged: (B, table_ld) page ids; nullptr: sequence b is page b
+  int64_t table_ld, page;  // page: tokens per page (unpaged: larger than any cache)
   int Sq, Hq, Hk, D, group;
   int heads_per, hsplit;  // kv heads per task, tasks per sequence and chunk
   int64_t chunk;
@@ -133,6 +138,23 @@ struct Decode {
     lse[(int64_t(b) * Hq + h) * Sq + t] = sum > 0.f ? (mx + std::log2(sum)) * kLn2 : kInf;
   }
 
+  // Keys [j0, j0 + n) of sequence b as runs within one page each: run u covers keys
+  // j0 + first .. j0 + first + n - 1, stored from row `row` of page `page`.
+  struct Run {
+    int64_t page, row;
+    int first, n;
+  };
+  int split_runs(int b, int64_t j0, int n, Run* runs) const {
+    int count = 0;
+    for (int first = 0; first < n;) {
+      const int64_t j = j0 + first, row = j % page;
+      const int len = int(std::min<int64_t>(n - first, page - row));
+      runs[count++] = {table ? int64_t(table[b * table_ld + j / page]) : int64_t(b), row, first, len};
+      first += len;
+    }
+    return count;
+  }
+
   struct State {
     std::vector<float> Q, S, O, m, l;
   };
@@ -158,33 +180,37 @@ struct Decode {
     std::fill(O, O + int64_t(rows) * D, 0.f);
     std::fill(m, m + rows, kNegInf);
     std::fill(l, l + rows, 0.f);
-    const T* kb = k + b * k_b;
-    const T* vb = v + b * v_b;
+    Run runs[kDecodeBlock];
     for (int64_t j0 = j_begin; j0 < j_end; j0 += kDecodeBlock) {
       const int n = int(std::min<int64_t>(kDecodeBlock, j_end - j0));
-      for (int hk = hk0; hk < hk1; ++hk) {
-        const T* kh = kb + j0 * k_t + hk * k_h;
-        for (int t = 0; t < Sq; ++t)
-          for (int g = 0; g < group; ++g) {
-            const int r = t * nq + (hk - hk0) * group + g;
-            const float* qr = Q + int64_t(r) * D;
-            float* s = S + r * kDecodeBlock;
-            int j = 0;
-            for (; j + 8 <= n; j += 8) dot8(qr, kh + j * k_t, k_t, D, s + j);
-            for (; j < n; ++j) s[j] = dot1(qr, kh + j * k_t, D);
-          }
-      }
+      const int nruns = split_runs(b, j0, n, runs);
+      for (int hk = hk0; hk < hk1; ++hk)
+        for (int u = 0; u < nruns; ++u) {
+          const Run& run = runs[u];
+          const T* kh = k + run.page * k_b + run.row * k_t + hk * k_h;
+          for (int t = 0; t < Sq; ++t)
+            for (int g = 0; g < group; ++g) {
+              const int r = t * nq + (hk - hk0) * group + g;
+              const float* qr = Q + int64_t(r) * D;
+              float* s = S + r * kDecodeBlock + run.first;
+              int j = 0;
+              for (; j + 8 <= run.n; j += 8) dot8(qr, kh + j * k_t, k_t, D, s + j);
+              for (; j < run.n; ++j) s[j] = dot1(qr, kh + j * k_t, D);
+            }
+        }
       for (int r = 0; r < rows; ++r)
         online_softmax_row(S + r * kDecodeBlock, visible(causal, r / nq, diag, int(j0), n), n, m[r], l[r],
                            O + int64_t(r) * D, D);
-      for (int hk = hk0; hk < hk1; ++hk) {
-        const T* vh = vb + j0 * v_t + hk * v_h;
-        for (int t = 0; t < Sq; ++t)
-          for (int g = 0; g < group; ++g) {
-            const int r = t * nq + (hk - hk0) * group + g;
-            add_pv(S + r * kDecodeBlock, vh, v_t, n, O + int64_t(r) * D, D);
-          }
-      }
+      for (int hk = hk0; hk < hk1; ++hk)
+        for (int u = 0; u < nruns; ++u) {
+          const Run& run = runs[u];
+          const T* vh = v + run.page * v_b + run.row * v_t + hk * v_h;
+          for (int t = 0; t < Sq; ++t)
+            for (int g = 0; g < group; ++g) {
+              const int r = t * nq + (hk - hk0) * group + g;
+              add_pv(S + r * kDecodeBlock + run.first, vh, v_t, run.n, O + int64_t(r) * D, D);
+            }
+        }
     }
     if (nchunks == 1) {
       for (int r = 0; r < rows; ++r) write_row(b, r / nq, hq0 + r % nq, O + int64_t(r) * D, m[r], l[r]);
@@ -228,7 +254,8 @@ struct Decode {
 }  // namespace
 
 void decode_splitkv(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                    const at::Tensor& lens, double softmax_scale, bool causal, at::Tensor& out, at::Tensor& lse) {
+                    const at::Tensor& lens, const std::optional<at::Tensor>& block_table, double softmax_scale,
+                    bool causal, at::Tensor& out, at::Tensor& lse) {
   const int B = int(q.size(0)), Sq = int(q.size(1)), Hq = int(q.size(2)), D = int(q.size(3));
   const int Hk = int(k_cache.size(2)), group = Hq / Hk;
   const int32_t* l = lens.const_data_ptr<int32_t>();
@@ -258,7 +285,11 @@ void decode_splitkv(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
                            q.stride(0), q.stride(1), q.stride(2),
                            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                           l, Sq, Hq, Hk, D, group, heads_per, hsplit, chunk, nchunks,
+                           l,
+                           block_table ? block_table->const_data_ptr<int32_t>() : nullptr,
+                           block_table ? block_table->stride(0) : 0,
+                           block_table ? k_cache.size(1) : std::numeric_limits<int64_t>::max(),
+                           Sq, Hq, Hk, D, group, heads_per, hsplit, chunk, nchunks,
                            float(softmax_scale) * kLog2e, causal,
                            out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(),
                            nchunks > 1 ? part.mutable_data_ptr<float>() : nullptr};

@@ -31,11 +31,15 @@ std::vector<at::Tensor> flash_attn_bwd(const at::Tensor& dout, const at::Tensor&
                                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                        double softmax_scale, bool causal);
-// Attention of q (B, Sq, Hq, D) against KV caches (B, cache_len, Hk, D) of which the first
-// cache_lens[b] (int32) rows are valid (the new tokens already appended); causal aligned to the end.
-// Returns (out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32).
+// Attention of q (B, Sq, Hq, D) against KV caches of which the first cache_lens[b] (int32) tokens
+// of sequence b are valid (the new tokens already appended); causal aligned to the end.
+// Without block_table the caches are (B, cache_len, Hk, D). With block_table int32 (B, max_blocks),
+// last dim contiguous, they are a paged pool (num_blocks, block_size, Hk, D) (flash-attn's and vLLM's
+// layout): token t of sequence b is at [block_table[b, t / block_size], t % block_size], and
+// cache_lens[b] <= max_blocks * block_size. Returns (out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32).
 std::vector<at::Tensor> flash_attn_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache,
                                                const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                                               const std::optional<at::Tensor>& block_table,
                                                double softmax_scale, bool causal);
 // Rotary embedding (flash-attn's apply_rotary): x (batch, seqlen, heads, d), or (total, heads, d)
 // with cu_seqlens int32 (batch + 1,); last dim contiguous, other strides arbitrary. cos/sin

@@ -11,7 +11,10 @@
 // log-sum-exp; with one chunk the block normalises and writes the output itself. The number of
 // chunks comes from the cache's capacity (the host never reads the lengths), but each sequence cuts
 // its own valid keys into that many chunks, so a short sequence in a long cache still spreads over
-// all its blocks. Per kKeys keys:
+// all its blocks. A paged cache (flash-attn's block_table, vLLM's PagedAttention) differs only in
+// where a key row lives: at the start of each step of kKeys keys, kKeys threads look their keys'
+// blocks up in the table (fetched one step ahead, so the lookup's latency hides behind the step
+// before) and leave the rows' offsets in shared memory for the K and V loads. Per kKeys keys:
 // - scores: a group of L lanes (D / 8 rounded up to a power of two) takes one key, each lane 8 of
 //   its elements, and the dot products with the block's query rows are reduced by shuffles;
 // - softmax: a warp per query row advances its running max and sum (log2 units, as the CPU kernel);
@@ -87,12 +90,15 @@ __device__ __forceinline__ float warp_max(float v) {
 struct DecodeParams {
   const void *q, *k, *v;
   const int32_t* lens;
+  const int32_t* table;  // paged: (B, max_blocks), row stride table_b; k_b, v_b step over blocks
   void* out;
   float* lse;
   float* ws_o;   // splits > 1: (out row, split, D) unnormalised outputs
   float* ws_ml;  // splits > 1: (out row, split, 2) max and sum, log2 units
   int64_t q_b, q_t, q_h, k_b, k_t, k_h, v_b, v_t, v_h;
-  int64_t cache_len;
+  int64_t cache_len;  // paged: max_blocks * block_size
+  int64_t table_b;
+  int block_size, num_blocks;
   int Sq, Hq, Hk, D, group, splits;
   float qscale;  // softmax scale in log2 units
   bool causal;
@@ -100,13 +106,14 @@ struct DecodeParams {
 
 // Block (split * tiles + tile, kv head, sequence). Tile rows are r = t * group + g: query token t,
 // query head hk * group + g. Output row of (b, t, h): (b * Sq + t) * Hq + h.
-template <typename T, bool kVec>
+template <typename T, bool kVec, bool kPaged>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
   static_assert(kKeys == 64 && kThreads % 32 == 0, "the softmax step gives each lane two keys");
   __shared__ float qs[kRows * kMaxD];
   __shared__ float sc[kRows * kKeys];
   __shared__ float red[kThreads * 8];
   __shared__ float m_s[kRows], l_s[kRows], a_s[kRows];
+  __shared__ int64_t koff[kPaged ? kKeys : 1], voff[kPaged ? kKeys : 1];  // a step's rows, paged
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int split = static_cast<int>(blockIdx.x % p.splits), tile = static_cast<int>(blockIdx.x / p.splits);
@@ -160,8 +167,17 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const int li = tid & (L - 1), grp = tid / L, G = kThreads / L;
   const int iters = (kKeys + G - 1) / G;
   const int P = kThreads / nvec, part = tid / nvec, slice = tid - part * nvec;
-  const T* kb = static_cast<const T*>(p.k) + b * p.k_b + hk * p.k_h + li * 8;
-  const T* vb = static_cast<const T*>(p.v) + b * p.v_b + hk * p.v_h + slice * 8;
+  const T* kb = static_cast<const T*>(p.k) + (kPaged ? 0 : b * p.k_b) + hk * p.k_h + li * 8;
+  const T* vb = static_cast<const T*>(p.v) + (kPaged ? 0 : b * p.v_b) + hk * p.v_h + slice * 8;
+  // paged: thread tid < kKeys holds the block of key j0 + tid of the next step. The lengths are
+  // clamped to the table's capacity and the ids to the pool, so bad inputs cannot read outside it.
+  const int32_t* table = kPaged ? p.table + b * p.table_b : nullptr;
+  auto fetch_block = [&](int64_t j0) {
+    const int64_t j = j0 + tid;
+    return tid < kKeys && j < j_end ? table[static_cast<uint32_t>(j) / static_cast<uint32_t>(p.block_size)] : 0;
+  };
+  int32_t next_block = 0;
+  if constexpr (kPaged) next_block = fetch_block(j_begin);
   float acc[kRows][8];
 #pragma unroll
   for (int r = 0; r < kRows; ++r)
@@ -171,13 +187,23 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
 
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kKeys) {
     const int n = static_cast<int>(imin<int64_t>(kKeys, j_end - j0));
+    if constexpr (kPaged) {
+      if (tid < n) {  // the previous step's loads of koff and voff ended at its last barrier
+        const uint32_t j = static_cast<uint32_t>(j0 + tid), bs = static_cast<uint32_t>(p.block_size);
+        const int64_t blk = imin(imax(next_block, 0), p.num_blocks - 1), row = j - j / bs * bs;
+        koff[tid] = blk * p.k_b + row * p.k_t;
+        voff[tid] = blk * p.v_b + row * p.v_t;
+      }
+      next_block = fetch_block(j0 + kKeys);
+      __syncthreads();
+    }
     for (int it = 0; it < iters; it += kUnroll) {
       float kf[kUnroll][8];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int jj = grp + (it + u) * G;
         if (li < nvec && jj < n) {
-          load8<kVec>(kb + (j0 + jj) * p.k_t, kf[u]);
+          load8<kVec>(kb + (kPaged ? koff[jj] : (j0 + jj) * p.k_t), kf[u]);
         } else {
 #pragma unroll
           for (int e = 0; e < 8; ++e) kf[u][e] = 0.f;
@@ -238,7 +264,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
 #pragma unroll 4
       for (int jj = part; jj < n; jj += P) {
         float vf[8];
-        load8<kVec>(vb + (j0 + jj) * p.v_t, vf);
+        load8<kVec>(vb + (kPaged ? voff[jj] : (j0 + jj) * p.v_t), vf);
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
           if (r < R) {
@@ -359,6 +385,10 @@ void flash_attn_kvcache_launch(const FlashAttnKvcacheArgs& a, float* workspace, 
   p.k = a.k;
   p.v = a.v;
   p.lens = a.lens;
+  p.table = a.block_table;
+  p.table_b = a.block_table_stride;
+  p.block_size = static_cast<int>(a.block_size);
+  p.num_blocks = static_cast<int>(a.num_blocks);
   p.out = a.out;
   p.lse = a.lse;
   const int64_t rows = a.B * a.Sq * a.Hq;
@@ -367,7 +397,8 @@ void flash_attn_kvcache_launch(const FlashAttnKvcacheArgs& a, float* workspace, 
   p.q_b = a.q_strides[0], p.q_t = a.q_strides[1], p.q_h = a.q_strides[2];
   p.k_b = a.k_strides[0], p.k_t = a.k_strides[1], p.k_h = a.k_strides[2];
   p.v_b = a.v_strides[0], p.v_t = a.v_strides[1], p.v_h = a.v_strides[2];
-  p.cache_len = a.cache_len;
+  // with no block to read from, no key is valid
+  p.cache_len = a.block_table != nullptr && (a.num_blocks <= 0 || a.block_size <= 0) ? 0 : a.cache_len;
   p.Sq = static_cast<int>(a.Sq);
   p.Hq = static_cast<int>(a.Hq);
   p.Hk = static_cast<int>(a.Hk);
@@ -385,10 +416,17 @@ void flash_attn_kvcache_launch(const FlashAttnKvcacheArgs& a, float* workspace, 
     bool vec = aligned(a.q, 16) && aligned(a.k, 16) && aligned(a.v, 16);
     for (int i = 0; i < 3; ++i)
       vec = vec && a.q_strides[i] % W == 0 && a.k_strides[i] % W == 0 && a.v_strides[i] % W == 0;
-    if (vec)
-      decode_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
-    else
-      decode_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
+    if (a.block_table != nullptr) {
+      if (vec)
+        decode_kernel<T, true, true><<<grid, kThreads, 0, stream>>>(p);
+      else
+        decode_kernel<T, false, true><<<grid, kThreads, 0, stream>>>(p);
+    } else {
+      if (vec)
+        decode_kernel<T, true, false><<<grid, kThreads, 0, stream>>>(p);
+      else
+        decode_kernel<T, false, false><<<grid, kThreads, 0, stream>>>(p);
+    }
     if (pl.splits > 1)
       merge_kernel<T><<<static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream>>>(p, rows);
   });

@@ -99,16 +99,22 @@ void cross_entropy_reduce_launch(const CrossEntropyReduceArgs& a, cudaStream_t s
 // multiple of 8 up to 256. Each sequence's keys are cut into `splits` chunks: splits > 0 asks for
 // that many (at most cache_len), 0 picks from num_sms, B * Hk and cache_len. With more than one
 // chunk the launch needs flash_attn_kvcache_plan(a).workspace_floats fp32 of device workspace.
+// Paged (block_table not null): k, v are a pool (num_blocks, block_size, Hk, D), strides (block,
+// token, head); token t of sequence b is at [block_table[b * block_table_stride + t / block_size],
+// t % block_size]; block_table int32 (B, max_blocks) on the device and cache_len = max_blocks *
+// block_size (lens beyond it are clamped to it, block ids to [0, num_blocks)).
 struct FlashAttnKvcacheArgs {
   DType type;
   const void* q;
   const void* k;
   const void* v;
   const int32_t* lens;
+  const int32_t* block_table;
   void* out;
   float* lse;
   int64_t q_strides[3], k_strides[3], v_strides[3];
   int64_t B, Sq, Hq, Hk, D, cache_len;
+  int64_t block_table_stride, block_size, num_blocks;
   double softmax_scale;
   bool causal;
   int num_sms;

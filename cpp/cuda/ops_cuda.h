@@ -52,6 +52,7 @@ std::vector<at::Tensor> fused_linear_cross_entropy_bwd(const at::Tensor& dloss, 
 // append: same contracts as ifast::cpu::flash_attn_kvcache_fwd / decode_rotary_append.
 std::vector<at::Tensor> flash_attn_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache,
                                                const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                                               const std::optional<at::Tensor>& block_table,
                                                double softmax_scale, bool causal);
 void decode_rotary_append(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                           const at::Tensor& positions, at::Tensor& kv_rows, const at::Tensor& slots,

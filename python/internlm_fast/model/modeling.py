@@ -6,11 +6,11 @@ forward(input_ids, labels=None, cu_seqlens=None) takes a (batch, seqlen) batch, 
 positions restart at 0 in each. Labels have input_ids' shape and are shifted inside (-100 ignored,
 and in a packed row the last token of a document does not predict the next document).
 
-With a KV cache (forward(..., cache=...), no autograd) the same layers run one of two inference
-steps: a packed prefill of new prompts into empty cache rows, or one decode step of one new token
-per live sequence. Their arithmetic is the training forward's; only the kernels differ: the lean
-forward-only ones of ops.inference, with the projections on decoding copies of the weights
-(model/projection.py).
+With a KV cache (forward(..., cache=...), no autograd) the same layers run one of two inference steps: a packed prefill
+of new prompts (each after the tokens its sequence already caches: a reused prefix), or one decode step of one new token
+per live sequence. The cache is paged: every sequence's tokens live in blocks of one pool, named in order by its row of
+a block table. Their arithmetic is the training forward's; only the kernels differ: the lean forward-only ones of
+ops.inference, with the projections on decoding copies of the weights (model/projection.py).
 """
 
 from __future__ import annotations
@@ -41,16 +41,19 @@ class CausalLMOutput:
 
 
 class KVCacheStorage(Protocol):
-    """What the forward reads and writes of a KV cache (internlm_fast.infer.KVCache is one): per layer,
-    `flat[layer]` (rows, 2, kv_heads, head_dim), sequence b's token t at row row_starts[b] + t, and
-    `keys[layer]` / `values[layer]` (batch, max_len, kv_heads, head_dim) views of it; `lens` int64
-    (batch,), the tokens cached per sequence, advanced by the forward; `batch` live rows, the first."""
+    """What the forward reads and writes of a paged KV cache (internlm_fast.infer.KVCache is one): per
+    layer, `flat[layer]` (num_blocks * page, 2, kv_heads, head_dim) and its views `keys[layer]` /
+    `values[layer]` (num_blocks, page, kv_heads, head_dim); `block_table` int32 (rows, max_blocks):
+    sequence b's token t at block block_table[b, t // page], row t % page, i.e. flat row
+    block_table[b, t // page] * page + t % page; `lens` int64 (rows,), the tokens cached per sequence,
+    advanced by the forward; `batch`, the live rows (the first ones); `max_len` = max_blocks * page."""
 
     flat: list[Tensor]
     keys: list[Tensor]
     values: list[Tensor]
+    block_table: Tensor
     lens: Tensor
-    row_starts: Tensor
+    page: int
     batch: int
     max_len: int
 
@@ -67,8 +70,10 @@ class ForwardContext:
     cache: KVCacheStorage | None = None
     positions: Tensor | None = None  # int64 (sequences,): the position of each one's first new token
     slots: Tensor | None = None  # int64 (tokens,): each new token's row in cache.flat[layer]
-    visible: Tensor | None = None  # int32 (batch,): a decode step's cached tokens per sequence, its own included
+    visible: Tensor | None = None  # int32 (batch,): cached tokens per sequence after the step, its own included
     copy_weights: bool = False  # the projections read decoding copies of the weights
+    block_table: Tensor | None = None  # int32 (batch, max_blocks): the rows of this step's sequences
+    prefix_cu: list[int] | None = None  # a prefill after cached prefixes: the host copy of cu_seqlens
 
 
 def rotary_tables(config: InternLMConfig, device=None) -> tuple[Tensor, Tensor]:
@@ -134,13 +139,22 @@ class Attention(nn.Module):
         """qkv (tokens, heads, head_dim) of the new tokens: rotates q and k in place, appends k and v to
         the cache, then attends over the cache (decode) or among the new prompts (prefill)."""
         hq, hk, kern, cache, i = self.heads, self.kv_heads, ctx.kernels, ctx.cache, self.layer_idx
+        keys, values, table = cache.keys[i], cache.values[i], ctx.block_table
         if ctx.cu_seqlens is None:  # one token per sequence: rotary and append in one pass
             kern.rotary_append_(qkv, ctx.cos, ctx.sin, ctx.positions, cache.flat[i], ctx.slots, hq)
-            return kern.attend_cache(qkv[:, None, :hq], cache.keys[i], cache.values[i], ctx.visible, self.scale)
+            return kern.attend_cache(qkv[:, None, :hq], keys, values, ctx.visible, self.scale, table)
         kern.rotary_(qkv[:, : hq + hk], ctx.cos, ctx.sin, ctx.positions, ctx.cu_seqlens)
         cache.flat[i].index_copy_(0, ctx.slots, qkv[:, hq:].view(-1, 2, hk, self.head_dim))
         q, k, v = qkv.split([hq, hk, hk], dim=1)
-        return kern.attend_varlen(q, k, v, ctx.cu_seqlens, self.scale)
+        if ctx.prefix_cu is None:  # fresh prompts attend among their own tokens
+            return kern.attend_varlen(q, k, v, ctx.cu_seqlens, self.scale)
+        # after a cached prefix: each prompt's queries attend over its whole cache
+        out, cu = torch.empty_like(q), ctx.prefix_cu
+        for b in range(len(cu) - 1):
+            a, e = cu[b], cu[b + 1]
+            seen = ctx.visible[b : b + 1]
+            out[a:e] = kern.attend_cache(q[None, a:e], keys, values, seen, self.scale, table[b : b + 1])[0]
+        return out
 
 
 class MLP(nn.Module):
@@ -277,11 +291,12 @@ class InternLMForCausalLM(nn.Module):
 
     def forward_cached(self, input_ids: Tensor, cache: KVCacheStorage, cu_seqlens: Tensor | None = None) -> Tensor:
         """One inference step against a KV cache (no autograd): with cu_seqlens, input_ids (1, total)
-        holds new prompts packed, prefilled into the first empty cache rows; without, input_ids
-        (cache.batch, 1) holds one new token per live sequence, at position cache.lens. Writes the new
-        tokens' keys and values, advances cache.lens and returns the logits after each sequence's last
-        new token, (sequences, vocab). A prefill chooses the kernels and checks the decoding copies of
-        the weights; the decode steps after it reuse them (nothing changes within a generation)."""
+        holds new prompts packed, prefilled into the first cache rows after the tokens those rows already
+        hold (a reused prefix, or none); without, input_ids (cache.batch, 1) holds one new token per live
+        sequence, at position cache.lens. The block table must already name the blocks the new tokens
+        go to. Writes the new tokens' keys and values, advances cache.lens and returns the logits after
+        each sequence's last new token, (sequences, vocab). A prefill chooses the kernels and checks the
+        decoding copies of the weights; the decode steps after it reuse them (nothing changes within a generation)."""
         if torch.is_grad_enabled():
             raise RuntimeError("the forward with a KV cache has no autograd: run it under torch.inference_mode()")
         if cu_seqlens is None:
@@ -293,7 +308,7 @@ class InternLMForCausalLM(nn.Module):
             h = h[cu_seqlens[1:].long() - 1]
         logits = self.head(h, ctx)
         if cu_seqlens is not None:
-            cache.lens[: cu_seqlens.shape[0] - 1] = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            cache.lens[: cu_seqlens.shape[0] - 1] += (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         else:
             ctx.positions += 1  # a view of cache.lens
         return logits
@@ -307,16 +322,27 @@ class InternLMForCausalLM(nn.Module):
         if b and int(positions.max()) >= limit:
             raise ValueError(f"a sequence is full: {limit} tokens (the cache length or max_position_embeddings)")
         kernels, cos, sin, copy = self._inference or self._inference_setup()
-        slots, visible = cache.row_starts[:b] + positions, (positions + 1).to(torch.int32)
-        return ForwardContext(cos, sin, None, 0, kernels, cache, positions, slots, visible, copy)
+        table = cache.block_table[:b]
+        page = cache.page
+        slots = table.gather(1, (positions // page)[:, None])[:, 0].long() * page + positions % page
+        visible = (positions + 1).to(torch.int32)
+        return ForwardContext(cos, sin, None, 0, kernels, cache, positions, slots, visible, copy, table)
 
     def _prefill_context(self, input_ids: Tensor, cache: KVCacheStorage, cu_seqlens: Tensor) -> ForwardContext:
-        n = self._check_prefill(input_ids, cache, cu_seqlens, min(cache.max_len, self.config.max_position_embeddings))
-        device = input_ids.device
-        seq = torch.repeat_interleave(torch.arange(n, device=device), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
-        slots = cache.row_starts[seq] + torch.arange(input_ids.shape[1], device=device) - cu_seqlens[:-1].long()[seq]
+        limit = min(cache.max_len, self.config.max_position_embeddings)
+        cu, cached = self._check_prefill(input_ids, cache, cu_seqlens, limit)
+        n, device, page = len(cu) - 1, input_ids.device, cache.page
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        seq = torch.repeat_interleave(torch.arange(n, device=device), lengths)
+        starts = cache.lens[:n]
+        pos = starts[seq] + torch.arange(input_ids.shape[1], device=device) - cu_seqlens[:-1].long()[seq]
+        table = cache.block_table[:n]
+        slots = table[seq, pos // page].long() * page + pos % page
         kernels, cos, sin, copy = self._inference_setup()
-        return ForwardContext(cos, sin, cu_seqlens, 0, kernels, cache, cache.lens[:n], slots, None, copy)
+        visible = (starts + lengths).to(torch.int32) if any(cached) else None
+        return ForwardContext(
+            cos, sin, cu_seqlens, 0, kernels, cache, starts, slots, visible, copy, table, cu if any(cached) else None
+        )
 
     def _inference_setup(self) -> tuple[Any, Tensor, Tensor, bool]:
         """The kernels for this model's device under the backend forced now, the rotary tables in fp32
@@ -331,8 +357,11 @@ class InternLMForCausalLM(nn.Module):
         return self._inference
 
     @staticmethod
-    def _check_prefill(input_ids: Tensor, cache: KVCacheStorage, cu_seqlens: Tensor, limit: int) -> int:
-        """The number of prompts, after checking them (one read of cu_seqlens and the cache lengths)."""
+    def _check_prefill(
+        input_ids: Tensor, cache: KVCacheStorage, cu_seqlens: Tensor, limit: int
+    ) -> tuple[list[int], list[int]]:
+        """cu_seqlens and the tokens each prompt's row already caches, on the host, after checking
+        them (one read of each)."""
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.device != input_ids.device:
             raise ValueError("cu_seqlens must be an int32 tensor (prompts + 1,) on input_ids' device")
         cu = cu_seqlens.tolist()
@@ -343,14 +372,17 @@ class InternLMForCausalLM(nn.Module):
                 f"got input_ids {tuple(input_ids.shape)} and {n} prompts"
             )
         lengths = [b - a for a, b in zip(cu, cu[1:])]
-        if cu[0] != 0 or cu[-1] != input_ids.shape[1] or not all(1 <= t <= limit for t in lengths):
+        cached = cache.lens[:n].tolist()
+        if cu[0] != 0 or cu[-1] != input_ids.shape[1] or not all(1 <= t for t in lengths):
+            raise ValueError(f"cu_seqlens must run from 0 to {input_ids.shape[1]} in steps of >= 1 token; got {cu}")
+        too_long = [b for b in range(n) if cached[b] + lengths[b] > limit]
+        if too_long:
+            b = too_long[0]
             raise ValueError(
-                f"cu_seqlens must run from 0 to {input_ids.shape[1]} in steps of 1 to {limit} tokens "
-                f"(cache length, max_position_embeddings); got {cu}"
+                f"prompt {b} has {lengths[b]} tokens after {cached[b]} cached ones: more than {limit} "
+                "(cache length, max_position_embeddings)"
             )
-        if bool(cache.lens[:n].any()):
-            raise ValueError("prefill writes into empty cache rows: the first cache rows already hold tokens")
-        return n
+        return cu, cached
 
     def _check_length(self, tokens: int) -> None:
         if tokens > self.config.max_position_embeddings:

@@ -83,7 +83,7 @@ def attention_varlen_ref(
 # checks
 
 
-def _check_qkv(q: object, k: object, v: object, ndim: int) -> None:
+def _check_qkv(q: object, k: object, v: object, ndim: int, same_batch: bool = True) -> None:
     q = _checks.tensor("q", q, dtypes=ATTN_DTYPES + (torch.float64,), dim=ndim)
     k = _checks.tensor("k", k, dtypes=ATTN_DTYPES + (torch.float64,), dim=ndim)
     v = _checks.tensor("v", v, dtypes=ATTN_DTYPES + (torch.float64,), dim=ndim)
@@ -99,7 +99,7 @@ def _check_qkv(q: object, k: object, v: object, ndim: int) -> None:
     hq, hk = q.shape[-2], k.shape[-2]
     if hk == 0 or hq % hk != 0:
         raise ValueError(f"q has {hq} heads, which is not a multiple of k/v's {hk} heads (GQA/MQA need a divisor)")
-    if ndim == 4 and k.shape[0] != q.shape[0]:
+    if ndim == 4 and same_batch and k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.last_dim_contiguous(name, t)

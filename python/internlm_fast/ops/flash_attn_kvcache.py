@@ -5,10 +5,13 @@ New keys/values (k, v), when given, are rotated (optional rotary) and written in
 place at each sequence's `cache_seqlens`; q attends over cache[:cache_seqlens + seqlen_new]. The
 caller advances cache_seqlens afterwards, as with flash-attn. cache_seqlens=None means every row of
 the cache is valid; appending needs to know where, so k/v then raise (flash-attn refuses the same
-call). Not implemented, refused with a ValueError naming the argument when not at flash-attn's
-default: cache_batch_idx, cache_leftpad, block_table (paged cache), window_size, softcap and
-alibi_slopes. num_splits is a scheduling hint in flash-attn and is accepted and ignored: the cpu
-kernel chooses its own split of the cache over the threads. As in flash-attn there is no backward.
+call). With a block_table the caches are a paged pool (num_blocks, page_block_size, kv_heads,
+head_dim), flash-attn's and vLLM's layout: token t of sequence b lives in block block_table[b, t //
+page_block_size], row t % page_block_size, so sequences share one pool and hold only the blocks
+their tokens need. Not implemented, refused with a ValueError naming the argument when not at
+flash-attn's default: cache_batch_idx, cache_leftpad, window_size, softcap and alibi_slopes.
+num_splits is a scheduling hint in flash-attn and is accepted and ignored: the kernels choose their
+own split of the cache. As in flash-attn there is no backward.
 """
 
 from __future__ import annotations
@@ -48,8 +51,35 @@ def _lens_tensor(cache_seqlens: object, batch: int, cache_len: int, device: torc
     return lens
 
 
-def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens) -> Tensor:
-    _check_qkv(q, k_cache, v_cache, 4)
+def _check_block_table(block_table: object, q: Tensor) -> Tensor:
+    table = _checks.tensor("block_table", block_table, dtypes=(torch.int32,), dim=2)
+    if table.device != q.device:
+        raise ValueError(f"block_table is on {table.device} but q is on {q.device}")
+    if table.shape[0] != q.shape[0]:
+        raise ValueError(f"block_table has {table.shape[0]} rows but q has batch {q.shape[0]}")
+    if table.shape[1] > 1 and table.stride(1) != 1:
+        raise ValueError("block_table must have a contiguous last dim")
+    return table
+
+
+def _check_blocks(table: Tensor, lens: Tensor, new: int, num_blocks: int, page: int) -> None:
+    """Every block a sequence reads or writes must be in the pool (one host read of both tensors)."""
+    need = ((lens.cpu().long() + new + page - 1) // page).tolist()
+    for b, (n, row) in enumerate(zip(need, table.cpu().tolist())):
+        if n > len(row):
+            raise ValueError(
+                f"sequence {b} needs {n} blocks of {page} tokens (cache_seqlens + seqlen_new) but block_table "
+                f"has {len(row)} columns"
+            )
+        bad = [i for i in row[:n] if not 0 <= i < num_blocks]
+        if bad:
+            raise ValueError(f"block_table row {b} holds block id {bad[0]} outside the cache's {num_blocks} blocks")
+
+
+def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, block_table) -> Tensor:
+    paged = block_table is not None
+    _check_qkv(q, k_cache, v_cache, 4, same_batch=not paged)  # a pool's first dim is its blocks
+    table = _check_block_table(block_table, q) if paged else None
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys and values to append)")
     if k is not None:
@@ -68,9 +98,12 @@ def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens) -> 
             "cache_seqlens=None means the whole cache is already valid, so k/v have nowhere to be appended: "
             "pass cache_seqlens (each sequence's length before this call)"
         )
-    lens = _lens_tensor(cache_seqlens, q.shape[0], k_cache.shape[1], q.device)
+    capacity = k_cache.shape[1] * (table.shape[1] if paged else 1)
+    lens = _lens_tensor(cache_seqlens, q.shape[0], capacity, q.device)
     new = 0 if k is None else k.shape[1]
-    if lens.numel() and int(lens.max()) + new > k_cache.shape[1]:
+    if paged:
+        _check_blocks(table, lens, new, k_cache.shape[0], k_cache.shape[1])
+    elif lens.numel() and int(lens.max()) + new > k_cache.shape[1]:
         raise ValueError(
             f"cache_seqlens + seqlen_new = {int(lens.max()) + new} exceeds the cache length {k_cache.shape[1]}"
         )
@@ -95,36 +128,62 @@ def _rotate(q, k, rotary_cos, rotary_sin, lens, causal, interleaved) -> tuple[Te
     return q, k
 
 
-def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, lens: Tensor) -> None:
-    """Writes k, v into the caches at rows lens[b] + t, in place."""
+def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, lens: Tensor, table: Tensor | None) -> None:
+    """Writes k, v into the caches at positions lens[b] + t (through the block table), in place."""
     b, s = k.shape[0], k.shape[1]
-    rows = lens.to(torch.int64)[:, None] + torch.arange(s, device=k.device)[None, :]
-    batch = torch.arange(b, device=k.device)[:, None].expand(b, s)
-    k_cache[batch, rows] = k
-    v_cache[batch, rows] = v
+    pos = lens.to(torch.int64)[:, None] + torch.arange(s, device=k.device)[None, :]
+    if table is None:
+        blocks, rows = torch.arange(b, device=k.device)[:, None].expand(b, s), pos
+    else:
+        page = k_cache.shape[1]
+        blocks, rows = table.long().gather(1, pos // page), pos % page
+    k_cache[blocks, rows] = k
+    v_cache[blocks, rows] = v
+
+
+def gather_pages(cache: Tensor, block_table: Tensor) -> Tensor:
+    """A paged cache (num_blocks, page, heads, d) as contiguous per-sequence caches (batch,
+    max_blocks * page, heads, d): block_table's blocks in order (ids outside the pool read block 0)."""
+    ids = block_table.long().clamp(0, cache.shape[0] - 1).reshape(-1)
+    return cache[ids].view(block_table.shape[0], -1, *cache.shape[2:])
 
 
 @torch.library.custom_op("internlm_fast::flash_attn_kvcache_fwd", mutates_args=())
 def _fwd(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, lens: Tensor, scale: float, causal: bool, impl: str
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    lens: Tensor,
+    block_table: Tensor | None,
+    scale: float,
+    causal: bool,
+    impl: str,
 ) -> tuple[Tensor, Tensor]:
-    out, lse = backend.kernels(impl).flash_attn_kvcache_fwd(q, k_cache, v_cache, lens, scale, causal)
+    out, lse = backend.kernels(impl).flash_attn_kvcache_fwd(q, k_cache, v_cache, lens, block_table, scale, causal)
     return out, lse
 
 
 @_fwd.register_fake
-def _(q, k_cache, v_cache, lens, scale, causal, impl):
+def _(q, k_cache, v_cache, lens, block_table, scale, causal, impl):
     b, s, h, _ = q.shape
     return q.new_empty(q.shape), q.new_empty(b, h, s, dtype=torch.float32)
 
 
 def attention_kvcache_ref(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, scale: float, causal: bool
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_lens: Tensor,
+    scale: float,
+    causal: bool,
+    block_table: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The reference of the kernel flash_attn_kvcache_fwd (the oracle): q (batch, seqlen_q, heads, d)
-    against the first cache_lens[b] rows of each sequence's cache (batch, cache_len, kv_heads, d),
-    causal aligned to the end of the cache. Returns out (batch, seqlen_q, heads, d) and lse
-    (batch, heads, seqlen_q)."""
+    against the first cache_lens[b] rows of each sequence's cache (batch, cache_len, kv_heads, d), or
+    of its pages (num_blocks, page, kv_heads, d) through block_table, causal aligned to the end of the
+    cache. Returns out (batch, seqlen_q, heads, d) and lse (batch, heads, seqlen_q)."""
+    if block_table is not None:
+        k_cache, v_cache = gather_pages(k_cache, block_table), gather_pages(v_cache, block_table)
     outs, lses = [], []
     for b, n in enumerate(cache_lens.tolist()):
         o, lse = attention_ref(q[b : b + 1], k_cache[b : b + 1, :n], v_cache[b : b + 1, :n], causal, scale)
@@ -159,20 +218,21 @@ def flash_attn_with_kvcache(
     num_splits: int = 0,
     return_softmax_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """q (batch, seqlen_q, heads, head_dim) against k_cache/v_cache (batch, cache_len, kv_heads,
-    head_dim). k/v (batch, seqlen_new, kv_heads, head_dim), when given, are appended in place at
-    cache_seqlens (int or (batch,) tensor: each sequence's length before this call; None: the whole
-    cache, no append). causal defaults to False as in flash-attn: a decoding step with several new
-    tokens wants causal=True (with one query token both agree). rotary_cos/sin (seqlen_ro,
-    rotary_dim / 2) rotate k and q at the cache offset (interleaved by default, as in flash-attn;
-    pass rotary_interleaved=False for InternLM/LLaMA's half-rotated layout).
+    """q (batch, seqlen_q, heads, head_dim) against k_cache/v_cache (batch, cache_len, kv_heads, head_dim), or a paged
+    pool (num_blocks, page_block_size, kv_heads, head_dim) with block_table int32 (batch, max_num_blocks_per_seq)
+    naming each sequence's blocks in order. k/v (batch, seqlen_new, kv_heads, head_dim), when given, are appended in
+    place (through the block table) at cache_seqlens (int or (batch,) tensor: each sequence's length before this
+    call; None: the whole cache, no append). causal defaults to False as in flash-attn: a decoding step with several
+    new tokens wants causal=True (with one query token both agree). rotary_cos/sin (seqlen_ro, rotary_dim / 2)
+    rotate k and q at the cache offset (interleaved by default, as in flash-attn; pass rotary_interleaved=False for
+    InternLM/LLaMA's half-rotated layout).
     Returns out (batch, seqlen_q, heads, head_dim), and lse (batch, heads, seqlen_q) on request."""
     # first, so that a paged or batch-indexed cache is named as such, not as a shape mismatch
     _reject_given("cache_batch_idx", cache_batch_idx, "indexing the cache by batch")
     _reject_given("cache_leftpad", cache_leftpad, "a left-padded cache")
-    _reject_unsupported(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, block_table=block_table)
+    _reject_unsupported(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
     _check_hints(num_splits)
-    lens = _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens)
+    lens = _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, block_table)
     scale = _scale(softmax_scale, q.shape[-1])
     causal = bool(causal)
     impl = backend.select("flash_attn_kvcache", q)
@@ -180,12 +240,12 @@ def flash_attn_with_kvcache(
     if rotary_cos is not None:
         q, k = _rotate(q, k, rotary_cos, rotary_sin, lens, causal, bool(rotary_interleaved))
     if k is not None:
-        _append(k_cache, v_cache, k, v, lens)
+        _append(k_cache, v_cache, k, v, lens, block_table)
         lens = lens + k.shape[1]
     if impl == "ref":
-        out, lse = attention_kvcache_ref(q, k_cache, v_cache, lens, scale, causal)
+        out, lse = attention_kvcache_ref(q, k_cache, v_cache, lens, scale, causal, block_table)
     else:
-        out, lse = _fwd(q, k_cache, v_cache, lens, scale, causal, impl)
+        out, lse = _fwd(q, k_cache, v_cache, lens, block_table, scale, causal, impl)
     return (out, lse) if return_softmax_lse else out
 
 

@@ -145,13 +145,16 @@ class InferenceKernels:
             return attention_varlen_ref(q, k, v, cu_seqlens, cu_seqlens, True, scale)[0]
         return kern.flash_attn_fwd(q, k, v, cu_seqlens, cu_seqlens, scale, True)[0]
 
-    def attend_cache(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, lens: Tensor, scale: float) -> Tensor:
+    def attend_cache(
+        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, lens: Tensor, scale: float, block_table: Tensor | None = None
+    ) -> Tensor:
         """q (batch, seqlen_q, heads, d), causal, against the first lens[b] (int32, already counting
-        q's own tokens) rows of each sequence's cache."""
+        q's own tokens) tokens of each sequence's cache: (batch, cache_len, kv_heads, d), or pages
+        (num_blocks, page, kv_heads, d) through block_table int32 (batch, max_blocks)."""
         kern = self._k["flash_attn_kvcache"]
         if kern is None:
-            return attention_kvcache_ref(q, k_cache, v_cache, lens, scale, True)[0]
-        return kern.flash_attn_kvcache_fwd(q, k_cache, v_cache, lens, scale, True)[0]
+            return attention_kvcache_ref(q, k_cache, v_cache, lens, scale, True, block_table)[0]
+        return kern.flash_attn_kvcache_fwd(q, k_cache, v_cache, lens, block_table, scale, True)[0]
 
 
 _bound: dict[tuple[str, str], InferenceKernels] = {}
