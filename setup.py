@@ -106,6 +106,7 @@ setup(
     package_dir={"": "python", "internlm_fast.triton_kernels": "triton_kernels"},
     # every package under python/ (a new subpackage cannot be left out of the install)
     packages=[*find_packages("python"), "internlm_fast.triton_kernels"],
+    package_data={"internlm_fast.serve": ["static/*"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext.with_options(no_python_abi_suffix=False)},
     install_requires=["torch", "numpy"],

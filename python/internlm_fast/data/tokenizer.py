@@ -13,7 +13,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -117,13 +117,17 @@ class Tokenizer:
             out.append(self.sp.DecodeIds(run))
         return "".join(out)
 
-    def encode_chat(self, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
+    def encode_chat(
+        self, messages: Sequence[dict], answer_ids: Callable[[str], list[int] | None] | None = None
+    ) -> tuple[list[int], list[bool]]:
         """Ids of a conversation in InternLM's chat template and its loss mask.
 
         The mask is True exactly on the tokens the model must learn to generate: each assistant
         answer and the <eoa> that ends it. The "\\n" after <eoa> is template glue that generation
         never produces (it stops at <eoa>), so it is masked out like the system and user parts.
         A conversation may end with a user message; the ids then end in "<|Bot|>:" (see chat_prompt).
+        answer_ids(content), when given and not None, spells an assistant message instead of encoding
+        its text (a server passes the ids it generated the answer as, which its KV cache holds).
         """
         _check_messages(messages)
         ids: list[int] = []
@@ -147,17 +151,20 @@ class Tokenizer:
             else:
                 # the answer is encoded on its own so its tokens are the same whether or not the
                 # prompt before it is in the same string (training vs generation)
-                add(self.encode(content) + [self.eoa_id], True)
+                known = answer_ids(content) if answer_ids is not None else None
+                add((self.encode(content) if known is None else list(known)) + [self.eoa_id], True)
                 add(self.encode("\n"), False)
         return ids, mask
 
-    def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
+    def chat_prompt(
+        self, messages: Sequence[dict], answer_ids: Callable[[str], list[int] | None] | None = None
+    ) -> list[int]:
         """Ids of a conversation that ends with a user message, ending in "<|Bot|>:" so the model
         generates the answer; the same ids `encode_chat` gives for the same messages."""
         _check_messages(messages)
         if messages[-1]["role"] != "user":
             raise ValueError(f"message {len(messages) - 1}: a chat prompt must end with a user message")
-        return self.encode_chat(messages)[0]
+        return self.encode_chat(messages, answer_ids)[0]
 
 
 def _check_messages(messages: Sequence[dict]) -> None:
