@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    # The engine thread holds the GIL between kernels (most ATen calls keep it), so a token it hands
+    # to the event loop waits for the next switch: Python's default interval is 5 ms, more than a
+    # decode step. 1 ms lets the event loop stream each token within about a step.
+    sys.setswitchinterval(0.001)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

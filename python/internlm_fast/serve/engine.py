@@ -96,6 +96,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Sequence] = []
         self.answers: OrderedDict[str, list[int]] = OrderedDict()  # answer text -> its generated ids
+        self._threads = torch.get_num_threads()
         self._wake = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -158,6 +159,13 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        # torch's thread count is per thread: take the one set where the engine was made. On the CPU
+        # the decode steps leave one core to the event loop, which streams every token as it comes:
+        # a parallel region whose second thread is descheduled waits for it at every barrier (on 2
+        # cores a batch-1 step took twice as long with 2 threads as with 1). Prefill, which is
+        # GEMM-bound and streams nothing, keeps every thread.
+        self._prefill_threads = self._threads
+        self._decode_threads = max(1, self._threads - 1) if self.device.type == "cpu" else self._threads
         while True:
             with self._wake:
                 while not self._stop and not self.waiting and not self.running:
@@ -185,8 +193,10 @@ class Engine:
             self._finish(seq)
         new = self._admit()
         if new:
+            torch.set_num_threads(self._prefill_threads)
             self._prefill(new)
         if self.running:
+            torch.set_num_threads(self._decode_threads)
             self._decode()
 
     def _admit(self) -> list[Sequence]:
@@ -352,7 +362,7 @@ class Engine:
         if error is not None:
             seq.req.error = error
             seq.req.push(error)
-        elif answer is not None and not seq.stream.stopped and self.prefix_cache:
+        elif answer is not None and not seq.stream.stopped:
             ids = seq.tokens[len(seq.req.prompt) :]
             if ids and ids[-1] in self.eos_ids:
                 ids = ids[:-1]
