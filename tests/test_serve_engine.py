@@ -153,3 +153,10 @@ def test_block_pool_evicts_least_recently_used_cached_blocks():
     assert len(pool.cached) == 2 and pool.used == 0  # the oldest published block was evicted
     assert pool.reserve(4) and not pool.reserve(1)
     torch.testing.assert_close(torch.tensor(sorted(pool.allocate() for _ in range(4))), torch.arange(4))
+
+
+def test_prefix_cache_tokens_bound_what_is_kept(model, tokenizer):
+    engine = Engine(model, tokenizer, block_size=4, prefix_cache_tokens=8)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    run(engine, [(list(range(1, 40)), params), (list(range(50, 90)), params)])
+    assert len(engine.pool.cached) == 2 and engine.pool.used == 0  # 8 tokens: two blocks of 4

@@ -317,3 +317,23 @@ def _assert_shows(shown: str, text: str) -> None:
     else:
         rest = iter(text)
         assert all(c in rest for c in shown), "the page shows text that is not in the answer"
+
+
+def test_chat_page_renders_code_blocks_as_escaped_text(served_model_dir, browser):  # noqa: F811
+    """A fenced block becomes <pre><code> holding the code as text: markup in it is shown, not run."""
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    with running_server(served_model_dir) as base_url:
+        driver.get(f"{base_url}/")
+        _wait(driver, lambda d: d.find_element(By.ID, "model-name").text, "the model name")
+        _set_slider(driver, "max-tokens", 16)
+        code = "print('<b>hi</b>')"
+        driver.execute_script(
+            "document.getElementById('prompt').value = arguments[0];", f"Run this:\n```python\n{code}\n```"
+        )
+        driver.find_element(By.ID, "send").click()
+        _wait(driver, lambda d: _answer_state(d, 0)[0] in ("done", "stopped", "error"), "the answer to finish")
+        blocks = driver.find_elements(By.CSS_SELECTOR, "#messages .message.user .content pre code")
+        assert [b.text for b in blocks] == [code]
+        assert not driver.find_elements(By.CSS_SELECTOR, "#messages .content b")

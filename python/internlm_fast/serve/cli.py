@@ -61,6 +61,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="never reuse the cached blocks of an earlier prompt and answer (every prompt is prefilled whole)",
     )
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=_positive,
+        default=None,
+        help="most tokens kept for reuse after their requests finish, least recently used evicted first "
+        "(default: whatever the pool has free)",
+    )
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads of torch (default: torch's)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: folder name)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             block_size=args.block_size,
             cache_tokens=args.cache_tokens,
             prefix_cache=not args.no_prefix_cache,
+            prefix_cache_tokens=args.prefix_cache_tokens,
         )
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
