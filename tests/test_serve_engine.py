@@ -160,3 +160,31 @@ def test_prefix_cache_tokens_bound_what_is_kept(model, tokenizer):
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     run(engine, [(list(range(1, 40)), params), (list(range(50, 90)), params)])
     assert len(engine.pool.cached) == 2 and engine.pool.used == 0  # 8 tokens: two blocks of 4
+
+
+def test_a_failed_forward_fails_its_requests_and_the_engine_goes_on(model, tokenizer, monkeypatch):
+    engine = Engine(model, tokenizer, block_size=4)
+    real = model.forward_cached
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward_cached", flaky)
+    params = SamplingParams(max_tokens=4, temperature=0)
+
+    async def main():
+        engine.start()
+        try:
+            with pytest.raises(RuntimeError, match="injected failure"):
+                async for _ in engine.submit(PROMPTS[0], params):
+                    pass
+            return [o.token_id async for o in engine.submit(PROMPTS[0], params)]
+        finally:
+            engine.shutdown()
+
+    assert asyncio.run(main()) == alone(model, PROMPTS[0], 4, tokenizer)
+    assert engine.pool.used == 0 and engine.pool.reserved == 0

@@ -75,14 +75,14 @@ class Engine:
         """cache_tokens: the pool (default max_batch x max_model_len tokens); prefix_cache_tokens: the
         most tokens kept cached for reuse once no sequence holds them (default: whatever the pool has
         free), least recently used evicted first."""
-        limit = model.config.max_position_embeddings
+        limit = model.config.context_length  # max_position_embeddings, longer with rope scaling
         self.max_model_len = limit if max_model_len is None else max_model_len
         sizes = (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("block_size", block_size, 1))
         for name, value, low in sizes:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not 2 <= self.max_model_len <= limit:
-            raise ValueError(f"max_model_len must be in [2, {limit}] (max_position_embeddings), got {max_model_len}")
+            raise ValueError(f"max_model_len must be in [2, {limit}] (the model's context), got {max_model_len}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.page = max_batch, max_queue, block_size
         self.blocks_per_seq = -(-self.max_model_len // block_size)
@@ -199,7 +199,14 @@ class Engine:
         new = self._admit()
         if new:
             torch.set_num_threads(self._prefill_threads)
-            self._prefill(new)
+            try:
+                self._prefill(new)
+            except Exception as e:  # the prompts in the failed forward fail; the running ones go on
+                log.exception("prefill failed")
+                for seq in new:
+                    if not seq.req.finished:
+                        self._finish(seq, error=e)
+                self.running = [s for s in self.running if s not in new]
         if self.running:
             torch.set_num_threads(self._decode_threads)
             self._decode()
