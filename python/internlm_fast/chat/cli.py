@@ -65,9 +65,9 @@ def _fit_history(tokenizer, query: str, history: list, limit: int) -> list | Non
 
 def _answer(model, tokenizer, query: str, history: list, gen: dict, out) -> list:
     """Streams one answer to `out`; returns the new history (unchanged if interrupted)."""
-    fitted = _fit_history(tokenizer, query, history, model.config.max_position_embeddings)
+    fitted = _fit_history(tokenizer, query, history, model.config.context_length)
     if fitted is None:
-        limit = model.config.max_position_embeddings
+        limit = model.config.context_length
         print(f"(message too long: it does not fit the model's {limit} tokens)", file=out, flush=True)
         return history
     if len(fitted) < len(history):

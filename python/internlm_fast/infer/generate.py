@@ -3,7 +3,9 @@
 `generate_steps` is the loop: one packed prefill of all prompts, then one decode step per token for
 the sequences still running. A sequence finishes at one of its eos ids (kept in its ids, as
 transformers keeps it), at a stop string (needs a tokenizer), after max_new_tokens, or when it fills
-the model's max_position_embeddings; it then leaves the decode batch and its cache row is reused.
+the model's context (config.context_length: max_position_embeddings, times a rope scaling's factor);
+it then leaves the decode batch and its cache row is reused. Prompts longer than PREFILL_CHUNK tokens
+in all are prefilled in chunks of at most that many tokens, so activation memory stays bounded.
 `generate_ids`, `generate_text` and `stream_text` are the loop's common uses.
 """
 
@@ -20,6 +22,8 @@ from internlm_fast.ops.inference import inference_kernels
 from .cache_storage import KVCache
 from .sampling import SamplingConfig, make_generator, select_tokens
 from .streaming import TextStream, check_stop_strings
+
+PREFILL_CHUNK = 2048  # the most prompt tokens one prefill forward runs
 
 
 @dataclass
@@ -65,14 +69,18 @@ class Generation:
 def check_prompts(model: InternLMForCausalLM, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
     if isinstance(prompts, (str, bytes)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token id lists")
-    limit, vocab = model.config.max_position_embeddings, model.config.vocab_size
+    limit, vocab = model.config.context_length, model.config.vocab_size
     out = []
     for i, p in enumerate(prompts):
         p = [int(t) for t in p]
         if not p:
             raise ValueError(f"prompt {i} is empty: give at least one token (for example the <s> id)")
         if len(p) > limit:
-            raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_position_embeddings {limit}")
+            c = model.config
+            scaled = f" times the rope_scaling factor: {limit}" if c.rope_scaling else ""
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens, more than max_position_embeddings {c.max_position_embeddings}{scaled}"
+            )
         bad = [t for t in p if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})")
@@ -82,13 +90,46 @@ def check_prompts(model: InternLMForCausalLM, prompts: Sequence[Sequence[int]]) 
 
 def prefill(model: InternLMForCausalLM, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
     """Runs the prompts (one per cache row, from the first, each at most the cache length) into empty
-    cache rows as one packed row, no padding. Returns the logits after each prompt's last token,
-    (prompts, vocab). Under torch.inference_mode()."""
+    cache rows as packed rows, no padding: one forward, or with more than PREFILL_CHUNK tokens in all,
+    forwards of at most PREFILL_CHUNK tokens, each after the tokens its rows already cache. Returns the
+    logits after each prompt's last token, (prompts, vocab). Under torch.inference_mode()."""
     device = cache.lens.device
-    ids = torch.tensor([[t for p in prompts for t in p]], dtype=torch.long, device=device)
-    cu = torch.zeros(len(prompts) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor([len(p) for p in prompts]).cumsum(0)
-    return model.forward_cached(ids, cache, cu.to(device))
+    lengths = [len(p) for p in prompts]
+    if sum(lengths) <= PREFILL_CHUNK:
+        return _prefill_packed(model, cache, [list(p) for p in prompts], None)
+    table, lens = cache.block_table, cache.lens.clone()
+    done = [0] * len(prompts)
+    logits: list[torch.Tensor | None] = [None] * len(prompts)
+    try:
+        while any(d < n for d, n in zip(done, lengths)):
+            rows, pieces, room = [], [], PREFILL_CHUNK
+            for b, p in enumerate(prompts):
+                take = min(lengths[b] - done[b], room)
+                if take > 0:
+                    rows.append(b)
+                    pieces.append(list(p[done[b] : done[b] + take]))
+                    room -= take
+            index = torch.tensor(rows, device=device)
+            cache.set_rows(table[index], lens[index])  # the rows of this chunk, first
+            out = _prefill_packed(model, cache, pieces, [lengths[b] for b in rows])
+            lens[index] = cache.lens
+            for slot, (b, piece) in enumerate(zip(rows, pieces)):
+                done[b] += len(piece)
+                if done[b] == lengths[b]:
+                    logits[b] = out[slot]
+    finally:
+        cache.set_rows(table, lens)
+    return torch.stack(logits)
+
+
+def _prefill_packed(
+    model: InternLMForCausalLM, cache: KVCache, pieces: list[list[int]], rope_lengths: list[int] | None
+) -> torch.Tensor:
+    device = cache.lens.device
+    ids = torch.tensor([[t for p in pieces for t in p]], dtype=torch.long, device=device)
+    cu = torch.zeros(len(pieces) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor([len(p) for p in pieces]).cumsum(0)
+    return model.forward_cached(ids, cache, cu.to(device), rope_lengths=rope_lengths)
 
 
 def decode(model: InternLMForCausalLM, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
@@ -111,9 +152,9 @@ def generate_steps(
 def _steps(
     model: InternLMForCausalLM, prompts: list[list[int]], cfg: GenerationConfig, tokenizer
 ) -> Iterator[list[Step]]:
-    limit = model.config.max_position_embeddings
-    # a sequence may reach max_position_embeddings; the last token is never fed back, so one
-    # position fewer is cached
+    limit = model.config.context_length
+    # a sequence may reach the context length; the last token is never fed back, so one position
+    # fewer is cached
     budget = [min(cfg.max_new_tokens, limit - len(p) + 1) for p in prompts]
     with torch.inference_mode():
         cache = KVCache.for_model(model, len(prompts), max(len(p) + n - 1 for p, n in zip(prompts, budget)))

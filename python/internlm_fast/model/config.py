@@ -17,6 +17,9 @@ class InternLMConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
+    # transformers' rope_scaling: {"rope_type": "linear" | "dynamic", "factor": f >= 1} (legacy key "type"),
+    # normalised to those two keys; None: the plain rotary embedding. See model/rope.py
+    rope_scaling: dict | None = None
     bias: bool = True  # bias on the q/k/v/o projections (InternLM); none in the MLP or head
     tie_word_embeddings: bool = False
     gradient_checkpointing: bool = False  # recompute each layer in the backward
@@ -39,10 +42,20 @@ class InternLMConfig:
             )
         if self.head_dim % 8 or self.head_dim > 256:
             raise ValueError(f"head_dim {self.head_dim} must be a multiple of 8 up to 256 (flash attention)")
+        self.rope_scaling = check_rope_scaling(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model accepts: max_position_embeddings, times the factor of a rope
+        scaling (transformers sets no limit on dynamic scaling; past it, the scaled frequencies are as
+        far out of training as unscaled ones past max_position_embeddings)."""
+        if self.rope_scaling is None:
+            return self.max_position_embeddings
+        return int(self.max_position_embeddings * self.rope_scaling["factor"])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -51,6 +64,34 @@ class InternLMConfig:
     def from_dict(cls, values: dict) -> InternLMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+ROPE_SCALING_TYPES = ("linear", "dynamic")
+
+
+def check_rope_scaling(value: object) -> dict | None:
+    """rope_scaling as {"rope_type", "factor"}, or None for the plain rotary embedding. Accepts what
+    transformers accepts for these types: rope_type (or the legacy "type"), a number factor >= 1, and
+    keys these types do not read (rope_theta, ...)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"rope_scaling must be a dict like {{'rope_type': 'dynamic', 'factor': 2.0}}, got {value!r}")
+    kind = value.get("rope_type", value.get("type"))
+    if kind == "default" and "factor" not in value:
+        return None
+    if kind not in ROPE_SCALING_TYPES:
+        raise ValueError(
+            f"rope_scaling rope_type {kind!r} is not supported; choose one of {', '.join(ROPE_SCALING_TYPES)}"
+        )
+    if "factor" not in value:
+        raise ValueError(f"rope_scaling of rope_type {kind!r} needs a factor")
+    factor = value["factor"]
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1.0 or factor == float("inf"):
+        raise ValueError(f"rope_scaling factor must be a finite number >= 1, got {factor!r}")
+    if value.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("rope_scaling partial_rotary_factor is not supported (every dim of a head rotates)")
+    return {"rope_type": kind, "factor": float(factor)}
 
 
 PRESETS: dict[str, dict] = {

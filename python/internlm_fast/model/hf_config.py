@@ -9,20 +9,18 @@ from pathlib import Path
 
 import torch
 
-from .config import InternLMConfig, preset
+from .config import InternLMConfig, check_rope_scaling, preset
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-# rope scalings that leave positions below max_position_embeddings untouched: within the lengths our
-# model accepts they compute exactly the default rotary embedding
-_SAME_WITHIN_MAX_POSITIONS = {None, "default", "origin", "dynamic"}
 _FIELDS = {f.name for f in dataclasses.fields(InternLMConfig)}
 
 
 def config_to_hf(config: InternLMConfig, dtype: torch.dtype, bos_token_id: int = 1, eos_token_id: int = 2) -> dict:
     """config.json of transformers' LlamaForCausalLM computing the same function (attention_bias for
     InternLM's q/k/v/o biases). rope_theta is written both top-level (transformers 4) and in
-    rope_parameters (transformers 5)."""
+    rope_parameters (transformers 5), and so is a rope scaling (rope_scaling, rope_parameters)."""
     dtype_name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    scaling = config.rope_scaling or {"rope_type": "default"}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -37,7 +35,8 @@ def config_to_hf(config: InternLMConfig, dtype: torch.dtype, bos_token_id: int =
         "max_position_embeddings": config.max_position_embeddings,
         "rms_norm_eps": config.rms_norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
+        "rope_parameters": {**scaling, "rope_theta": config.rope_theta},
         "attention_bias": config.bias,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -74,11 +73,12 @@ def config_from_hf(d: dict, where: str) -> InternLMConfig:
     if d.get("head_dim") not in (None, d["hidden_size"] // heads):
         raise ValueError(f"{where}: head_dim {d['head_dim']} != hidden_size / num_attention_heads is not supported")
     rope = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or (d.get("rotary") if model_type == "internlm" else None) or rope
-    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
-    if kind not in _SAME_WITHIN_MAX_POSITIONS:
-        raise ValueError(f"{where}: rope scaling {kind!r} is not supported (only the default rotary embedding)")
-    theta = rope.get("rope_theta", d.get("rope_theta", (d.get("rotary") or {}).get("base", 10000.0)))
+    rotary = (d.get("rotary") if model_type == "internlm" else None) or {}
+    try:
+        scaling = check_rope_scaling(d.get("rope_scaling") or _internlm_rotary(rotary) or rope or None)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    theta = rope.get("rope_theta", d.get("rope_theta", rotary.get("base", 10000.0)))
     bias = d.get("bias", True) if model_type == "internlm" else d.get("attention_bias", False)
     try:
         return InternLMConfig(
@@ -91,11 +91,23 @@ def config_from_hf(d: dict, where: str) -> InternLMConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
+            rope_scaling=scaling,
             bias=bool(bias),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         )
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def _internlm_rotary(rotary: dict) -> dict | None:
+    """rope_scaling of InternLM's config field rotary = {"base", "type": "origin" | "dynamic",
+    "scaling_factor"}; its dynamic type is transformers' dynamic NTK scaling."""
+    kind = rotary.get("type")
+    if kind in (None, "origin"):
+        return None
+    if kind != "dynamic":
+        raise ValueError(f"rotary type {kind!r} is not supported; InternLM's are 'origin' and 'dynamic'")
+    return {"rope_type": "dynamic", "factor": rotary.get("scaling_factor", 1.0)}
 
 
 def config_from_trainer_state(state: dict, where: str) -> InternLMConfig:

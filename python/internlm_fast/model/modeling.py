@@ -31,6 +31,7 @@ from internlm_fast.ops.inference import inference_kernels
 
 from .config import InternLMConfig
 from .projection import MAX_COPY_BYTES, Projection
+from .rope import dynamic_rows, needs_dynamic_rows, rotary_tables
 
 
 @dataclass
@@ -74,14 +75,10 @@ class ForwardContext:
     copy_weights: bool = False  # the projections read decoding copies of the weights
     block_table: Tensor | None = None  # int32 (batch, max_blocks): the rows of this step's sequences
     prefix_cu: list[int] | None = None  # a prefill after cached prefixes: the host copy of cu_seqlens
-
-
-def rotary_tables(config: InternLMConfig, device=None) -> tuple[Tensor, Tensor]:
-    """cos/sin (max_position_embeddings, head_dim / 2) in fp32, half-rotated layout."""
-    d = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
-    angles = torch.arange(config.max_position_embeddings, dtype=torch.float64, device=device)[:, None] * inv_freq
-    return angles.cos().float(), angles.sin().float()
+    # the rows of cos/sin the rotary reads: token t of sequence b at rope_offsets[b] + t (in a packed
+    # row t counts from the sequence's start); not the positions when a forward builds its own rows
+    # (model/rope.py: dynamic_rows)
+    rope_offsets: Tensor | int = 0
 
 
 class RMSNorm(nn.Module):
@@ -128,11 +125,12 @@ class Attention(nn.Module):
         # q and k are adjacent heads of the one projection: one rotary pass turns both
         if ctx.cu_seqlens is None:
             qk, v = qkv.split([hq + hk, hk], dim=2)
-            q, k = ops.apply_rotary(qk, ctx.cos, ctx.sin).split([hq, hk], dim=2)
+            q, k = ops.apply_rotary(qk, ctx.cos, ctx.sin, seqlen_offsets=ctx.rope_offsets).split([hq, hk], dim=2)
             return ops.flash_attn_func(q, k, v, causal=True)
         cu, n = ctx.cu_seqlens, ctx.max_seqlen  # (total, heads, head_dim), positions per document
         qk, v = qkv[0].split([hq + hk, hk], dim=1)
-        q, k = ops.apply_rotary(qk, ctx.cos, ctx.sin, cu_seqlens=cu, max_seqlen=n).split([hq, hk], dim=1)
+        rotated = ops.apply_rotary(qk, ctx.cos, ctx.sin, seqlen_offsets=ctx.rope_offsets, cu_seqlens=cu, max_seqlen=n)
+        q, k = rotated.split([hq, hk], dim=1)
         return ops.flash_attn_varlen_func(q, k, v, cu, cu, n, n, causal=True)
 
     def _attend_cache(self, qkv: Tensor, ctx: ForwardContext) -> Tensor:
@@ -141,9 +139,9 @@ class Attention(nn.Module):
         hq, hk, kern, cache, i = self.heads, self.kv_heads, ctx.kernels, ctx.cache, self.layer_idx
         keys, values, table = cache.keys[i], cache.values[i], ctx.block_table
         if ctx.cu_seqlens is None:  # one token per sequence: rotary and append in one pass
-            kern.rotary_append_(qkv, ctx.cos, ctx.sin, ctx.positions, cache.flat[i], ctx.slots, hq)
+            kern.rotary_append_(qkv, ctx.cos, ctx.sin, ctx.rope_offsets, cache.flat[i], ctx.slots, hq)
             return kern.attend_cache(qkv[:, None, :hq], keys, values, ctx.visible, self.scale, table)
-        kern.rotary_(qkv[:, : hq + hk], ctx.cos, ctx.sin, ctx.positions, ctx.cu_seqlens)
+        kern.rotary_(qkv[:, : hq + hk], ctx.cos, ctx.sin, ctx.rope_offsets, ctx.cu_seqlens)
         cache.flat[i].index_copy_(0, ctx.slots, qkv[:, hq:].view(-1, 2, hk, self.head_dim))
         q, k, v = qkv.split([hq, hk, hk], dim=1)
         if ctx.prefix_cu is None:  # fresh prompts attend among their own tokens
@@ -260,7 +258,19 @@ class InternLMForCausalLM(nn.Module):
         seqlen = input_ids.shape[1]
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens is not None else seqlen
         self._check_length(max_seqlen)
-        return self.model(input_ids, ForwardContext(self.rotary_cos, self.rotary_sin, cu_seqlens, max_seqlen))
+        ctx = ForwardContext(self.rotary_cos, self.rotary_sin, cu_seqlens, max_seqlen)
+        if needs_dynamic_rows(self.config, max_seqlen):
+            device = input_ids.device
+            if cu_seqlens is None:  # every row has seqlen tokens: one row of cos/sin per position
+                positions = torch.arange(seqlen, device=device)
+                ctx.cos, ctx.sin = dynamic_rows(self.config, positions, torch.full_like(positions, seqlen))
+            else:  # one row per token, each document with the frequencies of its own length
+                starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+                doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=seqlen)
+                positions = torch.arange(seqlen, device=device) - starts[doc]
+                ctx.cos, ctx.sin = dynamic_rows(self.config, positions, lengths[doc])
+                ctx.rope_offsets = starts
+        return self.model(input_ids, ctx)
 
     def forward(
         self,
@@ -289,20 +299,30 @@ class InternLMForCausalLM(nn.Module):
         logits = self.lm_head(h) if return_logits else None
         return CausalLMOutput(loss=loss, logits=logits, num_targets=(target != -100).sum())
 
-    def forward_cached(self, input_ids: Tensor, cache: KVCacheStorage, cu_seqlens: Tensor | None = None) -> Tensor:
+    def forward_cached(
+        self,
+        input_ids: Tensor,
+        cache: KVCacheStorage,
+        cu_seqlens: Tensor | None = None,
+        *,
+        rope_lengths: Sequence[int] | None = None,
+    ) -> Tensor:
         """One inference step against a KV cache (no autograd): with cu_seqlens, input_ids (1, total)
         holds new prompts packed, prefilled into the first cache rows after the tokens those rows already
         hold (a reused prefix, or none); without, input_ids (cache.batch, 1) holds one new token per live
         sequence, at position cache.lens. The block table must already name the blocks the new tokens
         go to. Writes the new tokens' keys and values, advances cache.lens and returns the logits after
         each sequence's last new token, (sequences, vocab). A prefill chooses the kernels and checks the
-        decoding copies of the weights; the decode steps after it reuse them (nothing changes within a generation)."""
+        decoding copies of the weights; the decode steps after it reuse them (nothing changes within a generation).
+        rope_lengths (a prefill, dynamic rope scaling): the sequence length whose frequencies each prompt's
+        new tokens rotate with, instead of the tokens cached after the step: a prompt prefilled in chunks
+        gives every chunk its whole length, as one prefill would (model/rope.py)."""
         if torch.is_grad_enabled():
             raise RuntimeError("the forward with a KV cache has no autograd: run it under torch.inference_mode()")
         if cu_seqlens is None:
             ctx = self._decode_context(input_ids, cache)
         else:
-            ctx = self._prefill_context(input_ids, cache, cu_seqlens)
+            ctx = self._prefill_context(input_ids, cache, cu_seqlens, rope_lengths)
         h = self.model(input_ids.view(-1), ctx)
         if cu_seqlens is not None:
             h = h[cu_seqlens[1:].long() - 1]
@@ -318,18 +338,27 @@ class InternLMForCausalLM(nn.Module):
         if input_ids.shape != (b, 1):
             raise ValueError(f"a decode step takes one token per live sequence, ({b}, 1); got {tuple(input_ids.shape)}")
         positions = cache.lens[:b]
-        limit = min(cache.max_len, self.config.max_position_embeddings)
-        if b and int(positions.max()) >= limit:
-            raise ValueError(f"a sequence is full: {limit} tokens (the cache length or max_position_embeddings)")
+        limit = min(cache.max_len, self.config.context_length)
+        last = int(positions.max()) if b else 0
+        if b and last >= limit:
+            raise ValueError(f"a sequence is full: {limit} tokens (the cache length or the model's context_length)")
         kernels, cos, sin, copy = self._inference or self._inference_setup()
         table = cache.block_table[:b]
         page = cache.page
         slots = table.gather(1, (positions // page)[:, None])[:, 0].long() * page + positions % page
         visible = (positions + 1).to(torch.int32)
-        return ForwardContext(cos, sin, None, 0, kernels, cache, positions, slots, visible, copy, table)
+        offsets = positions
+        if needs_dynamic_rows(self.config, last + 1):  # each token rotates with its sequence's length after it
+            cos, sin = dynamic_rows(self.config, positions, positions + 1)
+            offsets = torch.arange(b, device=positions.device)
+        ctx = ForwardContext(cos, sin, None, 0, kernels, cache, positions, slots, visible, copy, table)
+        ctx.rope_offsets = offsets
+        return ctx
 
-    def _prefill_context(self, input_ids: Tensor, cache: KVCacheStorage, cu_seqlens: Tensor) -> ForwardContext:
-        limit = min(cache.max_len, self.config.max_position_embeddings)
+    def _prefill_context(
+        self, input_ids: Tensor, cache: KVCacheStorage, cu_seqlens: Tensor, rope_lengths: Sequence[int] | None
+    ) -> ForwardContext:
+        limit = min(cache.max_len, self.config.context_length)
         cu, cached = self._check_prefill(input_ids, cache, cu_seqlens, limit)
         n, device, page = len(cu) - 1, input_ids.device, cache.page
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -340,9 +369,21 @@ class InternLMForCausalLM(nn.Module):
         slots = table[seq, pos // page].long() * page + pos % page
         kernels, cos, sin, copy = self._inference_setup()
         visible = (starts + lengths).to(torch.int32) if any(cached) else None
-        return ForwardContext(
+        ctx = ForwardContext(
             cos, sin, cu_seqlens, 0, kernels, cache, starts, slots, visible, copy, table, cu if any(cached) else None
         )
+        ctx.rope_offsets = starts
+        if rope_lengths is None:
+            rope_lengths = [c + b - a for c, a, b in zip(cached, cu, cu[1:])]
+        elif len(rope_lengths) != n or any(r < c + b - a for r, c, a, b in zip(rope_lengths, cached, cu, cu[1:])):
+            raise ValueError(
+                f"rope_lengths {list(rope_lengths)} must give each prompt at least its tokens cached after the step"
+            )
+        if needs_dynamic_rows(self.config, max(rope_lengths)):
+            per_prompt = torch.tensor(rope_lengths, dtype=torch.int64, device=device)
+            ctx.cos, ctx.sin = dynamic_rows(self.config, pos, per_prompt[seq])
+            ctx.rope_offsets = cu_seqlens[:-1].long()
+        return ctx
 
     def _inference_setup(self) -> tuple[Any, Tensor, Tensor, bool]:
         """The kernels for this model's device under the backend forced now, the rotary tables in fp32
@@ -380,14 +421,16 @@ class InternLMForCausalLM(nn.Module):
             b = too_long[0]
             raise ValueError(
                 f"prompt {b} has {lengths[b]} tokens after {cached[b]} cached ones: more than {limit} "
-                "(cache length, max_position_embeddings)"
+                "(cache length, the model's context_length)"
             )
         return cu, cached
 
     def _check_length(self, tokens: int) -> None:
-        if tokens > self.config.max_position_embeddings:
+        c = self.config
+        if tokens > c.context_length:
+            scaled = f" times the rope_scaling factor: {c.context_length}" if c.rope_scaling else ""
             raise ValueError(
-                f"sequence of {tokens} tokens exceeds max_position_embeddings {self.config.max_position_embeddings}"
+                f"sequence of {tokens} tokens exceeds max_position_embeddings {c.max_position_embeddings}{scaled}"
             )
 
     # -- generation: internlm_fast.infer's, with InternLM's and transformers' method names ---------

@@ -43,7 +43,8 @@ def _key(default: Any, doc: str, choices: tuple = (), check: _Check | None = Non
 
 # model keys taken directly from InternLMConfig; gradient checkpointing is spelled model.checkpointing
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(InternLMConfig) if f.name != "gradient_checkpointing")
-INIT_FROM_OVERRIDABLE = ("max_position_embeddings",)  # model fields that may differ from model.init_from's
+# model fields that may differ from model.init_from's
+INIT_FROM_OVERRIDABLE = ("max_position_embeddings", "rope_scaling")
 
 
 @dataclass
@@ -215,7 +216,8 @@ def _type_name(tp: Any) -> str:
     args = typing.get_args(tp)
     if type(None) in args:
         return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or None"
-    return {bool: "a bool (true/false/1/0)", int: "an int", float: "a number", str: "a string"}.get(tp, str(tp))
+    names = {bool: "a bool (true/false/1/0)", int: "an int", float: "a number", str: "a string", dict: "a dict"}
+    return names.get(tp, str(tp))
 
 
 def _coerce(key: str, value: Any, tp: Any, raw: str | None, where: str) -> Any:
@@ -244,6 +246,9 @@ def _coerce(key: str, value: Any, tp: Any, raw: str | None, where: str) -> Any:
             return value
         if raw is not None:  # --job_name=123 means the text 123
             return raw
+    elif tp is dict:  # --model.rope_scaling='{"rope_type": "linear", "factor": 2}' arrives parsed
+        if isinstance(value, dict):
+            return value
     raise ConfigError(f"{where}{key} expects {_type_name(tp)}, got {value!r}")
 
 
@@ -286,10 +291,11 @@ def _validate(cfg: TrainConfig, where: Callable[[str], str]) -> None:
         model = cfg.model.build()
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where('model')}model: {e}") from None
-    if cfg.data.seq_len > model.max_position_embeddings:
+    if cfg.data.seq_len > model.context_length:
         raise ConfigError(
             f"{where('data.seq_len')}data.seq_len {cfg.data.seq_len} exceeds the model's "
             f"max_position_embeddings {model.max_position_embeddings}"
+            + (f" times its rope_scaling factor: {model.context_length}" if model.rope_scaling else "")
         )
     if cfg.lr_scheduler.eta_min > cfg.optimizer.lr:
         raise ConfigError(
