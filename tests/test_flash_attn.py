@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -437,3 +440,20 @@ def test_fp64_on_a_kernel_backend_says_to_use_ref(impl):
             flash_attn_func(q, k, v, causal=True)
         with pytest.raises(TypeError, match=match):
             flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 4, 4)
+
+
+def test_an_inference_call_does_not_load_torch_compile():
+    """Eager calls without gradients skip the custom op, whose first call imports torch._dynamo
+    (~150 MB resident): a forward-only process stays lean."""
+    code = (
+        "import sys, torch\n"
+        "from internlm_fast.ops import flash_attn_func, flash_attn_varlen_func\n"
+        "q = torch.randn(1, 16, 2, 32)\n"
+        "flash_attn_func(q, q, q, causal=True)\n"
+        "cu = torch.tensor([0, 16], dtype=torch.int32)\n"
+        "flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 16, 16, causal=True)\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+        "flash_attn_func(q.requires_grad_(), q, q).sum().backward()\n"  # autograd still goes through the op
+        "assert q.grad is not None\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

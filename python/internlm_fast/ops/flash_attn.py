@@ -229,6 +229,14 @@ _fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def _attention(q, k, v, cu_q, cu_k, scale, causal, impl) -> tuple[Tensor, Tensor]:
+    # Eager and without a gradient to record, the kernel is called directly: the custom op is for
+    # autograd and torch.compile, and its first call imports torch._dynamo (about 150 MB and a second
+    # of start-up, sympy and triton included), which an inference-only process never needs.
+    needs_op = torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    )
+    if not needs_op:
+        return tuple(backend.kernels(impl).flash_attn_fwd(q, k, v, cu_q, cu_k, scale, causal))
     return _fwd(q, k, v, cu_q, cu_k, scale, causal, impl)
 
 
