@@ -188,3 +188,10 @@ def test_a_failed_forward_fails_its_requests_and_the_engine_goes_on(model, token
 
     assert asyncio.run(main()) == alone(model, PROMPTS[0], 4, tokenizer)
     assert engine.pool.used == 0 and engine.pool.reserved == 0
+
+
+def test_a_bf16_kv_cache_serves_the_same_greedy_tokens(model, tokenizer):
+    engine = Engine(model, tokenizer, block_size=4, kv_dtype="bf16")
+    assert engine.cache.kv[0].dtype == torch.bfloat16
+    ((ids, _, _),) = run(engine, [(PROMPTS[1], SamplingParams(max_tokens=8, temperature=0))])
+    assert ids == alone(model, PROMPTS[1], 8, tokenizer)

@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--greedy", action="store_true", help="always take the likeliest token (no sampling)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="compute dtype (default: as stored)")
+    p.add_argument("--kv-dtype", choices=tuple(DTYPES), default=None, help="KV cache dtype (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     return p.parse_args(argv)
 
@@ -47,6 +48,7 @@ def _generation_options(args: argparse.Namespace) -> dict:
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
+        kv_dtype=args.kv_dtype,
     )
     if not greedy:
         gen["temperature"] = args.temperature

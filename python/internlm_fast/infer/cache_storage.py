@@ -19,6 +19,17 @@ import torch
 
 from internlm_fast.model import InternLMForCausalLM
 
+KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_kv_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A cache dtype: torch.float32/bfloat16/float16 or its name ("fp32", "bf16", "fp16")."""
+    if isinstance(dtype, str) and dtype in KV_DTYPES:
+        return KV_DTYPES[dtype]
+    if dtype not in KV_DTYPES.values():
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (or the torch dtype), got {dtype!r}")
+    return dtype
+
 
 class KVCache:
     def __init__(
@@ -45,20 +56,26 @@ class KVCache:
         self.set_rows(torch.zeros(0, 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int64))
 
     @classmethod
-    def for_model(cls, model: InternLMForCausalLM, batch: int, max_len: int) -> KVCache:
-        """An empty cache for `batch` sequences of up to max_len tokens, one block each, in the model's
-        dtype and device."""
+    def for_model(
+        cls, model: InternLMForCausalLM, batch: int, max_len: int, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """An empty cache for `batch` sequences of up to max_len tokens, one block each, on the model's
+        device, in `dtype` (default: the model's; torch.bfloat16 halves an fp32 model's cache)."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"a KV cache needs batch >= 1 and max_len >= 1, got batch {batch}, max_len {max_len}")
-        cache = cls.pool_for_model(model, batch, max_len)
+        cache = cls.pool_for_model(model, batch, max_len, dtype)
         cache.set_rows(torch.arange(batch, dtype=torch.int32)[:, None], torch.zeros(batch, dtype=torch.int64))
         return cache
 
     @classmethod
-    def pool_for_model(cls, model: InternLMForCausalLM, num_blocks: int, page: int) -> KVCache:
-        """A pool of num_blocks blocks of `page` tokens with no sequences yet (set_rows assigns them)."""
+    def pool_for_model(
+        cls, model: InternLMForCausalLM, num_blocks: int, page: int, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """A pool of num_blocks blocks of `page` tokens with no sequences yet (set_rows assigns them), in
+        `dtype` (default: the model's)."""
         c, w = model.config, model.lm_head.weight
-        return cls(c.num_hidden_layers, num_blocks, page, c.num_key_value_heads, c.head_dim, w.dtype, w.device)
+        dtype = w.dtype if dtype is None else check_kv_dtype(dtype)
+        return cls(c.num_hidden_layers, num_blocks, page, c.num_key_value_heads, c.head_dim, dtype, w.device)
 
     @property
     def max_len(self) -> int:

@@ -19,7 +19,7 @@ import torch
 from internlm_fast.model import InternLMForCausalLM
 from internlm_fast.ops.inference import inference_kernels
 
-from .cache_storage import KVCache
+from .cache_storage import KVCache, check_kv_dtype
 from .sampling import SamplingConfig, make_generator, select_tokens
 from .streaming import TextStream, check_stop_strings
 
@@ -31,9 +31,12 @@ class GenerationConfig(SamplingConfig):
     max_new_tokens: int = 20
     eos_token_id: int | Sequence[int] | None = None
     stop_strings: Sequence[str] | str | None = None
+    kv_dtype: torch.dtype | str | None = None  # the KV cache's dtype (None: the model's); bf16 halves it
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.kv_dtype is not None:
+            self.kv_dtype = check_kv_dtype(self.kv_dtype)
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {self.max_new_tokens!r}")
         self.stop_strings = check_stop_strings(self.stop_strings)
@@ -157,7 +160,8 @@ def _steps(
     # fewer is cached
     budget = [min(cfg.max_new_tokens, limit - len(p) + 1) for p in prompts]
     with torch.inference_mode():
-        cache = KVCache.for_model(model, len(prompts), max(len(p) + n - 1 for p, n in zip(prompts, budget)))
+        longest = max(len(p) + n - 1 for p, n in zip(prompts, budget))
+        cache = KVCache.for_model(model, len(prompts), longest, cfg.kv_dtype)
         device = cache.lens.device
         generator = make_generator(cfg.seed, device)
         argmax = inference_kernels(cache.lens).argmax

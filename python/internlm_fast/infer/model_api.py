@@ -52,6 +52,7 @@ def generate(
     seed: int | None = None,
     stop_strings: Sequence[str] | str | None = None,
     tokenizer=None,
+    kv_dtype: torch.dtype | str | None = None,
 ) -> Tensor:
     """input_ids followed by the new ids, (batch, seqlen + longest generation), as transformers
     returns them: a row that finished early (eos id included) is filled with pad_token_id (default: the
@@ -70,6 +71,7 @@ def generate(
         eos_token_id=eos_token_id,
         stop_strings=stop_strings,
         seed=seed,
+        kv_dtype=kv_dtype,
     )
     if pad_token_id is None:
         pad_token_id = _first(eos_token_id)

@@ -135,19 +135,29 @@ class Attention(nn.Module):
 
     def _attend_cache(self, qkv: Tensor, ctx: ForwardContext) -> Tensor:
         """qkv (tokens, heads, head_dim) of the new tokens: rotates q and k in place, appends k and v to
-        the cache, then attends over the cache (decode) or among the new prompts (prefill)."""
+        the cache, then attends over the cache (decode) or among the new prompts (prefill). A cache in
+        another dtype than the model's (a bf16 cache for an fp32 model) stores k and v converted, and
+        the queries meet it in its dtype."""
         hq, hk, kern, cache, i = self.heads, self.kv_heads, ctx.kernels, ctx.cache, self.layer_idx
-        keys, values, table = cache.keys[i], cache.values[i], ctx.block_table
-        if ctx.cu_seqlens is None:  # one token per sequence: rotary and append in one pass
-            kern.rotary_append_(qkv, ctx.cos, ctx.sin, ctx.rope_offsets, cache.flat[i], ctx.slots, hq)
-            return kern.attend_cache(qkv[:, None, :hq], keys, values, ctx.visible, self.scale, table)
+        keys, values, table, flat = cache.keys[i], cache.values[i], ctx.block_table, cache.flat[i]
+        same = flat.dtype == qkv.dtype
+        if ctx.cu_seqlens is None:  # one token per sequence
+            if same:  # rotary and append in one pass
+                kern.rotary_append_(qkv, ctx.cos, ctx.sin, ctx.rope_offsets, flat, ctx.slots, hq)
+            else:
+                kern.rotary_(qkv[:, None, : hq + hk], ctx.cos, ctx.sin, ctx.rope_offsets)
+                flat.index_copy_(0, ctx.slots, qkv[:, hq:].view(-1, 2, hk, self.head_dim).to(flat.dtype))
+            q = qkv[:, None, :hq] if same else qkv[:, None, :hq].to(flat.dtype)
+            out = kern.attend_cache(q, keys, values, ctx.visible, self.scale, table)
+            return out if same else out.to(qkv.dtype)
         kern.rotary_(qkv[:, : hq + hk], ctx.cos, ctx.sin, ctx.rope_offsets, ctx.cu_seqlens)
-        cache.flat[i].index_copy_(0, ctx.slots, qkv[:, hq:].view(-1, 2, hk, self.head_dim))
+        flat.index_copy_(0, ctx.slots, qkv[:, hq:].view(-1, 2, hk, self.head_dim).to(flat.dtype))
         q, k, v = qkv.split([hq, hk, hk], dim=1)
         if ctx.prefix_cu is None:  # fresh prompts attend among their own tokens
             return kern.attend_varlen(q, k, v, ctx.cu_seqlens, self.scale)
         # after a cached prefix: each prompt's queries attend over its whole cache
         out, cu = torch.empty_like(q), ctx.prefix_cu
+        q = q.to(flat.dtype)
         for b in range(len(cu) - 1):
             a, e = cu[b], cu[b + 1]
             seen = ctx.visible[b : b + 1]

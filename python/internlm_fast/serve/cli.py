@@ -68,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="most tokens kept for reuse after their requests finish, least recently used evicted first "
         "(default: whatever the pool has free)",
     )
+    p.add_argument("--kv-dtype", choices=DTYPES, default=None, help="KV cache dtype (default: the model's)")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads of torch (default: torch's)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: folder name)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             cache_tokens=args.cache_tokens,
             prefix_cache=not args.no_prefix_cache,
             prefix_cache_tokens=args.prefix_cache_tokens,
+            kv_dtype=args.kv_dtype,
         )
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

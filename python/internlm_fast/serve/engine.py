@@ -71,10 +71,11 @@ class Engine:
         cache_tokens: int | None = None,
         prefix_cache: bool = True,
         prefix_cache_tokens: int | None = None,
+        kv_dtype: torch.dtype | str | None = None,
     ) -> None:
         """cache_tokens: the pool (default max_batch x max_model_len tokens); prefix_cache_tokens: the
         most tokens kept cached for reuse once no sequence holds them (default: whatever the pool has
-        free), least recently used evicted first."""
+        free), least recently used evicted first; kv_dtype: the cache's dtype (default: the model's)."""
         limit = model.config.context_length  # max_position_embeddings, longer with rope scaling
         self.max_model_len = limit if max_model_len is None else max_model_len
         sizes = (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("block_size", block_size, 1))
@@ -92,7 +93,7 @@ class Engine:
             raise ValueError(
                 f"cache_tokens {tokens} cannot hold one sequence of max_model_len {self.max_model_len} tokens"
             )
-        self.cache = KVCache.pool_for_model(model, num_blocks, block_size)
+        self.cache = KVCache.pool_for_model(model, num_blocks, block_size, kv_dtype)
         max_cached = None if prefix_cache_tokens is None else prefix_cache_tokens // block_size
         self.pool = BlockPool(num_blocks, block_size, max_cached)
         self.prefix_cache = prefix_cache
