@@ -2,6 +2,7 @@
 // same kernel names, so Python picks a backend with getattr(_C, "cpu" | "cuda").
 #include <torch/extension.h>
 
+#include "cpu/cpu_isa.h"
 #include "cpu/ops_cpu.h"
 #include "cpu/output_allocator.h"
 #ifdef IFAST_WITH_CUDA
@@ -34,6 +35,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto cpu = m.def_submodule("cpu", "C++ CPU kernels");
   cpu.def("output_cache_clear", &ifast::cpu::output_cache_clear);
   cpu.def("output_cache_stats", &ifast::cpu::output_cache_stats);
+  // the vector instruction set of the kernels that dispatch at run time (cpu/cpu_isa.h)
+  cpu.def("isa", &ifast::cpu::isa);
+  cpu.def("set_isa_cap", &ifast::cpu::set_isa_cap, py::arg("level"));
   cpu.def("rms_norm_fwd", &ifast::cpu::rms_norm_fwd, nogil, py::arg("x"), py::arg("weight"),
           py::arg("residual"), py::arg("eps"));
   cpu.def("rms_norm_bwd", &ifast::cpu::rms_norm_bwd, nogil, py::arg("dy"), py::arg("x"), py::arg("weight"),
@@ -68,6 +72,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("scale"));
   cpu.def("few_rows_linear", &ifast::cpu::few_rows_linear, nogil, py::arg("x"), py::arg("panels_w"),
           py::arg("bias"));
+  cpu.def("few_rows_linear_bf16", &ifast::cpu::few_rows_linear_bf16, nogil, py::arg("x"), py::arg("panels_w"),
+          py::arg("bias"));
+  cpu.def("few_rows_linear_int8", &ifast::cpu::few_rows_linear_int8, nogil, py::arg("x"), py::arg("panels_w"),
+          py::arg("scales"), py::arg("bias"));
   cpu.def("argmax_rows", &ifast::cpu::argmax_rows, nogil, py::arg("x"));
   cpu.def("decode_rotary_append", &ifast::cpu::decode_rotary_append, nogil, py::arg("qkv"), py::arg("cos"),
           py::arg("sin"), py::arg("positions"), py::arg("kv_rows"), py::arg("slots"), py::arg("q_heads"));

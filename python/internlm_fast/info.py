@@ -47,6 +47,8 @@ def _build() -> dict[str, object]:
         return {"native extension": f"not built ({err})"}
     info = dict(getattr(_C, "build_info", {}))
     info["with_cuda"] = bool(_C.with_cuda)
+    if hasattr(_C.cpu, "isa"):  # the vector path of the kernels that dispatch at run time
+        info["cpu kernels isa"] = f"{_C.cpu.isa()} (IFAST_CPU_ISA={os.environ.get('IFAST_CPU_ISA', 'unset')})"
     if not info["with_cuda"]:
         info["cuda_archs"] = "none (built without CUDA)"
     return info

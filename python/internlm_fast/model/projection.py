@@ -8,6 +8,13 @@ Decoding (a forward with a KV cache, no autograd): speed at small batch is Pytho
 reading the weights, so each Projection keeps copies of its weights made once per parameter version:
 a transposed (in, out) copy of the linears side by side, and for the few rows of a decode step the
 same laid out as column panels, which ops.inference's few_rows_linear streams once on every thread.
+
+Memory rule: fp32 models up to MAX_COPY_BYTES of linear weights keep both copies (the (in, out) one
+for prefill, the panels for decode steps), larger ones neither. bf16 models keep the bf16 panels
+(few_rows_linear_bf16) whatever their size: a bf16 decode step is bound by reading the weights, and
+F.linear reads the (out, in) parameters well below DRAM speed. Past MAX_COPY_BYTES the panels are the
+only copy (prefill reads the parameters through F.linear), so such a model holds its linear weights
+twice: the parameters, which training and prefill need and nothing frees, and the panels.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from internlm_fast.ops.inference import InferenceKernels
+from internlm_fast.ops.inference import InferenceKernels, few_rows_linear_bf16_panels
 
 if TYPE_CHECKING:
     from .modeling import ForwardContext
@@ -63,7 +70,7 @@ class Projection:
     def __init__(self, *linears: nn.Linear) -> None:
         self.linears = linears
         self._key: tuple | None = None  # (kernels, copy, parameter versions) the copies were made for
-        self._copies: tuple | None = None  # (wt, bias, panels, kernels)
+        self._copies: tuple | None = None  # (wt, bias, panels, decode GEMM)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_key": None, "_copies": None}  # derived data: remade on first use
@@ -76,9 +83,9 @@ class Projection:
         c = self._copies
         if c is None or ctx.cu_seqlens is not None:
             c = self._refresh(ctx.kernels, ctx.copy_weights)
-        wt, bias, panels, kernels = c
+        wt, bias, panels, few_rows = c
         if panels is not None and x.shape[0] <= FEW_ROWS:
-            return kernels.few_rows_linear(x, panels, bias)
+            return few_rows(x, panels, bias)
         if wt is not None:
             return torch.mm(x, wt) if bias is None else torch.addmm(bias, x, wt)
         if len(self.linears) == 1:
@@ -91,18 +98,23 @@ class Projection:
         )
 
     def _refresh(self, kernels: InferenceKernels, copy: bool) -> tuple:
-        """(wt, bias, panels, kernels): the copies, remade unless they were made from these very
+        """(wt, bias, panels, decode GEMM): the copies, remade unless they were made from these very
         parameters for these kernels."""
         key = (kernels, copy, self._versions())
         if self._copies is not None and self._key == key:
             return self._copies
-        wt = bias = panels = None
-        if copy:
-            with torch.no_grad():
+        self._copies = None  # the old copies go before the new ones are made, not after
+        wt = bias = panels = few_rows = None
+        bf16 = all(kernels.has_few_rows_linear_bf16(lin.weight) for lin in self.linears)
+        with torch.no_grad():
+            if (copy or bf16) and self.linears[0].bias is not None:
+                bias = torch.cat([lin.bias for lin in self.linears])
+            if copy:
                 wt = torch.cat([lin.weight for lin in self.linears]).t().contiguous()
-                if self.linears[0].bias is not None:
-                    bias = torch.cat([lin.bias for lin in self.linears])
                 if kernels.has_few_rows_linear(wt):
-                    panels = kernels.column_panels(wt)
-        self._key, self._copies = key, (wt, bias, panels, kernels)
+                    panels, few_rows = kernels.column_panels(wt), kernels.few_rows_linear
+            if bf16:
+                w = torch.cat([lin.weight for lin in self.linears]) if len(self.linears) > 1 else self.linears[0].weight
+                panels, few_rows = few_rows_linear_bf16_panels(w), kernels.few_rows_linear_bf16
+        self._key, self._copies = key, (wt, bias, panels, few_rows)
         return self._copies

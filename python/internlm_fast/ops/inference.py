@@ -10,12 +10,15 @@ shapes, dtypes and positions once per forward instead of on every call (the mode
 the kernels still refuse malformed tensors themselves (TORCH_CHECK), so nothing reaches memory
 unchecked. The "ref" backend maps to the pure-torch references, so the lean path can be tested against
 the oracle too; the decode-only kernels' references are public here (decode_rotary_append_ref,
-few_rows_linear_ref, argmax_rows_ref) or in their op module (attention_kvcache_ref).
+few_rows_linear_ref, few_rows_linear_bf16_ref, few_rows_linear_int8_ref, argmax_rows_ref) or in their
+op module (attention_kvcache_ref), and so are the weight layouts of the decode GEMMs
+(InferenceKernels.column_panels, few_rows_linear_bf16_panels, quantize_int8).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend
@@ -34,11 +37,16 @@ _OPS = (
     "flash_attn_kvcache",
     "decode_rotary_append",
     "few_rows_linear",
+    "few_rows_linear_bf16",
+    "few_rows_linear_int8",
     "argmax_rows",
 )
 
-# columns per panel of few_rows_linear's weight layout (cpp/cpu/few_rows_linear.cpp)
+# columns per panel of few_rows_linear's weight layout (cpp/cpu/few_rows_linear.cpp), and of the bf16
+# and int8 kernels'
 PANEL_COLUMNS = 16
+# input values per scale of few_rows_linear_int8's weights (cpp/cpu/few_rows_linear_int8.cpp says why 64)
+INT8_GROUP = 64
 
 
 def decode_rotary_append_ref(
@@ -60,6 +68,63 @@ def few_rows_linear_ref(x: Tensor, wt: Tensor, bias: Tensor | None) -> Tensor:
     return x @ wt if bias is None else torch.addmm(bias, x, wt)
 
 
+def few_rows_linear_bf16_panels(weight: Tensor) -> Tensor:
+    """An (out, in) weight, out a multiple of 16, as few_rows_linear_bf16 reads it: bf16 panels
+    (out / 16, ceil(in / 2), 32), element [p, j, 2c + t] = weight[16p + c, 2j + t] (zero past an odd
+    in): each 64-byte line holds two input rows of 16 columns, split into fp32 by two integer ops."""
+    n, k = weight.shape
+    if n % PANEL_COLUMNS:
+        raise ValueError(f"few_rows_linear_bf16: {n} output features are not whole panels of {PANEL_COLUMNS}")
+    w = weight.detach().to(torch.bfloat16)
+    if k % 2:
+        w = F.pad(w, (0, 1))
+    pairs = (k + 1) // 2
+    return (
+        w.view(n // PANEL_COLUMNS, PANEL_COLUMNS, pairs, 2).permute(0, 2, 1, 3).reshape(n // PANEL_COLUMNS, pairs, 32)
+    )
+
+
+def few_rows_linear_bf16_ref(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The reference of the kernel few_rows_linear_bf16: x (rows, in) @ weight^T + bias with fp32
+    accumulation, in x's dtype; weight (out, in) bf16 is what the kernel reads as
+    few_rows_linear_bf16_panels(weight)."""
+    y = x.float() @ weight.float().t()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """An (out, in) float weight, out a multiple of 16, as few_rows_linear_int8 reads it: symmetric
+    int8 with one fp32 scale per INT8_GROUP consecutive inputs of an output feature (scale =
+    absmax / 127, q = round(w / scale)), laid out as (panels (out / 16, in, 16) int8, scales
+    (out / 16, ceil(in / INT8_GROUP), 16) fp32). Each weight is off by at most scale / 2."""
+    n, k = weight.shape
+    if n % PANEL_COLUMNS:
+        raise ValueError(f"few_rows_linear_int8: {n} output features are not whole panels of {PANEL_COLUMNS}")
+    g = -(-k // INT8_GROUP)
+    w = F.pad(weight.detach().float(), (0, g * INT8_GROUP - k)).view(n, g, INT8_GROUP)
+    scale = w.abs().amax(-1) / 127
+    q = torch.round(w / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp_(-127, 127)
+    q = q.to(torch.int8).view(n, g * INT8_GROUP)[:, :k]
+    panels = q.reshape(n // PANEL_COLUMNS, PANEL_COLUMNS, k).transpose(1, 2).contiguous()
+    scales = scale.view(n // PANEL_COLUMNS, PANEL_COLUMNS, g).transpose(1, 2).contiguous()
+    return panels, scales
+
+
+def dequantize_int8(panels: Tensor, scales: Tensor) -> Tensor:
+    """The (out, in) fp32 weight that quantize_int8's (panels, scales) stand for."""
+    blocks, k, cols = panels.shape
+    q = panels.transpose(1, 2).reshape(blocks * cols, k).float()
+    s = scales.transpose(1, 2).reshape(blocks * cols, -1).repeat_interleave(INT8_GROUP, dim=1)[:, :k]
+    return q * s
+
+
+def few_rows_linear_int8_ref(x: Tensor, panels: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    """The reference of the kernel few_rows_linear_int8: x (rows, in) @ W^T + bias with fp32
+    accumulation, in x's dtype, W = dequantize_int8(panels, scales)."""
+    y = x.float() @ dequantize_int8(panels, scales).t()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
 def argmax_rows_ref(x: Tensor) -> Tensor:
     """The reference of the kernel argmax_rows: the index of each row's maximum, (rows,) int64."""
     return x.argmax(dim=-1)
@@ -76,6 +141,10 @@ class InferenceKernels:
             # a decode step makes one call per projection: the kernel itself, without a Python frame
             # (it refuses a non-contiguous x; the model's activations are contiguous)
             self.few_rows_linear = self._k["few_rows_linear"].few_rows_linear
+        if self._k["few_rows_linear_bf16"] is not None:
+            self.few_rows_linear_bf16 = self._k["few_rows_linear_bf16"].few_rows_linear_bf16
+        if self._k["few_rows_linear_int8"] is not None:
+            self.few_rows_linear_int8 = self._k["few_rows_linear_int8"].few_rows_linear_int8
 
     def has_few_rows_linear(self, wt: Tensor) -> bool:
         """Whether few_rows_linear serves this (in, out) weight: the C++ kernel, fp32, whole panels.
@@ -92,6 +161,33 @@ class InferenceKernels:
         """x (rows, in) contiguous @ W + bias for a few rows (a decode step), W as column_panels(W).
         Only where has_few_rows_linear: the kernel replaces this method then."""
         raise NotImplementedError(f"few_rows_linear has no kernel on backend {self.impl['few_rows_linear']!r}")
+
+    def has_few_rows_linear_bf16(self, weight: Tensor) -> bool:
+        """Whether few_rows_linear_bf16 serves this (out, in) bf16 weight: the C++ kernel, whole panels."""
+        return (
+            self._k["few_rows_linear_bf16"] is not None
+            and weight.dtype == torch.bfloat16
+            and weight.shape[0] % PANEL_COLUMNS == 0
+        )
+
+    def few_rows_linear_bf16(self, x: Tensor, panels: Tensor, bias: Tensor | None) -> Tensor:
+        """x (rows, in) contiguous, fp32 or bf16, @ W^T + bias in x's dtype, W (out, in) bf16 given as
+        few_rows_linear_bf16_panels(W). Only where has_few_rows_linear_bf16: the kernel replaces this
+        method then."""
+        raise NotImplementedError(
+            f"few_rows_linear_bf16 has no kernel on backend {self.impl['few_rows_linear_bf16']!r}"
+        )
+
+    def has_few_rows_linear_int8(self) -> bool:
+        """Whether few_rows_linear_int8 runs here (the C++ kernel)."""
+        return self._k["few_rows_linear_int8"] is not None
+
+    def few_rows_linear_int8(self, x: Tensor, panels: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+        """x (rows, in) contiguous, fp32 or bf16, @ W^T + bias in x's dtype, W given as quantize_int8(W).
+        Only where has_few_rows_linear_int8: the kernel replaces this method then."""
+        raise NotImplementedError(
+            f"few_rows_linear_int8 has no kernel on backend {self.impl['few_rows_linear_int8']!r}"
+        )
 
     def argmax(self, x: Tensor) -> Tensor:
         """torch.argmax(x, dim=-1) of (rows, V) logits, by the C++ kernel where it serves (CPU fp32)."""

@@ -60,13 +60,18 @@ OPS: dict[str, Op] = {
         Op("decode_rotary_append", ("decode_rotary_append",), inference_only=True),
         # decode GEMM (few rows x column-panelled weight); cuBLAS on the GPU
         Op("few_rows_linear", ("few_rows_linear",), cpu=("cpu", "aten"), cuda=("aten",), inference_only=True),
+        # the same with bf16 weights (pairs of rows interleaved), and with int8 weights and a scale per
+        # 64 inputs, dequantized in registers
+        Op("few_rows_linear_bf16", ("few_rows_linear_bf16",), cpu=("cpu", "aten"), cuda=("aten",), inference_only=True),
+        Op("few_rows_linear_int8", ("few_rows_linear_int8",), cpu=("cpu", "aten"), cuda=("aten",), inference_only=True),
         # greedy pick, torch.argmax's answer
         Op("argmax_rows", ("argmax_rows",), cpu=("cpu", "aten"), cuda=("aten",), inference_only=True),
     )
 }
 
-# Functions of a backend module that are not kernels of an op (the CPU output allocator's controls).
-UTILITIES = frozenset({"output_cache_clear", "output_cache_stats"})
+# Functions of a backend module that are not kernels of an op: the CPU output allocator's controls, and
+# the run-time instruction-set choice of the kernels that dispatch (isa, and set_isa_cap for tests).
+UTILITIES = frozenset({"output_cache_clear", "output_cache_stats", "isa", "set_isa_cap"})
 
 
 def op(name: str) -> Op:

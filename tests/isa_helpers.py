@@ -1,0 +1,35 @@
+"""Forcing the run-time instruction set of the CPU kernels that dispatch (cpp/cpu/cpu_isa.h), so each
+vector path is tested on a machine that would pick a higher one."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from internlm_fast.ops import available, backend
+
+# lowest first, as cpu_isa.h orders them
+LEVELS = ("scalar", "avx2", "avx512")
+
+
+def runnable_levels() -> tuple[str, ...]:
+    """The levels this CPU runs (the cap set aside)."""
+    if not available("cpu"):
+        return ()
+    cpu = backend.kernels("cpu")
+    now = cpu.isa()
+    best = cpu.set_isa_cap("avx512")
+    cpu.set_isa_cap(now)
+    return LEVELS[: LEVELS.index(best) + 1]
+
+
+@contextlib.contextmanager
+def forced_isa(level: str) -> Iterator[None]:
+    """Runs the body with the kernels capped at `level`; the previous level afterwards."""
+    cpu = backend.kernels("cpu")
+    before = cpu.isa()
+    assert cpu.set_isa_cap(level) == level
+    try:
+        yield
+    finally:
+        cpu.set_isa_cap(before)
