@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="compute dtype (default: as stored)")
     p.add_argument("--kv-dtype", choices=tuple(DTYPES), default=None, help="KV cache dtype (default: the model's)")
+    p.add_argument("--quantize", choices=("int8",), default=None, help="int8 weight-only quantization (default: none)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     return p.parse_args(argv)
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gen = _generation_options(args)
         GenerationConfig(**gen)  # checks every option before the (slow) load
-        model, tokenizer = load_model(path, DTYPES.get(args.dtype))
+        model, tokenizer = load_model(path, DTYPES.get(args.dtype), args.device, args.quantize)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,14 +29,21 @@ def default_model_dir() -> Path | None:
     return latest_valid_checkpoint(cfg.checkpoint_folder)[0]
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None) -> tuple[InternLMForCausalLM, Tokenizer]:
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    quantize: str | None = None,
+) -> tuple[InternLMForCausalLM, Tokenizer]:
+    """The model (in eval mode, on device, quantized with quantize="int8") and its tokenizer."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
+    load = dict(dtype=dtype, device=device, quantize=quantize)
     if (path / "config.json").is_file():
-        return InternLMForCausalLM.from_pretrained(path, dtype=dtype).eval(), Tokenizer.from_pretrained(path)
+        return InternLMForCausalLM.from_pretrained(path, **load).eval(), Tokenizer.from_pretrained(path)
     if (path / "model.safetensors").is_file() and (path / "trainer.json").is_file():
-        return InternLMForCausalLM.from_pretrained(path, dtype=dtype).eval(), _checkpoint_tokenizer(path)
+        return InternLMForCausalLM.from_pretrained(path, **load).eval(), _checkpoint_tokenizer(path)
     raise ValueError(
         f"{path}: not a model folder: expected config.json (a saved model) or model.safetensors + "
         "trainer.json (a training checkpoint, runs/<job>/checkpoints/step-N)"

@@ -247,6 +247,7 @@ class InternLMForCausalLM(nn.Module):
         self.register_buffer("rotary_sin", sin, persistent=False)
         self._linear_numel = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         self._inference: tuple | None = None  # (kernels, cos, sin, copy_weights) of the last prefill
+        self.quantization: str | None = None  # quantize_'s method: the model is then inference only
         self.apply(self._init)
 
     def __getstate__(self) -> dict:
@@ -295,9 +296,15 @@ class InternLMForCausalLM(nn.Module):
             if labels is not None:
                 raise ValueError("labels and a KV cache do not go together: the cached forward is inference only")
             return CausalLMOutput(logits=self.forward_cached(input_ids, cache, cu_seqlens))
+        if self.quantization is not None and (labels is not None or torch.is_grad_enabled()):
+            raise RuntimeError(
+                f"this model is quantized (quantize={self.quantization!r}): inference only, without labels "
+                "or autograd; run it under torch.no_grad() or torch.inference_mode()"
+            )
         h = self.hidden_states(input_ids, cu_seqlens)
         if labels is None:
-            return CausalLMOutput(logits=self.lm_head(h))
+            logits = self.head.int8_linear(h) if self.quantization is not None else self.lm_head(h)
+            return CausalLMOutput(logits=logits)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}")
         target = labels[:, 1:].clone()
@@ -460,17 +467,35 @@ class InternLMForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        quantize: str | None = None,
     ) -> InternLMForCausalLM:
-        """A model folder, transformers LLaMA/InternLM folder or checkpoint: see model.pretrained.load_pretrained."""
+        """A model folder, transformers LLaMA/InternLM folder or checkpoint: see model.pretrained.load_pretrained.
+        quantize="int8": then quantized for inference, as quantize_ does."""
         from .pretrained import load_pretrained
+        from .quantize import check_quantize, quantize_model
 
-        return load_pretrained(path, dtype=dtype, device=device)
+        check_quantize(quantize)
+        model = load_pretrained(path, dtype=dtype, device=device)
+        return quantize_model(model, quantize) if quantize is not None else model
+
+    def quantize_(self, quantize: str = "int8") -> InternLMForCausalLM:
+        """Quantizes the linears' weights in place for inference (weight-only int8, see model.quantize);
+        the float weights are released, so the model no longer trains. Move it to its device first."""
+        from .quantize import quantize_model
+
+        return quantize_model(self, quantize)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB", tokenizer=None) -> Path:
         """This model (and the tokenizer, if given) as a transformers LLaMA folder: see
         model.pretrained.save_pretrained."""
         from .pretrained import save_pretrained
+
+        if self.quantization is not None:
+            raise ValueError(f"a quantized model (quantize={self.quantization!r}) cannot be saved: save the float one")
 
         return save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer=tokenizer)
 

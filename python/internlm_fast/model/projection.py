@@ -25,7 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from internlm_fast.ops.inference import InferenceKernels, few_rows_linear_bf16_panels
+from internlm_fast.ops.inference import (
+    InferenceKernels,
+    dequantize_int8,
+    few_rows_linear_bf16_panels,
+    quantize_int8,
+)
 
 if TYPE_CHECKING:
     from .modeling import ForwardContext
@@ -71,11 +76,14 @@ class Projection:
         self.linears = linears
         self._key: tuple | None = None  # (kernels, copy, parameter versions) the copies were made for
         self._copies: tuple | None = None  # (wt, bias, panels, decode GEMM)
+        self._int8: tuple | None = None  # (panels, scales, bias): quantize_int8_'s weights, then the only ones
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_key": None, "_copies": None}  # derived data: remade on first use
 
     def __call__(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        if self._int8 is not None:
+            return self.int8_linear(x, ctx.kernels)
         if ctx.cache is None:
             if len(self.linears) == 1:
                 return self.linears[0](x)
@@ -118,3 +126,43 @@ class Projection:
                 panels, few_rows = few_rows_linear_bf16_panels(w), kernels.few_rows_linear_bf16
         self._key, self._copies = key, (wt, bias, panels, few_rows)
         return self._copies
+
+    @property
+    def quantized(self) -> bool:
+        return self._int8 is not None
+
+    def quantize_int8_(self, release: bool = True) -> None:
+        """Replaces the decoding copies by the linears' weights side by side as quantize_int8 makes
+        them; with release, the float weights become empty tensors (inference only from then on)."""
+        with torch.no_grad():
+            w = torch.cat([lin.weight for lin in self.linears]) if len(self.linears) > 1 else self.linears[0].weight
+            panels, scales = quantize_int8(w)
+            del w
+            bias = None
+            if self.linears[0].bias is not None:
+                bias = torch.cat([lin.bias for lin in self.linears]).detach()
+        self._key = self._copies = None
+        self._int8 = (panels, scales, bias)
+        if release:
+            for lin in self.linears:
+                lin.weight.data = torch.empty(0, dtype=lin.weight.dtype, device=lin.weight.device)
+                lin.weight.requires_grad_(False)
+
+    def int8_linear(self, x: Tensor, kernels: object = None) -> Tensor:
+        """x W^T + b with the int8 weights: a decode step's few rows through few_rows_linear_int8,
+        which dequantizes in registers; longer inputs against the weight dequantized to x's dtype,
+        freed as soon as the GEMM is done so one projection at a time is ever held in float."""
+        panels, scales, bias = self._int8
+        if (
+            x.dim() == 2
+            and x.shape[0] <= FEW_ROWS
+            and isinstance(kernels, InferenceKernels)
+            and kernels.has_few_rows_linear_int8()
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and x.is_contiguous()
+        ):
+            return kernels.few_rows_linear_int8(x, panels, scales, bias)
+        w = dequantize_int8(panels, scales).to(x.dtype)
+        y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        del w
+        return y

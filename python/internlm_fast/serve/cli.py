@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: whatever the pool has free)",
     )
     p.add_argument("--kv-dtype", choices=DTYPES, default=None, help="KV cache dtype (default: the model's)")
+    p.add_argument("--quantize", choices=("int8",), default=None, help="int8 weight-only quantization (default: none)")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads of torch (default: torch's)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: folder name)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, tokenizer = load_model(path, dtypes.get(args.dtype))
+        model, tokenizer = load_model(path, dtypes.get(args.dtype), device, args.quantize)
         model.to(device)
         from .engine import Engine
 

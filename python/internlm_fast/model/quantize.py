@@ -1,0 +1,61 @@
+"""Weight-only quantization for inference: every projection's linears (q/k/v/o, gate/up/down and
+lm_head) held as int8 with fp32 scales (ops.inference.quantize_int8), the embedding and the norms in
+float. Decode steps run few_rows_linear_int8; prefill and the forward without a cache dequantize one
+projection at a time. The float weights of those linears are released, so the model no longer
+trains, and its state dict holds empty tensors in their place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .projection import Projection
+
+if TYPE_CHECKING:
+    from .modeling import InternLMForCausalLM
+
+QUANTIZE_METHODS = ("int8",)
+
+
+def check_quantize(quantize: str | None) -> None:
+    """Raises ValueError unless quantize is None or one of QUANTIZE_METHODS."""
+    if quantize is not None and quantize not in QUANTIZE_METHODS:
+        raise ValueError(f"quantize must be one of {QUANTIZE_METHODS} or None, got {quantize!r}")
+
+
+def projections(model: nn.Module) -> list[Projection]:
+    """Every Projection the model's modules hold, each once."""
+    found: dict[int, Projection] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, Projection):
+                found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def quantize_model(model: InternLMForCausalLM, quantize: str = "int8") -> InternLMForCausalLM:
+    """Quantizes the model in place (see the module docstring) and returns it. A lm_head tied to the
+    embedding keeps its float weight, which the embedding needs, and decodes on int8 copies too."""
+    check_quantize(quantize)
+    if quantize is None:
+        return model
+    if model.quantization is not None:
+        raise ValueError(f"the model is already quantized ({model.quantization!r})")
+    embedding = model.model.embed_tokens.weight
+    for proj in projections(model):
+        if not proj.quantized:
+            proj.quantize_int8_(release=all(lin.weight is not embedding for lin in proj.linears))
+    model.quantization = quantize
+    model._inference = None
+    return model
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """The bytes of the model's parameters and buffers (shared ones once) and of its projections'
+    int8 weights, scales and biases; not the float decoding copies, which are made on first use."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for proj in projections(model):
+        if proj.quantized:
+            tensors.update((id(t), t) for t in proj._int8 if t is not None)
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,0 +1,137 @@
+"""Weight-only int8 inference: the quantized model's logits against the same quantization in pure
+torch, greedy generation, memory, refusals, and the terminal chat with --quantize int8."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from internlm_fast.infer import KVCache, decode, prefill
+from internlm_fast.model import InternLMForCausalLM
+from internlm_fast.model.modeling import rotary_tables
+from internlm_fast.model.quantize import projections, resident_bytes
+from internlm_fast.ops import use_backend
+from internlm_fast.ops.inference import INT8_GROUP, dequantize_int8, inference_kernels, quantize_int8
+
+from .conftest import ATOL, assert_matches_oracle
+from .generate_helpers import one_thread, small_model, train_small_tokenizer  # noqa: F401 (fixture)
+from .test_chat import _run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _dequantized(model: InternLMForCausalLM) -> InternLMForCausalLM:
+    """The float model with every projection's weights replaced by what int8 keeps of them."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for proj in projections(ref):
+            for lin in proj.linears:
+                lin.weight.copy_(dequantize_int8(*quantize_int8(lin.weight)))
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_follow_the_quantization_oracle(dtype):
+    """Prefill and decode steps of the int8 model against the float model holding the dequantized
+    weights, in the same dtype and in fp64: the 2x rule on each step's logits."""
+    assert inference_kernels(torch.empty(1)).has_few_rows_linear_int8()  # decode steps run the kernel
+    model = small_model(std=0.1).to(dtype)
+    reference = _dequantized(model)
+    oracle = copy.deepcopy(reference).double()
+    oracle.rotary_cos, oracle.rotary_sin = (t.double() for t in rotary_tables(model.config))
+    quantized = copy.deepcopy(model).quantize_("int8")
+    prompts = [[5, 9, 2, 7, 30, 11], list(range(40, 77))]
+    seqs = [list(p) for p in prompts]
+
+    def full(s):
+        with use_backend("ref"), torch.no_grad():
+            return oracle(torch.tensor([s])).logits[0, -1]
+
+    with torch.inference_mode():
+        caches = [KVCache.for_model(m, 2, 64) for m in (quantized, reference)]
+        got, ref = (prefill(m, c, prompts) for m, c in zip((quantized, reference), caches))
+        for step in range(4):
+            for b, seq in enumerate(seqs):
+                assert_matches_oracle(f"step {step} row {b}", got[b], ref[b], full(seq), ATOL[dtype])
+            tokens = torch.tensor([3 + step, 200 - step])
+            for b, t in enumerate(tokens.tolist()):
+                seqs[b].append(t)
+            got, ref = (decode(m, c, tokens) for m, c in zip((quantized, reference), caches))
+
+
+def test_full_forward_of_a_quantized_model_follows_its_cached_one():
+    model = small_model().quantize_("int8")
+    seq = [5, 9, 2, 7, 30, 11]
+    with torch.inference_mode():
+        cached = prefill(model, KVCache.for_model(model, 1, 16), [seq])[0]
+        full = model(torch.tensor([seq])).logits[0, -1]
+    torch.testing.assert_close(full, cached, atol=2e-5, rtol=1e-5)
+
+
+def test_greedy_generation_equals_fp32():
+    model = small_model()
+    ids = torch.tensor([[5, 9, 2, 7, 30], [3, 4, 5, 6, 7]])
+    expect = model.generate(ids, max_new_tokens=16, do_sample=False)
+    got = copy.deepcopy(model).quantize_("int8").generate(ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(got, expect)
+
+
+def test_memory_drops_to_the_int8_weights_and_scales():
+    model = small_model()
+    before = resident_bytes(model)
+    linears = [lin for proj in projections(model) for lin in proj.linears]
+    weights = sum(lin.weight.numel() for lin in linears)
+    scales = sum(lin.weight.shape[0] * -(-lin.weight.shape[1] // INT8_GROUP) for lin in linears)
+    biases = sum(lin.bias.numel() for lin in linears if lin.bias is not None)
+    model.quantize_("int8")
+    # fp32 weights (4 bytes) become int8 (1 byte) + one fp32 scale per INT8_GROUP; the packed biases
+    # are a second copy of the (float) biases
+    assert resident_bytes(model) == before - 4 * weights + weights + 4 * scales + 4 * biases
+    assert all(lin.weight.numel() == 0 for lin in linears)
+
+
+def test_a_tied_head_keeps_the_embedding():
+    model = small_model(tie_word_embeddings=True)
+    ids = torch.tensor([[5, 9, 2, 7, 30]])
+    expect = model.generate(ids, max_new_tokens=8, do_sample=False)
+    model.quantize_("int8")
+    assert model.model.embed_tokens.weight.numel() > 0
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expect)
+
+
+def test_a_quantized_model_refuses_training():
+    model = small_model().quantize_("int8")
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with pytest.raises(RuntimeError, match="quantize"):
+        model(ids, labels=ids)
+    with pytest.raises(RuntimeError, match="quantize"):
+        model(ids)  # autograd on
+    with torch.no_grad(), pytest.raises(RuntimeError, match="quantize"):
+        model(ids, labels=ids)
+    with pytest.raises(ValueError, match="already quantized"):
+        model.quantize_("int8")
+
+
+def test_unknown_methods_are_refused(tmp_path):
+    model = small_model()
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        model.quantize_("int4")
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        InternLMForCausalLM.from_pretrained(tmp_path, quantize="int4")  # before reading the folder
+
+
+def test_from_pretrained_and_terminal_chat_with_int8(tmp_path):
+    model = small_model()
+    tokenizer = train_small_tokenizer(tmp_path)
+    folder = model.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
+    quantized = InternLMForCausalLM.from_pretrained(folder, quantize="int8")
+    assert quantized.quantization == "int8"
+    with pytest.raises(ValueError, match="quantized"):
+        quantized.save_pretrained(tmp_path / "again")
+    args = ["--model", str(folder), "--greedy", "--max-new-tokens", "12", "--quantize", "int8"]
+    out = _run_cli(args, "hello\n", tmp_path)
+    assert out.returncode == 0, out.stderr
+    expected, _ = quantized.chat(tokenizer, "hello", do_sample=False, max_new_tokens=12)
+    assert out.stdout == f"Bot: {expected}\n"
