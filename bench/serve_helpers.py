@@ -12,27 +12,19 @@ threads, as a user would start it; its output goes to a log file shown if it fai
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import torch
 
-import internlm_fast
+from internlm_fast.serve import process as serve_process
 
 MODEL_NAME = "tiny-random"
 THREADS = 2
 START_TIMEOUT_S = 120
 TOKENIZER_CORPUS_BYTES = 3_000_000  # enough stdlib text for an 8192-piece vocabulary, trained in ~1 s
 FOLDER_VERSION = 1  # bump when the model or tokenizer recipe changes
-_URL_LINE = re.compile(r"OpenAI API: (http://\S+)/v1")
 
 
 def random_tiny_model(seed: int = 0, std: float = 0.3):
@@ -75,55 +67,8 @@ def bench_model_dir(cache_dir: str | Path | None = None) -> Path:
     return folder
 
 
-def _server_env() -> dict[str, str]:
-    # the server imports the same internlm_fast as this process (a source tree under PYTHONPATH too)
-    src = str(Path(internlm_fast.__file__).resolve().parents[1])
-    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(THREADS), "PYTHONUNBUFFERED": "1"}
-    env.pop("INTERNLM_FAST_API_KEY", None)
-    return env
-
-
-@contextmanager
-def running_server(
-    model_dir: str | Path, *args: str, prefix_cache: bool = True, timeout: float = START_TIMEOUT_S
-) -> Iterator[str]:
-    """Starts the server on 127.0.0.1 (a free port, THREADS threads) with extra CLI `args`, without
-    prefix reuse if not `prefix_cache`; waits until GET /health answers, yields the base URL and stops
-    the server at the end."""
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        log_path = Path(tmp) / "server.log"
-        with open(log_path, "wb") as log:
-            cmd = [sys.executable, "-m", "internlm_fast.serve", "--model", str(model_dir), "--host", "127.0.0.1"]
-            cmd += ["--port", "0", "--threads", str(THREADS), "--log-level", "warning", *args]
-            if not prefix_cache:
-                cmd.append("--no-prefix-cache")
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_server_env())
-            try:
-                yield _wait_until_healthy(proc, log_path, timeout)
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-def _wait_until_healthy(proc: subprocess.Popen, log_path: Path, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    base = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
-        if base is None:
-            m = _URL_LINE.search(log_path.read_text(errors="replace"))
-            base = m.group(1) if m else None
-        if base is not None:
-            try:
-                if httpx.get(base + "/health", timeout=5).status_code == 200:
-                    return base
-            except httpx.TransportError:
-                pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the server did not answer /health in {timeout} s:\n{log_path.read_text(errors='replace')}")
+def running_server(model_dir: str | Path, *args: str, prefix_cache: bool = True, timeout: float = START_TIMEOUT_S):
+    """The server on model_dir (THREADS threads) with extra CLI args, without prefix reuse if not
+    `prefix_cache`: a context manager yielding the base URL (internlm_fast.serve.process)."""
+    args = (*args, "--no-prefix-cache") if not prefix_cache else args
+    return serve_process.running_server(model_dir, *args, threads=THREADS, timeout=timeout)
