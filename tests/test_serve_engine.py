@@ -195,3 +195,17 @@ def test_a_bf16_kv_cache_serves_the_same_greedy_tokens(model, tokenizer):
     assert engine.cache.kv[0].dtype == torch.bfloat16
     ((ids, _, _),) = run(engine, [(PROMPTS[1], SamplingParams(max_tokens=8, temperature=0))])
     assert ids == alone(model, PROMPTS[1], 8, tokenizer)
+
+
+def test_long_prompts_are_prefilled_in_chunks_after_a_reused_prefix(model, tokenizer, monkeypatch):
+    import internlm_fast.infer.generate as generate
+
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 8)  # every prompt here spans several chunks
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine = Engine(model, tokenizer, block_size=4)
+    first = list(range(1, 30))
+    ((answer, _, _),) = run(engine, [(first, params)])
+    follow = first + answer + [7, 8, 9, 10, 11, 12, 13, 14, 15]
+    got = run(engine, [(follow, params), (PROMPTS[1], params)])
+    assert got[0][2] > 0  # a reused prefix, then the rest in chunks
+    assert got[0][0] == alone(model, follow, 6, tokenizer) and got[1][0] == alone(model, PROMPTS[1], 6, tokenizer)

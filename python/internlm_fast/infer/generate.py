@@ -92,15 +92,18 @@ def check_prompts(model: InternLMForCausalLM, prompts: Sequence[Sequence[int]]) 
 
 
 def prefill(model: InternLMForCausalLM, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Runs the prompts (one per cache row, from the first, each at most the cache length) into empty
-    cache rows as packed rows, no padding: one forward, or with more than PREFILL_CHUNK tokens in all,
-    forwards of at most PREFILL_CHUNK tokens, each after the tokens its rows already cache. Returns the
-    logits after each prompt's last token, (prompts, vocab). Under torch.inference_mode()."""
+    """Runs the prompts (one per cache row, from the first) into the cache rows, after the tokens each
+    row already caches (none, or a reused prefix), as packed rows, no padding: one forward, or with
+    more than PREFILL_CHUNK tokens in all, forwards of at most PREFILL_CHUNK tokens, each after what
+    its rows cache by then. Returns the logits after each prompt's last token, (prompts, vocab). Under
+    torch.inference_mode()."""
     device = cache.lens.device
     lengths = [len(p) for p in prompts]
     if sum(lengths) <= PREFILL_CHUNK:
         return _prefill_packed(model, cache, [list(p) for p in prompts], None)
     table, lens = cache.block_table, cache.lens.clone()
+    # every chunk rotates with its whole sequence's length, as one prefill would (dynamic rope scaling)
+    totals = [n + c for n, c in zip(lengths, lens[: len(prompts)].tolist())]
     done = [0] * len(prompts)
     logits: list[torch.Tensor | None] = [None] * len(prompts)
     try:
@@ -114,7 +117,7 @@ def prefill(model: InternLMForCausalLM, cache: KVCache, prompts: Sequence[Sequen
                     room -= take
             index = torch.tensor(rows, device=device)
             cache.set_rows(table[index], lens[index])  # the rows of this chunk, first
-            out = _prefill_packed(model, cache, pieces, [lengths[b] for b in rows])
+            out = _prefill_packed(model, cache, pieces, [totals[b] for b in rows])
             lens[index] = cache.lens
             for slot, (b, piece) in enumerate(zip(rows, pieces)):
                 done[b] += len(piece)

@@ -18,11 +18,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 
-def block_hashes(tokens: Sequence[int], page: int, count: int) -> list[int]:
-    """The chain hashes of the first `count` full blocks of tokens: block i's hash covers tokens
-    [0, (i + 1) * page), so equal hashes mean equal prefixes."""
-    out, h = [], 0
-    for i in range(count):
+def block_hashes(tokens: Sequence[int], page: int, stop: int, start: int = 0, prev: int = 0) -> list[int]:
+    """The chain hashes of full blocks start..stop-1 of tokens, `prev` being block start-1's (0 for
+    none): block i's hash covers tokens [0, (i + 1) * page), so equal hashes mean equal prefixes."""
+    out, h = [], prev
+    for i in range(start, stop):
         h = hash((h, tuple(tokens[i * page : (i + 1) * page])))
         out.append(h)
     return out
@@ -51,18 +51,19 @@ class BlockPool:
         """Blocks held by sequences (shared ones once)."""
         return self.num_blocks - len(self.free) - len(self.cached)
 
-    def match_prefix(self, tokens: Sequence[int], limit: int) -> list[int]:
-        """The published blocks that hold the longest prefix of `tokens`, at most `limit` blocks; each
-        is referenced for the caller."""
-        blocks = []
+    def match_prefix(self, tokens: Sequence[int], limit: int) -> tuple[list[int], int]:
+        """The published blocks that hold the longest prefix of `tokens`, at most `limit` blocks, each
+        referenced for the caller, and the chain hash of the last one (0 for none)."""
+        blocks, chain = [], 0
         for h in block_hashes(tokens, self.page, limit):
             block = self.by_hash.get(h)
             if block is None:
                 break
             blocks.append(block)
+            chain = h
         for block in blocks:
             self._ref(block)
-        return blocks
+        return blocks, chain
 
     def _ref(self, block: int) -> None:
         if self.refs[block] == 0:

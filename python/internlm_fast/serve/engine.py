@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from internlm_fast.infer.cache_storage import KVCache
+from internlm_fast.infer.generate import prefill
 from internlm_fast.infer.sampling import SamplingConfig, process_logits
 from internlm_fast.infer.streaming import TextStream
 from internlm_fast.model import InternLMForCausalLM
@@ -50,6 +51,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose keys and values are in the cache
     published: int = 0  # leading blocks published for prefix reuse
+    chain: int = 0  # the chain hash of the last published block (block_pool.block_hashes)
     generated: int = 0
     last_time: float = 0.0
 
@@ -233,7 +235,7 @@ class Engine:
         n, page = len(req.prompt), self.page
         max_new = min(req.params.max_tokens, self.max_model_len - n)
         # the last prompt token is always computed: its logits give the first new token
-        shared = self.pool.match_prefix(req.prompt, (n - 1) // page) if self.prefix_cache else []
+        shared, chain = self.pool.match_prefix(req.prompt, (n - 1) // page) if self.prefix_cache else ([], 0)
         need = -(-(n + max_new - 1) // page) - len(shared)
         if not self.pool.reserve(need):
             self.pool.release(shared)
@@ -250,7 +252,7 @@ class Engine:
         if p.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(p.seed)
         seq = Sequence(req, list(req.prompt), max_new, need, TextStream(self.tokenizer, p.stop), sampling, generator)
-        seq.blocks, seq.cached, seq.published = shared, len(shared) * page, len(shared)
+        seq.blocks, seq.cached, seq.published, seq.chain = shared, len(shared) * page, len(shared), chain
         req.cached_tokens = seq.cached
         return seq
 
@@ -271,12 +273,7 @@ class Engine:
         for seq in new:
             self._grow(seq, len(seq.tokens))
         self._rows(new)
-        ids = [t for s in new for t in s.tokens[s.cached :]]
-        cu = torch.zeros(len(new) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor([len(s.tokens) - s.cached for s in new]).cumsum(0)
-        logits = self.model.forward_cached(
-            torch.tensor([ids], dtype=torch.long, device=self.device), self.cache, cu.to(self.device)
-        )
+        logits = prefill(self.model, self.cache, [s.tokens[s.cached :] for s in new])
         for seq in new:
             seq.cached = len(seq.tokens)
             self._publish(seq)
@@ -300,9 +297,11 @@ class Engine:
         full = seq.cached // self.page
         if not self.prefix_cache or full <= seq.published:
             return
-        for i, h in enumerate(block_hashes(seq.tokens, self.page, full)[seq.published :], seq.published):
+        # the chain continues from the last published block: each token is hashed once
+        hashes = block_hashes(seq.tokens, self.page, full, seq.published, seq.chain)
+        for i, h in enumerate(hashes, seq.published):
             self.pool.publish(seq.blocks[i], h)
-        seq.published = full
+        seq.published, seq.chain = full, hashes[-1]
 
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Samples each sequence's next token, sends it, and retires the sequences that finished."""
