@@ -7,7 +7,7 @@ the torch that will run it:  pip install --no-build-isolation .
 
 Environment:
   INTERNLM_FAST_CUDA      auto (default) | 1 | 0
-  INTERNLM_FAST_CPU_ARCH  value for -march (default: native; e.g. x86-64-v3 for a portable build)
+  INTERNLM_FAST_CPU_ARCH  value for -march (default: x86-64-v2, portable; the kernels carry AVX2 and AVX-512 paths chosen at run time whatever it is)
   TORCH_CUDA_ARCH_LIST    CUDA architectures (default: "8.0;9.0")
   CUDA_HOME               CUDA toolkit root (default: found from nvcc, following wrapper scripts)
   MAX_JOBS                parallel compile jobs (ninja)
@@ -15,6 +15,7 @@ Environment:
 
 import glob
 import os
+import platform
 import shutil
 import subprocess
 
@@ -59,6 +60,10 @@ def _want_cuda(torch_cuda: str | None, cuda_home: str | None) -> bool:
     return available
 
 
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+
+
 def _extension():
     cuda_home = _toolkit_root()
     if cuda_home is not None:
@@ -67,7 +72,7 @@ def _extension():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     with_cuda = _want_cuda(torch.version.cuda, cuda_home)
-    march = os.environ.get("INTERNLM_FAST_CPU_ARCH", "native")
+    march = os.environ.get("INTERNLM_FAST_CPU_ARCH", "x86-64-v2" if _x86() else "native")
     # CMakeLists.txt compiles with the same flags (tests/test_build_flags.py compares the two)
     cxx = ["-O3", "-fopenmp", f"-march={march}", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"]
     cxx += [f"-DIFAST_CPU_ARCH={march}"]  # reported by python -m internlm_fast.info

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
+import pytest
 import torch
 
 # Triton runs on CPU tensors only in its interpreter, which must be on before triton is imported.
@@ -11,6 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from internlm_fast.ops import available, registry  # noqa: E402
+
+from .isa_helpers import forced_isa, runnable_levels  # noqa: E402
 
 
 def backend_devices(op: str | None = None) -> list[tuple[str, str]]:
@@ -31,10 +35,27 @@ def backend_devices(op: str | None = None) -> list[tuple[str, str]]:
 
 def pytest_generate_tests(metafunc):
     """`impl_device` runs a test on every (backend, device) pair of the module's OP (all the GPU
-    backends when the module names none)."""
+    backends when the module names none), the cpu backend once per instruction set this CPU runs
+    (its kernels carry a scalar, an AVX2 and an AVX-512 path, chosen at run time)."""
     if "impl_device" in metafunc.fixturenames:
-        pairs = backend_devices(getattr(metafunc.module, "OP", None))
-        metafunc.parametrize("impl_device", pairs, ids=[f"{b}-{d}" for b, d in pairs])
+        params, ids = [], []
+        for b, d in backend_devices(getattr(metafunc.module, "OP", None)):
+            levels = runnable_levels()[::-1] if b == "cpu" else (None,)
+            for i, level in enumerate(levels):
+                params.append((b, d, None if i == 0 else level))  # the best level is the default
+                ids.append(f"{b}-{d}" if i == 0 else f"{b}-{d}-{level}")
+        metafunc.parametrize("impl_device", params, ids=ids, indirect=True)
+
+
+@pytest.fixture
+def impl_device(request) -> Iterator[tuple[str, str]]:
+    """(backend, device), with the cpu kernels capped at a lower instruction set where asked."""
+    backend_name, device, level = request.param
+    if level is None:
+        yield backend_name, device
+    else:
+        with forced_isa(level):
+            yield backend_name, device
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import pytest
+
 from internlm_fast.ops import available, backend
 
 # lowest first, as cpu_isa.h orders them
@@ -33,3 +35,14 @@ def forced_isa(level: str) -> Iterator[None]:
         yield
     finally:
         cpu.set_isa_cap(before)
+
+
+@pytest.fixture(params=runnable_levels() or ("none",))
+def each_isa(request) -> Iterator[str]:
+    """Runs a test once per instruction set this CPU runs, the kernels capped at it (a module opts in
+    with `pytestmark = pytest.mark.usefixtures("each_isa")` after importing this fixture)."""
+    if request.param == "none":  # no cpu backend: the module's own skip applies
+        yield request.param
+        return
+    with forced_isa(request.param):
+        yield request.param

@@ -11,8 +11,13 @@ from internlm_fast.ops.inference import InferenceKernels
 from internlm_fast.ops.rotary import apply_rotary_ref
 
 from .conftest import backend_devices
+from .isa_helpers import each_isa  # noqa: F401  (the fixture, used by pytestmark)
 
-pytestmark = pytest.mark.skipif(not available("cpu"), reason="the cpu backend is not built")
+# every test once per instruction set of the kernels
+pytestmark = [
+    pytest.mark.skipif(not available("cpu"), reason="the cpu backend is not built"),
+    pytest.mark.usefixtures("each_isa"),
+]
 
 
 def _tables(positions: int, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,13 @@ import torch
 from internlm_fast.ops import available
 from internlm_fast.ops.inference import InferenceKernels, few_rows_linear_ref
 
-pytestmark = pytest.mark.skipif(not available("cpu"), reason="the cpu backend is not built")
+from .isa_helpers import each_isa  # noqa: F401  (the fixture, used by pytestmark)
+
+# every test once per instruction set of the kernels
+pytestmark = [
+    pytest.mark.skipif(not available("cpu"), reason="the cpu backend is not built"),
+    pytest.mark.usefixtures("each_isa"),
+]
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 13, 16])

@@ -1,11 +1,14 @@
-// Run-time choice of the vector instruction set for kernels that carry several paths.
+// Run-time choice of the vector instruction set: every CPU kernel carries a scalar, an AVX2 and an
+// AVX-512 path, and the one that runs is picked here.
 //
-// The module is compiled with -march=$INTERNLM_FAST_CPU_ARCH (native by default), but a kernel that
-// dispatches compiles each path in functions marked IFAST_TARGET_AVX512 / IFAST_TARGET_AVX2 (GCC
-// target attributes), so every path exists in the binary whatever -march was, and the one that runs
-// is picked here: the best level the CPU supports (__builtin_cpu_supports), capped by the
-// environment variable IFAST_CPU_ISA (scalar | avx2 | avx512), read once at the first query, so
-// tests and users can force a lower path. set_isa_cap changes the cap later (tests).
+// The module is compiled with -march=$INTERNLM_FAST_CPU_ARCH (x86-64-v2 by default, so a wheel runs
+// on any x86-64 machine of the last fifteen years). The paths exist in the binary whatever -march
+// was: most kernels compile their body once per level (isa_compile.h) into the namespaces
+// ifast::cpu::scalar / avx2 / avx512 and call through IFAST_ISA_RETURN; the decode GEMMs mark
+// single functions IFAST_TARGET_AVX512 / IFAST_TARGET_AVX2 instead (GCC target attributes). The
+// level is the best the CPU supports (__builtin_cpu_supports), capped by the environment variable
+// IFAST_CPU_ISA (scalar | avx2 | avx512), read once at the first query, so tests and users can
+// force a lower path. set_isa_cap changes the cap later (tests).
 #pragma once
 
 #include <string>
@@ -16,7 +19,7 @@ enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
 
 // The level the dispatching kernels run now: min(detected, cap). A relaxed atomic load.
 Isa cpu_isa();
-// The best level this CPU runs (avx512 = avx512f + avx512bw + avx512vl; avx2 = avx2 + fma + f16c).
+// The best level this CPU runs (avx512 = avx512f + bw + vl + dq; avx2 = avx2 + fma + f16c).
 Isa detected_isa();
 const char* isa_name(Isa isa);
 
@@ -32,4 +35,17 @@ std::string set_isa_cap(const std::string& level);
 #define IFAST_X86_DISPATCH 1
 #define IFAST_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 #define IFAST_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+// return <level>::fn(args...) for the level cpu_isa() picks: the entry point of a kernel compiled
+// through isa_compile.h, called from inside namespace ifast::cpu.
+#ifdef IFAST_X86_DISPATCH
+#define IFAST_ISA_RETURN(fn, ...)                                              \
+  switch (::ifast::cpu::cpu_isa()) {                                           \
+    case ::ifast::cpu::Isa::avx512: return ::ifast::cpu::avx512::fn(__VA_ARGS__); \
+    case ::ifast::cpu::Isa::avx2: return ::ifast::cpu::avx2::fn(__VA_ARGS__);     \
+    default: return ::ifast::cpu::scalar::fn(__VA_ARGS__);                        \
+  }
+#else
+#define IFAST_ISA_RETURN(fn, ...) return ::ifast::cpu::scalar::fn(__VA_ARGS__);
 #endif

@@ -1,374 +1,47 @@
-// Flash attention on the CPU: the tiled online-softmax algorithm (FlashAttention-2), forward and
-// backward, over packed sequences (a dense batch is the case of equal lengths).
-//
-// Forward: one task per (sequence, query head, block of query rows). A task streams the keys in
-// blocks: S = Q K^T against K packed into panels, a running max and sum per row (exp2 of
-// log2-scaled scores), O += P V. Backward: one task per (sequence, kv head), so dK and dV of a key
-// block and dQ of the sequence are private to the task (no atomics, deterministic); P is rebuilt
-// from the saved log-sum-exp, never stored. Memory is O(seqlen): no seqlen x seqlen matrix exists.
-// All arithmetic is fp32; bf16/fp16 inputs are widened once up front.
-// Reference: internlm_fast/ops/flash_attn.py::attention_ref.
-#include "flash_attn_common.h"
+// The entry points of flash_attn_fwd, flash_attn_bwd, flash_attn_kvcache_fwd: each runs
+// kernels/flash_attn.h compiled for the instruction set cpu_isa() picks. The headers the body uses come
+// first (isa_compile.h says why).
+#include "common.h"
 #include "ops_cpu.h"
 #include "output_allocator.h"
 
+#include <ATen/ops/copy.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/copy.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
+#define IFAST_ISA_BODY "kernels/flash_attn.h"
+#include "isa_compile.h"
+
 namespace ifast::cpu {
-namespace {
-
-using namespace attn;
-
-// Every (kv head, key block) packed into kPanel-column panels once, shared by all the query heads
-// of the group and all query blocks: packing per task would redo it for each of them.
-struct PackedKeys {
-  at::Tensor buf;
-  const float* p;
-  int64_t block_elems;
-  int64_t nblocks;
-  const float* block(int hk, int64_t blk) const { return p + (hk * nblocks + blk) * block_elems; }
-};
-
-PackedKeys pack_keys(const Rows& k, const Seqs& s, int Hk, int D) {
-  const int64_t block_elems = int64_t(kBlockK) * D;  // kBlockK is a multiple of kPanel
-  at::Tensor buf = empty_output({std::max<int64_t>(1, Hk * s.nkblocks * block_elems)}, at::kFloat);
-  float* p = buf.mutable_data_ptr<float>();
-  at::parallel_for(0, Hk * s.nkblocks, 1, [&](int64_t i0, int64_t i1) {
-    int b = 0;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int hk = int(i / s.nkblocks);
-      const int64_t blk = i % s.nkblocks;
-      b = int(std::upper_bound(s.kblock0.begin(), s.kblock0.end(), blk) - s.kblock0.begin()) - 1;
-      const int j0 = int(blk - s.kblock0[b]) * kBlockK;
-      const int n = std::min(kBlockK, s.lk(b) - j0);
-      pack_k(k.at(s.k0[b] + j0, hk), k.ld_t, n, D, p + i * block_elems);
-    }
-  });
-  return {buf, p, block_elems, s.nkblocks};
-}
-
-template <typename T>
-struct Forward {
-  const Rows &q, &v;
-  const PackedKeys& kp;
-  const Seqs& s;
-  int D, Hq, group;
-  float qscale;
-  bool causal;
-  T* out;
-  float* lse;
-  int64_t total_q;
-  struct Task {
-    int b, h, q0;
-  };
-  std::vector<Task> tasks;
-
-  struct State {
-    std::vector<float> Qb, Ob, S, m, l, Vb;
-  };
-  State make_state() const {
-    return {std::vector<float>(kBlockQ * D), std::vector<float>(kBlockQ * D), std::vector<float>(kBlockQ * kBlockK),
-            std::vector<float>(kBlockQ), std::vector<float>(kBlockQ), std::vector<float>(kBlockK * D)};
-  }
-
-  // Tasks of one kv head run back to back, so its K panels and V rows stay in the shared cache while
-  // both threads work through them; within a head the costliest (latest, under a causal mask) query
-  // blocks go first, so each head's tail is short ones.
-  void plan() {
-    for (int b = 0; b < s.batch; ++b) {
-      const int nq = (s.lq(b) + kBlockQ - 1) / kBlockQ;
-      for (int hk = 0; hk < Hq / group; ++hk)
-        for (int i = nq - 1; i >= 0; --i)
-          for (int g = 0; g < group; ++g) tasks.push_back({b, hk * group + g, i * kBlockQ});
-    }
-  }
-
-  void operator()(int64_t t, State& st) const {
-    const auto [b, h, q0] = tasks[t];
-    const int hk = h / group, lq = s.lq(b), lk = s.lk(b), diag = lk - lq;
-    const int rows = std::min(kBlockQ, lq - q0);
-    const int kv_end = causal ? std::clamp(q0 + rows + diag, 0, lk) : lk;
-    float *Qb = st.Qb.data(), *Ob = st.Ob.data(), *S = st.S.data(), *m = st.m.data(), *l = st.l.data();
-    const float qs = qscale;  // a local: through `this` it would be reloaded after every store
-    for (int r = 0; r < rows; ++r) {
-      const float* __restrict src = q.at(s.q0[b] + q0 + r, h);
-      float* __restrict dst = Qb + r * D;
-#pragma omp simd
-      for (int d = 0; d < D; ++d) dst[d] = src[d] * qs;
-    }
-    std::fill(Ob, Ob + rows * D, 0.f);
-    std::fill(m, m + rows, kNegInf);
-    std::fill(l, l + rows, 0.f);
-    const int64_t blk0 = s.kblock0[b];
-    for (int j0 = 0; j0 < kv_end; j0 += kBlockK) {
-      const int n = std::min(kBlockK, kv_end - j0);
-      const int off = causal ? q0 + diag - j0 : kNoMask;  // row r sees columns c <= r + off
-      qk_block(Qb, D, rows, kp.block(hk, blk0 + j0 / kBlockK), n, D, S, kBlockK, off);
-      for (int r = 0; r < rows; ++r)
-        online_softmax_row(S + r * kBlockK, visible(causal, q0 + r, diag, j0, n), n, m[r], l[r], Ob + r * D, D);
-      // V rows are heads * D apart in the input; P V walks them once per 16 columns, so gather them
-      // into a contiguous block first (see f32_rows_head_major for why the stride hurts)
-      float* Vb = st.Vb.data();
-      for (int j = 0; j < n; ++j) std::memcpy(Vb + j * D, v.at(s.k0[b] + j0 + j, hk), sizeof(float) * D);
-      pv_block(S, kBlockK, 1, rows, Vb, D, n, D, Ob, D, off);
-    }
-    for (int r = 0; r < rows; ++r) {
-      const int64_t row = s.q0[b] + q0 + r;
-      T* o = out + (row * Hq + h) * D;
-      // flash-attn's convention for a row that sees no key: output 0, lse +inf
-      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-#pragma omp simd
-      for (int d = 0; d < D; ++d) store(o, d, Ob[r * D + d] * inv);
-      lse[h * total_q + row] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kInf;
-    }
-  }
-};
-
-template <typename T>
-struct Backward {
-  const Rows &q, &k, &dout;
-  const PackedKeys &kp, &vp;
-  const Seqs& s;
-  const float* lse;    // (Hq, total_q)
-  const float* delta;  // (total_q, Hq): rowsum(dout * out)
-  int D, Hq, Hk, group;
-  float scale;
-  bool causal;
-  int64_t total_q;
-  T *dq, *dk, *dv;
-
-  struct State {
-    std::vector<float> P, dS, dK, dV, dQ;
-  };
-  State make_state() const {
-    return {std::vector<float>(kBlockQ * kBlockK), std::vector<float>(kBlockQ * kBlockK),
-            std::vector<float>(kBlockK * D), std::vector<float>(kBlockK * D), {}};
-  }
-
-  void operator()(int64_t t, State& st) const {
-    const int b = int(t / Hk), hk = int(t % Hk);
-    const int lq = s.lq(b), lk = s.lk(b), diag = lk - lq;
-    const float c = scale * kLog2e;
-    float *P = st.P.data(), *dS = st.dS.data(), *dK = st.dK.data(), *dV = st.dV.data();
-    st.dQ.assign(size_t(lq) * group * D, 0.f);  // [row][head of group][D]
-    float* dQ = st.dQ.data();
-    const int64_t blk0 = s.kblock0[b];
-    for (int j0 = 0; j0 < lk; j0 += kBlockK) {
-      const int n = std::min(kBlockK, lk - j0);
-      std::fill(dK, dK + n * D, 0.f);
-      std::fill(dV, dV + n * D, 0.f);
-      const float* Kj = k.at(s.k0[b] + j0, hk);
-      const float* Kpanels = kp.block(hk, blk0 + j0 / kBlockK);
-      const float* Vpanels = vp.block(hk, blk0 + j0 / kBlockK);
-      // the first query row that sees key j0
-      const int i_lo = causal ? std::clamp(j0 - diag, 0, lq) : 0;
-      for (int hh = 0; hh < group; ++hh) {
-        const int h = hk * group + hh;
-        for (int i0 = i_lo / kBlockQ * kBlockQ; i0 < lq; i0 += kBlockQ) {
-          const int rows = std::min(kBlockQ, lq - i0);
-          const int64_t row0 = s.q0[b] + i0;
-          const float* Qi = q.at(row0, h);
-          const float* dOi = dout.at(row0, h);
-          // row r of the tile sees keys c <= r + off: on the diagonal tile half of every product is
-          // masked and skipped (the masked scores are never read; their P and dS are set to 0)
-          const int off = causal ? i0 + diag - j0 : kNoMask;
-          qk_block(Qi, q.ld_t, rows, Kpanels, n, D, P, kBlockK, off);
-          qk_block(dOi, dout.ld_t, rows, Vpanels, n, D, dS, kBlockK, off);  // dP = dO V^T
-          for (int r = 0; r < rows; ++r) {
-            const int valid = visible(causal, i0 + r, diag, j0, n);
-            const float l2 = lse[h * total_q + row0 + r] * kLog2e;
-            const float di = delta[(row0 + r) * Hq + h];
-            float* pr = P + r * kBlockK;
-            float* dsr = dS + r * kBlockK;
-#pragma omp simd
-            for (int j = 0; j < valid; ++j) {
-              const float p = exp2_approx(pr[j] * c - l2);
-              pr[j] = p;
-              dsr[j] = p * (dsr[j] - di);
-            }
-            std::fill(pr + valid, pr + n, 0.f);
-            std::fill(dsr + valid, dsr + n, 0.f);
-          }
-          // transposed, key c gets contributions from query rows r >= c - off only
-          pv_block(P, 1, kBlockK, n, dOi, dout.ld_t, rows, D, dV, D, kNoMask, -off);  // dV += P^T dO
-          pv_block(dS, 1, kBlockK, n, Qi, q.ld_t, rows, D, dK, D, kNoMask, -off);     // dK += dS^T Q
-          pv_block(dS, kBlockK, 1, rows, Kj, k.ld_t, n, D, dQ + (int64_t(i0) * group + hh) * D,
-                   int64_t(group) * D, off);  // dQ += dS K
-        }
-      }
-      for (int r = 0; r < n; ++r) {
-        const int64_t row = s.k0[b] + j0 + r;
-        T* dkr = dk + (row * Hk + hk) * D;
-        T* dvr = dv + (row * Hk + hk) * D;
-#pragma omp simd
-        for (int d = 0; d < D; ++d) {
-          store(dkr, d, dK[r * D + d] * scale);
-          store(dvr, d, dV[r * D + d]);
-        }
-      }
-    }
-    for (int i = 0; i < lq; ++i)
-      for (int hh = 0; hh < group; ++hh) {
-        T* dqr = dq + ((s.q0[b] + int64_t(i)) * Hq + hk * group + hh) * D;
-        const float* src = dQ + (int64_t(i) * group + hh) * D;
-#pragma omp simd
-        for (int d = 0; d < D; ++d) store(dqr, d, src[d] * scale);
-      }
-  }
-};
-
-void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-                const at::Tensor& cu_k) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "flash_attn: q, k, v must be (tokens, heads, D)");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "flash_attn: last dim must be contiguous");
-  TORCH_CHECK(k.sizes() == v.sizes() && q.size(2) == k.size(2) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              "flash_attn: shapes");
-  TORCH_CHECK(q.size(2) % 8 == 0, "flash_attn: head_dim must be a multiple of 8");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "flash_attn: dtypes");
-  TORCH_CHECK(cu_q.scalar_type() == at::kInt && cu_k.scalar_type() == at::kInt && cu_q.is_contiguous() &&
-                  cu_k.is_contiguous() && cu_q.numel() == cu_k.numel() && cu_q.numel() >= 1,
-              "flash_attn: cu_seqlens");
-}
-
-#define IFAST_DISPATCH_ATTN(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, [&] { \
-    if constexpr (std::is_same_v<scalar_t, double>) {                         \
-      TORCH_CHECK(false, NAME ": fp64 is not supported by the cpu backend"); \
-    } else {                                                                  \
-      __VA_ARGS__();                                                          \
-    }                                                                         \
-  })
-
-}  // namespace
 
 std::vector<at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                        double softmax_scale, bool causal) {
-  check_args(q, k, v, cu_seqlens_q, cu_seqlens_k);
-  const int64_t total_q = q.size(0);
-  const int Hq = int(q.size(1)), Hk = int(k.size(1)), D = int(q.size(2));
-  at::Tensor out = empty_output({total_q, Hq, D}, q.scalar_type());
-  at::Tensor lse = at::empty({Hq, total_q}, q.options().dtype(at::kFloat));
-  const Seqs s = Seqs::varlen(cu_seqlens_q, cu_seqlens_k);
-  const Rows qf = f32_rows(q), kf = f32_rows(k), vf = f32_rows(v);
-  const PackedKeys kp = pack_keys(kf, s, Hk, D);
-  IFAST_DISPATCH_ATTN(q.scalar_type(), "flash_attn_fwd", [&] {
-    Forward<scalar_t> fwd{qf, vf, kp, s, D, Hq, Hq / Hk, float(softmax_scale) * kLog2e, causal,
-                          out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(), total_q, {}};
-    fwd.plan();
-    run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
-  });
-  return {out, lse};
+  IFAST_ISA_RETURN(flash_attn_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
 }
 
 std::vector<at::Tensor> flash_attn_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                        double softmax_scale, bool causal) {
-  check_args(q, k, v, cu_seqlens_q, cu_seqlens_k);
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.stride(2) == 1,
-              "flash_attn_bwd: dout and out must match q");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.size(0) == q.size(0 + 1) &&
-                  lse.size(1) == q.size(0),
-              "flash_attn_bwd: lse must be fp32 (heads, total_q)");
-  const int64_t total_q = q.size(0);
-  const int Hq = int(q.size(1)), Hk = int(k.size(1)), D = int(q.size(2));
-  const Seqs s = Seqs::varlen(cu_seqlens_q, cu_seqlens_k);
-  // head-major fp32 copies: the backward walks each head's rows of q, k, v and dout many times
-  const Rows qf = f32_rows_head_major(q), kf = f32_rows_head_major(k), vf = f32_rows_head_major(v),
-             df = f32_rows_head_major(dout);
-  // delta_i = sum_d dO_i * O_i, the softmax-backward correction of row i: (total_q, Hq)
-  at::Tensor delta = at::mul(dout.to(at::kFloat), out.to(at::kFloat)).sum(-1).contiguous();
-  const PackedKeys kp = pack_keys(kf, s, Hk, D), vp = pack_keys(vf, s, Hk, D);
-  at::Tensor dq = empty_output(q.sizes(), q.scalar_type());
-  at::Tensor dk = empty_output(k.sizes(), k.scalar_type());
-  at::Tensor dv = empty_output(v.sizes(), v.scalar_type());
-  IFAST_DISPATCH_ATTN(q.scalar_type(), "flash_attn_bwd", [&] {
-    Backward<scalar_t> bwd{qf, kf, df, kp, vp, s, lse.const_data_ptr<float>(), delta.const_data_ptr<float>(),
-                           D, Hq, Hk, Hq / Hk, float(softmax_scale), causal, total_q,
-                           dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
-                           dv.mutable_data_ptr<scalar_t>()};
-    run_tasks(int64_t(s.batch) * Hk, [&] { return bwd.make_state(); }, [&](int64_t t, auto& st) { bwd(t, st); });
-  });
-  return {dq, dk, dv};
+  IFAST_ISA_RETURN(flash_attn_bwd, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
 }
 
 std::vector<at::Tensor> flash_attn_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache,
                                                const at::Tensor& v_cache, const at::Tensor& cache_lens,
-                                               const std::optional<at::Tensor>& block_table,
-                                               double softmax_scale, bool causal) {
-  const bool paged = block_table.has_value();
-  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
-                  (paged || q.size(0) == k_cache.size(0)) && q.size(3) == k_cache.size(3) && q.size(3) % 8 == 0 &&
-                  k_cache.size(2) > 0 && q.size(2) % k_cache.size(2) == 0,
-              "flash_attn_with_kvcache: shapes");
-  TORCH_CHECK(q.stride(3) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
-              "flash_attn_with_kvcache: last dim must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "flash_attn_with_kvcache: dtypes");
-  TORCH_CHECK(cache_lens.scalar_type() == at::kInt && cache_lens.is_contiguous() &&
-                  cache_lens.numel() == q.size(0),
-              "flash_attn_with_kvcache: cache_seqlens");
-  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
-  if (paged) {
-    // the pages a sequence reads must exist: a stray id would read outside the pool
-    const at::Tensor& table = *block_table;
-    TORCH_CHECK(table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == B &&
-                    (table.stride(1) == 1 || table.size(1) <= 1),
-                "flash_attn_with_kvcache: block_table must be int32 (batch, max_blocks) with a contiguous last dim");
-    const int64_t page = k_cache.size(1), pages = k_cache.size(0), ld = table.stride(0);
-    const int32_t* ids = table.const_data_ptr<int32_t>();
-    const int32_t* lens = cache_lens.const_data_ptr<int32_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(lens[b] >= 0 && lens[b] <= table.size(1) * page,
-                  "flash_attn_with_kvcache: cache_seqlens exceeds the block table's capacity");
-      for (int64_t i = 0; i < (lens[b] + page - 1) / page; ++i)
-        TORCH_CHECK(ids[b * ld + i] >= 0 && ids[b * ld + i] < pages,
-                    "flash_attn_with_kvcache: block_table holds a block id outside the cache");
-    }
-  }
-  at::Tensor out = empty_output({B, Sq, Hq, D}, q.scalar_type());
-  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
-  // a few query tokens: bound by reading the cache, so read it in place (decode_splitkv); a long
-  // chunk of new tokens (prefill into a cache): the blocked kernel, whose packing pays off
-  if (Sq <= 16) {
-    decode_splitkv(q, k_cache, v_cache, cache_lens, block_table, softmax_scale, causal, out, lse);
-    return {out, lse};
-  }
-  if (paged) {  // the blocked kernel packs the keys anyway: gather each sequence's pages first
-    const at::Tensor ids = block_table->clamp(0, k_cache.size(0) - 1).reshape({-1}).to(at::kLong);
-    auto gather = [&](const at::Tensor& pool) {
-      return pool.index_select(0, ids).view({B, -1, pool.size(2), pool.size(3)});
-    };
-    return flash_attn_kvcache_fwd(q, gather(k_cache), gather(v_cache), cache_lens, std::nullopt, softmax_scale,
-                                  causal);
-  }
-  const int64_t Sc = k_cache.size(1), Hk = k_cache.size(2);
-  auto rows_view = [](const at::Tensor& t) {  // (B, S, H, D) -> (B*S, H, D), copying only if it must
-    const at::Tensor c = t.stride(0) == t.size(1) * t.stride(1) ? t : t.contiguous();
-    return c.as_strided({c.size(0) * c.size(1), c.size(2), c.size(3)}, {c.stride(1), c.stride(2), 1});
-  };
-  const Rows qf = f32_rows(rows_view(q)), kf = f32_rows(rows_view(k_cache)), vf = f32_rows(rows_view(v_cache));
-  const Seqs s = Seqs::cache(int(B), int(Sq), Sc, cache_lens);
-  const PackedKeys kp = pack_keys(kf, s, int(Hk), int(D));
-  at::Tensor lse_rows = at::empty({Hq, B * Sq}, q.options().dtype(at::kFloat));
-  IFAST_DISPATCH_ATTN(q.scalar_type(), "flash_attn_with_kvcache", [&] {
-    Forward<scalar_t> fwd{qf, vf, kp, s, int(D), int(Hq), int(Hq / Hk), float(softmax_scale) * kLog2e, causal,
-                          out.mutable_data_ptr<scalar_t>(), lse_rows.mutable_data_ptr<float>(), B * Sq, {}};
-    fwd.plan();
-    run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
-  });
-  lse.copy_(lse_rows.view({Hq, B, Sq}).transpose(0, 1));
-  return {out, lse};
+                                               const std::optional<at::Tensor>& block_table, double softmax_scale,
+                                               bool causal) {
+  IFAST_ISA_RETURN(flash_attn_kvcache_fwd, q, k_cache, v_cache, cache_lens, block_table, softmax_scale, causal)
 }
 
 }  // namespace ifast::cpu

@@ -16,7 +16,7 @@ import torch
 from internlm_fast.ops import backend, registry
 
 # CPU flags (as /proc/cpuinfo spells them) that decide which vector paths can run
-CPU_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+CPU_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
                 "avx512_fp16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")  # fmt: skip
 
 
@@ -47,8 +47,11 @@ def _build() -> dict[str, object]:
         return {"native extension": f"not built ({err})"}
     info = dict(getattr(_C, "build_info", {}))
     info["with_cuda"] = bool(_C.with_cuda)
-    if hasattr(_C.cpu, "isa"):  # the vector path of the kernels that dispatch at run time
-        info["cpu kernels isa"] = f"{_C.cpu.isa()} (IFAST_CPU_ISA={os.environ.get('IFAST_CPU_ISA', 'unset')})"
+    if hasattr(_C.cpu, "isa"):  # every C++ CPU kernel carries scalar/avx2/avx512 paths, chosen at run time
+        info["cpu kernels isa"] = (
+            f"{_C.cpu.isa()}: the path every C++ cpu kernel runs here "
+            f"(IFAST_CPU_ISA={os.environ.get('IFAST_CPU_ISA', 'unset')} caps it: scalar, avx2, avx512)"
+        )
     if not info["with_cuda"]:
         info["cuda_archs"] = "none (built without CUDA)"
     return info
@@ -82,6 +85,7 @@ def collect() -> dict[str, object]:
             "processor": platform.processor() or "unknown",
             "threads": torch.get_num_threads(),
             "features": " ".join(cpu_features()) or "unknown",
+            # ATen's own dispatch level: what torch's GEMMs (oneDNN, AMX for bf16 where present) use
             "torch capability": torch.backends.cpu.get_cpu_capability(),
         },
         "gpus": _gpus() or ["none"],
@@ -91,14 +95,25 @@ def collect() -> dict[str, object]:
     }
 
 
+def _cpu_isa() -> str | None:
+    try:
+        from internlm_fast import _C
+    except ImportError:
+        return None
+    return _C.cpu.isa() if hasattr(_C.cpu, "isa") else None
+
+
 def _table(ops: dict[str, dict[str, str]]) -> list[str]:
     width = max(len(name) for name in registry.OPS)
     gpu = "cuda tensors" if torch.cuda.is_available() else "cuda tensors (no GPU here: what would run on one)"
     lines = [f"  {'op':<{width}}  {'cpu tensors':<12}  {gpu}"]
+    isa = _cpu_isa()
     for name, entry in registry.OPS.items():
         cells = []
         for device in ("cpu", "cuda"):
             got = ops[device][name]
+            if got == "cpu" and isa:
+                got = f"cpu/{isa}"
             cells.append(got if not got.startswith("unavailable") else "-")
         lines.append(
             f"  {name:<{width}}  {cells[0]:<12}  {cells[1]:<8}  (tries {'/'.join(entry.cpu)} | {'/'.join(entry.cuda)})"

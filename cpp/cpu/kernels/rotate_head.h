@@ -1,12 +1,8 @@
 // One head's rotary rotation, shared by rotary.cpp (the op) and decode_rotary_append.cpp (a decode
 // step's fused rotary + cache append).
-#pragma once
+// Part of a kernel body compiled once per instruction set (isa_compile.h): no include guard.
 
-#include "common.h"
-
-#include <cstdint>
-
-namespace ifast::cpu {
+namespace ifast::cpu::IFAST_ISA {
 
 // x0' = x0 c - x1 s, x1' = x0 s + x1 c over the pairs (i, i + rd2), or (2i, 2i + 1) when
 // interleaved. Each iteration reads its own pair before writing it and no pair is touched by two
@@ -32,4 +28,4 @@ inline void rotate_head(const T* xh, T* oh, const A* c, const A* s, A sgn, int64
   }
 }
 
-}  // namespace ifast::cpu
+}  // namespace ifast::cpu::IFAST_ISA

@@ -1,17 +1,10 @@
 // Pieces shared by the CPU attention kernels (flash_attn.cpp: blocked forward and backward;
 // flash_attn_kvcache.cpp: split-KV decoding): fp32 row views, sequence geometry, task scheduling.
-#pragma once
+// Part of a kernel body compiled once per instruction set (isa_compile.h): no include guard.
 
 #include "flash_attn_tiles.h"
-#include "common.h"
 
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <limits>
-#include <vector>
-
-namespace ifast::cpu::attn {
+namespace ifast::cpu::IFAST_ISA::attn {
 
 constexpr int kBlockQ = 128;
 constexpr int kBlockK = 128;
@@ -139,4 +132,4 @@ void decode_splitkv(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
                     const at::Tensor& lens, const std::optional<at::Tensor>& block_table, double softmax_scale,
                     bool causal, at::Tensor& out, at::Tensor& lse);
 
-}  // namespace ifast::cpu::attn
+}  // namespace ifast::cpu::IFAST_ISA::attn

@@ -1,0 +1,309 @@
+// Attention of a few new query tokens against a KV cache (decoding).
+//
+// Decoding is bound by reading the cache, and at small batch and context by fixed costs, so:
+// - A task is (sequence, group of kv heads, chunk of the cache). Heads are split first, which needs
+//   no merge, so a single sequence still keeps every thread busy; the cache length is split only
+//   when that is not enough, and then each chunk's partial softmax is merged at the end. With one
+//   chunk a task normalises and writes its output rows itself: one parallel region per call.
+// - The cache is read in place, never packed or widened, a head at a time down each block of keys.
+//   A paged cache (block table) is read the same way: a block of keys is cut into runs that do not
+//   cross a page, so the scores and P V of a run read one page with fixed strides.
+//   (Walking each block token by token across the heads is no faster: with the cache out of L3, a
+//   batch-8 step is bound by DRAM bandwidth either way.)
+// - Scores of 8 keys at once (fp32, AVX2): eight D-long dot products accumulate side by side and
+//   one transpose-and-add reduces them, instead of a horizontal sum per key; P V keeps a 32-float
+//   slice of the output row in registers while it walks the block's values.
+// Reference: internlm_fast/ops/flash_attn_kvcache.py::flash_attn_with_kvcache_ref.
+// Compiled once per instruction set (isa_compile.h): no include guard; IFAST_ISA_LEVEL selects the
+// vector code of each path.
+
+#include "flash_attn_common.h"
+
+namespace ifast::cpu::IFAST_ISA::attn {
+namespace {
+
+constexpr int kDecodeBlock = 64;  // keys per online-softmax step
+
+// q . k over D, q fp32.
+template <typename T>
+inline float dot1(const float* q, const T* k, int D) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int d = 0; d < D; ++d) acc += q[d] * load(k, d);
+  return acc;
+}
+
+// s[i] = q . k[i * ldk] for i < 8, q fp32.
+template <typename T>
+inline void dot8(const float* q, const T* k, int64_t ldk, int D, float* s) {
+#if IFAST_ISA_LEVEL >= 1
+  if constexpr (std::is_same_v<T, float>) {
+    if (D % 8 == 0) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+      for (int d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + ldk + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * ldk + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * ldk + d), a3);
+        a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 4 * ldk + d), a4);
+        a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 5 * ldk + d), a5);
+        a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 6 * ldk + d), a6);
+        a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 7 * ldk + d), a7);
+      }
+      // transpose-and-add: after two rounds of hadd, lane i of each 128-bit half holds a partial
+      // sum of key i (low half) or key i + 4 (a4..a7); adding the halves finishes every key
+      const __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
+      const __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
+      const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+      const __m256 lo = _mm256_permute2f128_ps(u0, u1, 0x20), hi = _mm256_permute2f128_ps(u0, u1, 0x31);
+      _mm256_storeu_ps(s, _mm256_add_ps(lo, hi));
+      return;
+    }
+  }
+#endif
+  for (int i = 0; i < 8; ++i) s[i] = dot1(q, k + i * ldk, D);
+}
+
+// o[0..D) += sum_j p[j] * v[j * ldv][0..D) over n values.
+template <typename T>
+inline void add_pv(const float* p, const T* v, int64_t ldv, int n, float* o, int D) {
+#if IFAST_ISA_LEVEL >= 1
+  if constexpr (std::is_same_v<T, float>) {
+    if (D % 32 == 0) {
+      for (int d = 0; d < D; d += 32) {
+        __m256 o0 = _mm256_loadu_ps(o + d), o1 = _mm256_loadu_ps(o + d + 8);
+        __m256 o2 = _mm256_loadu_ps(o + d + 16), o3 = _mm256_loadu_ps(o + d + 24);
+        for (int j = 0; j < n; ++j) {
+          const float* vr = v + j * ldv + d;
+          const __m256 pj = _mm256_broadcast_ss(p + j);
+          o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr), o0);
+          o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8), o1);
+          o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 16), o2);
+          o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 24), o3);
+        }
+        _mm256_storeu_ps(o + d, o0);
+        _mm256_storeu_ps(o + d + 8, o1);
+        _mm256_storeu_ps(o + d + 16, o2);
+        _mm256_storeu_ps(o + d + 24, o3);
+      }
+      return;
+    }
+  }
+#endif
+  for (int j = 0; j < n; ++j) {
+    const T* __restrict vr = v + j * ldv;
+    const float pj = p[j];
+#pragma omp simd
+    for (int d = 0; d < D; ++d) o[d] += pj * load(vr, d);
+  }
+}
+
+template <typename T>
+struct Decode {
+  const T *q, *k, *v;
+  int64_t q_b, q_t, q_h, k_b, k_t, k_h, v_b, v_t, v_h;  // strides
+  const int32_t* lens;
+  const int32_t* table;  // paged: (B, table_ld) page ids; nullptr: sequence b is page b
+  int64_t table_ld, page;  // page: tokens per page (unpaged: larger than any cache)
+  int Sq, Hq, Hk, D, group;
+  int heads_per, hsplit;  // kv heads per task, tasks per sequence and chunk
+  int64_t chunk;
+  int nchunks;
+  float qscale;  // softmax scale in log2 units
+  bool causal;
+  T* out;       // (B, Sq, Hq, D)
+  float* lse;   // (B, Hq, Sq)
+  float* part;  // nchunks > 1: per task, its rows x (D + 2): unnormalised output, max, sum (log2 units)
+
+  int max_rows() const { return Sq * heads_per * group; }
+  // The kv heads [hk0, hk1) of head group hs, and its query rows: row = t * nq + (h - hq0) for the
+  // query heads [hq0, hq0 + nq).
+  struct Heads {
+    int hk0, hk1, hq0, nq, rows;
+  };
+  Heads heads(int hs) const {
+    const int hk0 = hs * heads_per, hk1 = std::min(Hk, hk0 + heads_per);
+    return {hk0, hk1, hk0 * group, (hk1 - hk0) * group, Sq * (hk1 - hk0) * group};
+  }
+
+  // out[b, t, h] = o / sum and its lse, from an output row accumulated against max mx (log2 units)
+  void write_row(int b, int t, int h, const float* o, float mx, float sum) const {
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    T* dst = out + ((int64_t(b) * Sq + t) * Hq + h) * D;
+#pragma omp simd
+    for (int d = 0; d < D; ++d) store(dst, d, o[d] * inv);
+    lse[(int64_t(b) * Hq + h) * Sq + t] = sum > 0.f ? (mx + std::log2(sum)) * kLn2 : kInf;
+  }
+
+  // Keys [j0, j0 + n) of sequence b as runs within one page each: run u covers keys
+  // j0 + first .. j0 + first + n - 1, stored from row `row` of page `page`.
+  struct Run {
+    int64_t page, row;
+    int first, n;
+  };
+  int split_runs(int b, int64_t j0, int n, Run* runs) const {
+    int count = 0;
+    for (int first = 0; first < n;) {
+      const int64_t j = j0 + first, row = j % page;
+      const int len = int(std::min<int64_t>(n - first, page - row));
+      runs[count++] = {table ? int64_t(table[b * table_ld + j / page]) : int64_t(b), row, first, len};
+      first += len;
+    }
+    return count;
+  }
+
+  struct State {
+    std::vector<float> Q, S, O, m, l;
+  };
+  State make_state() const {
+    const size_t r = size_t(max_rows());
+    return {std::vector<float>(r * D), std::vector<float>(r * kDecodeBlock), std::vector<float>(r * D),
+            std::vector<float>(r), std::vector<float>(r)};
+  }
+
+  void operator()(int64_t task, State& st) const {
+    const int c = int(task % nchunks), hs = int(task / nchunks % hsplit), b = int(task / nchunks / hsplit);
+    const auto [hk0, hk1, hq0, nq, rows] = heads(hs);
+    const int lk = lens[b], diag = lk - Sq;
+    const int64_t j_begin = c * chunk, j_end = std::min<int64_t>(lk, j_begin + chunk);
+    float *Q = st.Q.data(), *S = st.S.data(), *O = st.O.data(), *m = st.m.data(), *l = st.l.data();
+    for (int t = 0; t < Sq; ++t)
+      for (int i = 0; i < nq; ++i) {
+        const T* __restrict src = q + b * q_b + t * q_t + (hq0 + i) * q_h;
+        float* __restrict dst = Q + int64_t(t * nq + i) * D;
+#pragma omp simd
+        for (int d = 0; d < D; ++d) dst[d] = load(src, d) * qscale;
+      }
+    std::fill(O, O + int64_t(rows) * D, 0.f);
+    std::fill(m, m + rows, kNegInf);
+    std::fill(l, l + rows, 0.f);
+    Run runs[kDecodeBlock];
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += kDecodeBlock) {
+      const int n = int(std::min<int64_t>(kDecodeBlock, j_end - j0));
+      const int nruns = split_runs(b, j0, n, runs);
+      for (int hk = hk0; hk < hk1; ++hk)
+        for (int u = 0; u < nruns; ++u) {
+          const Run& run = runs[u];
+          const T* kh = k + run.page * k_b + run.row * k_t + hk * k_h;
+          for (int t = 0; t < Sq; ++t)
+            for (int g = 0; g < group; ++g) {
+              const int r = t * nq + (hk - hk0) * group + g;
+              const float* qr = Q + int64_t(r) * D;
+              float* s = S + r * kDecodeBlock + run.first;
+              int j = 0;
+              for (; j + 8 <= run.n; j += 8) dot8(qr, kh + j * k_t, k_t, D, s + j);
+              for (; j < run.n; ++j) s[j] = dot1(qr, kh + j * k_t, D);
+            }
+        }
+      for (int r = 0; r < rows; ++r)
+        online_softmax_row(S + r * kDecodeBlock, visible(causal, r / nq, diag, int(j0), n), n, m[r], l[r],
+                           O + int64_t(r) * D, D);
+      for (int hk = hk0; hk < hk1; ++hk)
+        for (int u = 0; u < nruns; ++u) {
+          const Run& run = runs[u];
+          const T* vh = v + run.page * v_b + run.row * v_t + hk * v_h;
+          for (int t = 0; t < Sq; ++t)
+            for (int g = 0; g < group; ++g) {
+              const int r = t * nq + (hk - hk0) * group + g;
+              add_pv(S + r * kDecodeBlock + run.first, vh, v_t, run.n, O + int64_t(r) * D, D);
+            }
+        }
+    }
+    if (nchunks == 1) {
+      for (int r = 0; r < rows; ++r) write_row(b, r / nq, hq0 + r % nq, O + int64_t(r) * D, m[r], l[r]);
+      return;
+    }
+    const int64_t ld = D + 2;
+    float* P = part + task * int64_t(max_rows()) * ld;
+    for (int r = 0; r < rows; ++r) {
+      std::copy(O + int64_t(r) * D, O + int64_t(r + 1) * D, P + r * ld);
+      P[r * ld + D] = m[r];
+      P[r * ld + D + 1] = l[r];
+    }
+  }
+
+  // Combines the chunks of sequence b, kv-head group hs, for its query rows [r0, r1):
+  // out = sum_c 2^(m_c - M) O_c / sum_c 2^(m_c - M) l_c.
+  void merge(int b, int hs, int r0, int r1) const {
+    const int64_t ld = D + 2;
+    const Heads hd = heads(hs);
+    const float* first = part + (int64_t(b) * hsplit + hs) * nchunks * max_rows() * ld;
+    std::vector<float> acc(D);
+    for (int r = r0; r < r1; ++r) {
+      float M = kNegInf;
+      for (int c = 0; c < nchunks; ++c) M = std::max(M, first[(int64_t(c) * max_rows() + r) * ld + D]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float L = 0.f;
+      if (M != kNegInf)
+        for (int c = 0; c < nchunks; ++c) {
+          const float* o = first + (int64_t(c) * max_rows() + r) * ld;
+          if (o[D] == kNegInf) continue;
+          const float w = exp2_approx(o[D] - M);
+          L += w * o[D + 1];
+#pragma omp simd
+          for (int d = 0; d < D; ++d) acc[d] += w * o[d];
+        }
+      write_row(b, r / hd.nq, hd.hq0 + r % hd.nq, acc.data(), M, L);
+    }
+  }
+};
+
+}  // namespace
+
+void decode_splitkv(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& lens, const std::optional<at::Tensor>& block_table, double softmax_scale,
+                    bool causal, at::Tensor& out, at::Tensor& lse) {
+  const int B = int(q.size(0)), Sq = int(q.size(1)), Hq = int(q.size(2)), D = int(q.size(3));
+  const int Hk = int(k_cache.size(2)), group = Hq / Hk;
+  const int32_t* l = lens.const_data_ptr<int32_t>();
+  int max_len = 0;
+  for (int b = 0; b < B; ++b) max_len = std::max(max_len, l[b]);
+  // about 2 tasks per thread (none on one thread): kv heads split first, then the cache length,
+  // in chunks of at least 256 keys
+  const int threads = at::get_num_threads();
+  const int64_t want = threads > 1 ? 2 * int64_t(threads) : 1;
+  int hsplit = int(std::min<int64_t>(Hk, (want + B - 1) / B));
+  const int heads_per = (Hk + hsplit - 1) / hsplit;
+  hsplit = (Hk + heads_per - 1) / heads_per;
+  const int64_t per_seq = std::max<int64_t>(1, (want + int64_t(B) * hsplit - 1) / (int64_t(B) * hsplit));
+  const int64_t chunk = std::max<int64_t>(256, (max_len + per_seq - 1) / per_seq);
+  const int nchunks = int(std::max<int64_t>(1, (max_len + chunk - 1) / chunk));
+  const int64_t ntasks = int64_t(B) * hsplit * nchunks;
+  const int max_rows = Sq * heads_per * group;
+  at::Tensor part;
+  if (nchunks > 1) part = at::empty({ntasks * max_rows * (D + 2)}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_attn_with_kvcache", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "flash_attn_with_kvcache: fp64 is not supported by the cpu backend");
+    } else {
+      Decode<scalar_t> dec{q.const_data_ptr<scalar_t>(),
+                           k_cache.const_data_ptr<scalar_t>(),
+                           v_cache.const_data_ptr<scalar_t>(),
+                           q.stride(0), q.stride(1), q.stride(2),
+                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                           l,
+                           block_table ? block_table->const_data_ptr<int32_t>() : nullptr,
+                           block_table ? block_table->stride(0) : 0,
+                           block_table ? k_cache.size(1) : std::numeric_limits<int64_t>::max(),
+                           Sq, Hq, Hk, D, group, heads_per, hsplit, chunk, nchunks,
+                           float(softmax_scale) * kLog2e, causal,
+                           out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(),
+                           nchunks > 1 ? part.mutable_data_ptr<float>() : nullptr};
+      run_tasks(ntasks, [&] { return dec.make_state(); }, [&](int64_t t, auto& st) { dec(t, st); });
+      if (nchunks == 1) return;
+      // merge in pieces of 8 query rows, so a single sequence still uses every thread
+      const int pieces = (max_rows + 7) / 8;
+      at::parallel_for(0, int64_t(B) * hsplit * pieces, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int piece = int(i % pieces), hs = int(i / pieces % hsplit), b = int(i / pieces / hsplit);
+          const int rows = dec.heads(hs).rows, r0 = piece * 8;
+          if (r0 < rows) dec.merge(b, hs, r0, std::min(rows, r0 + 8));
+        }
+      });
+    }
+  });
+}
+
+}  // namespace ifast::cpu::IFAST_ISA::attn
