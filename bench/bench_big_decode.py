@@ -12,7 +12,9 @@ Bars, measured side by side in interleaved rounds of one run:
   one embedding row; the norms) over our time per token >= 85% of the machine's DRAM read bandwidth,
   the best of torch.sum over a 2 GiB fp32 buffer (2 threads) in the same rounds;
 - int8 weights (quantize="int8") >= 1.7x our bf16 tokens/s;
-- peak resident set of a process holding only our bf16 model and decoding <= its weight bytes + 2 GB.
+- peak resident set of a process holding only our bf16 model, laid out for inference as chat and serve
+  load it (prepare_inference_), and decoding <= its weight bytes + 2 GB (bench_big_memory.py: the
+  same bar at all 32 layers, loaded from a folder).
 Asserted as correctness, whatever the speed: our bf16 logits along a teacher-forced 32-token
 continuation (prefill + decode steps, the path being timed) are within 2x transformers' bf16 error
 against transformers' fp32 logits, plus tests/conftest.py's bf16 atol (the flash-attn rule).
@@ -51,7 +53,7 @@ STRICT = os.environ.get("IFAST_BENCH_STRICT") == "1"
 # Bars this machine (2 cores of an AMD EPYC with AVX-512 bf16, no AMX) does not meet reliably yet
 # (the speedup measured 1.97x-2.00x): reported as FAIL below the bar and asserted only with
 # IFAST_BENCH_STRICT=1 until the decode kernels reach them.
-STRICT_ONLY = {"speedup", "bandwidth", "rss", "int8"}
+STRICT_ONLY = {"speedup", "bandwidth", "int8"}
 
 
 def config() -> InternLMConfig:
@@ -285,8 +287,10 @@ from bench.bench_big_decode import NEW, PROMPT, build_ours, config, model_bytes,
 from bench.bench_big_decode import random_weights
 torch.set_num_threads(THREADS)
 model = build_ours(random_weights(config()))
+weights = model_bytes(model)
+model.prepare_inference_()  # as chat and serve load a bf16 model: the linear weights once, as decode panels
 steps = ours_step_times(model, prompt_ids(model.config, PROMPT), NEW // 2)
-result = {"peak_bytes": peak_kb() * 1024, "rss_bytes": rss_kb() * 1024, "model_bytes": model_bytes(model)}
+result = {"peak_bytes": peak_kb() * 1024, "rss_bytes": rss_kb() * 1024, "model_bytes": weights}
 """
 
 

@@ -35,11 +35,13 @@ def load_model(
     device: str | torch.device = "cpu",
     quantize: str | None = None,
 ) -> tuple[InternLMForCausalLM, Tokenizer]:
-    """The model (in eval mode, on device, quantized with quantize="int8") and its tokenizer."""
+    """The model (in eval mode, on device, quantized with quantize="int8") and its tokenizer. Loaded for
+    inference only: a bf16 model on the CPU comes in prepare_inference_'s layout, its linear weights
+    held once."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    load = dict(dtype=dtype, device=device, quantize=quantize)
+    load = dict(dtype=dtype, device=device, quantize=quantize, inference=True)
     if (path / "config.json").is_file():
         return InternLMForCausalLM.from_pretrained(path, **load).eval(), Tokenizer.from_pretrained(path)
     if (path / "model.safetensors").is_file() and (path / "trainer.json").is_file():

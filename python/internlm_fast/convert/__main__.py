@@ -10,8 +10,11 @@
                          needs model_config.pt in SRC or --config
 
 Our model folder is the same Hugging Face layout, so the output of every command loads with
-InternLMForCausalLM.from_pretrained and with transformers' AutoModelForCausalLM. DST is written into a
-temporary folder and renamed when complete; an existing non-empty DST is kept unless --force.
+InternLMForCausalLM.from_pretrained and with transformers' AutoModelForCausalLM. With --quantize int8
+every command writes an int8 folder instead (int8 linear weights with fp32 scales, the format in
+README.md), which from_pretrained, chat and serve load without the float weights; transformers does
+not read it. DST is written into a temporary folder and renamed when complete; an existing non-empty
+DST is kept unless --force.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="shard the weights past this size (5GB, 500MB)"
         )
+        p.add_argument(
+            "--quantize",
+            choices=("int8",),
+            default=None,
+            help="write an int8 folder (weight-only int8, fp32 scales per 64 inputs; after --dtype's cast)",
+        )
         p.add_argument("--force", action="store_true", help="replace a non-empty destination")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name == "from-internlm":
@@ -64,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_size=args.max_shard_size,
             force=args.force,
             progress=not args.no_progress,
+            quantize=args.quantize,
         )
     except (ValueError, KeyError, OSError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -19,6 +19,7 @@ from internlm_fast.model.pretrained import (
     load_pretrained,
     save_pretrained,
 )
+from internlm_fast.model.quantize import check_quantize, quantize_loaded
 
 
 def _say(msg: str) -> None:
@@ -115,9 +116,13 @@ def convert(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> Path:
     """Load `src` (any format load_pretrained reads) and write it to `dst` as a transformers LLaMA
-    folder with its tokenizer; `dst` appears complete or not at all."""
+    folder with its tokenizer; `dst` appears complete or not at all. quantize="int8": an int8 folder
+    (model.quantized_folder) instead, quantized after the cast to `dtype` as from_pretrained(...,
+    dtype, quantize="int8") does; an int8 source needs it (it is rewritten, not dequantized)."""
+    check_quantize(quantize)
     src, dst = Path(src), Path(dst)
     src = resolve_source(src)
     if dst.exists() and dst.resolve() == src.resolve() and not force:
@@ -126,11 +131,19 @@ def convert(
     if tok is not None and not (tok.is_file() or (tok / "tokenizer.model").is_file()):
         raise FileNotFoundError(f"tokenizer {tok} not found (a sentencepiece .model or a folder with tokenizer.model)")
     with atomic_output_folder(dst, force=force) as tmp:
-        model = load_pretrained(src, config=config)
+        model = load_pretrained(src, config=config, dtype=dtype if quantize else None)
+        if model.quantization is not None and quantize is None:
+            raise ValueError(
+                f"{src} is an int8 folder: convert writes float folders from float sources; pass --quantize "
+                f"{model.quantization} to rewrite it as an int8 folder"
+            )
+        with torch.device("meta"):
+            n = sum(p.numel() for p in type(model)(model.config).parameters())
+        written = dtype or model.model.embed_tokens.weight.dtype
+        model = quantize_loaded(model, quantize)
         save_pretrained(model, tmp, max_shard_size=max_shard_size, tokenizer=tok, dtype=dtype, progress=progress)
-    n = sum(p.numel() for p in model.parameters())
-    written = dtype or next(model.parameters()).dtype
-    _say(f"wrote {dst} ({n / 1e6:.1f}M parameters, {written}{', tokenizer' if tok else ', no tokenizer'})")
+    what = f"int8 linears, {written} elsewhere" if quantize else str(written)
+    _say(f"wrote {dst} ({n / 1e6:.1f}M parameters, {what}{', tokenizer' if tok else ', no tokenizer'})")
     if tok is None:
         _say("note: no tokenizer found for the source; pass --tokenizer to include one")
     return dst

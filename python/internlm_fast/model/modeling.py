@@ -248,6 +248,7 @@ class InternLMForCausalLM(nn.Module):
         self._linear_numel = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         self._inference: tuple | None = None  # (kernels, cos, sin, copy_weights) of the last prefill
         self.quantization: str | None = None  # quantize_'s method: the model is then inference only
+        self.inference_layout = False  # prepare_inference_ released bf16 weights: inference only too
         self.apply(self._init)
 
     def __getstate__(self) -> dict:
@@ -296,15 +297,17 @@ class InternLMForCausalLM(nn.Module):
             if labels is not None:
                 raise ValueError("labels and a KV cache do not go together: the cached forward is inference only")
             return CausalLMOutput(logits=self.forward_cached(input_ids, cache, cu_seqlens))
-        if self.quantization is not None and (labels is not None or torch.is_grad_enabled()):
+        released = self._released_weights()
+        if released is not None and (labels is not None or torch.is_grad_enabled()):
             raise RuntimeError(
-                f"this model is quantized (quantize={self.quantization!r}): inference only, without labels "
-                "or autograd; run it under torch.no_grad() or torch.inference_mode()"
+                f"this model is {released}: inference only, without labels or autograd; run it under "
+                "torch.no_grad() or torch.inference_mode()"
             )
         h = self.hidden_states(input_ids, cu_seqlens)
         if labels is None:
-            logits = self.head.int8_linear(h) if self.quantization is not None else self.lm_head(h)
-            return CausalLMOutput(logits=logits)
+            if self.head.quantized:
+                return CausalLMOutput(logits=self.head.int8_linear(h))
+            return CausalLMOutput(logits=self.head.bf16_linear(h) if self.head.laid_out else self.lm_head(h))
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}")
         target = labels[:, 1:].clone()
@@ -472,15 +475,67 @@ class InternLMForCausalLM(nn.Module):
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         quantize: str | None = None,
+        inference: bool = False,
     ) -> InternLMForCausalLM:
         """A model folder, transformers LLaMA/InternLM folder or checkpoint: see model.pretrained.load_pretrained.
-        quantize="int8": then quantized for inference, as quantize_ does."""
+        inference=True: a bf16 model comes in prepare_inference_'s layout, its panels built while the
+        weights are read (one tensor at a time, never the whole file resident); other dtypes and
+        devices load as usual. quantize="int8": then quantized for inference, as quantize_ does. An
+        int8 folder (model.quantized_folder) loads quantized, with or without quantize="int8"."""
         from .pretrained import load_pretrained
-        from .quantize import check_quantize, quantize_model
+        from .quantize import check_quantize, quantize_loaded
 
         check_quantize(quantize)
-        model = load_pretrained(path, dtype=dtype, device=device)
-        return quantize_model(model, quantize) if quantize is not None else model
+        model = load_pretrained(path, dtype=dtype, device=device, inference=inference)
+        return quantize_loaded(model, quantize)
+
+    def projections(self) -> list[Projection]:
+        """Every projection: each layer's q/k/v, o, gate/up and down, then lm_head."""
+        found = []
+        for layer in self.model.layers:
+            found += [layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down]
+        return found + [self.head]
+
+    def prepare_inference_(self) -> InternLMForCausalLM:
+        """Lays a bf16 model out for decoding on the CPU: each projection keeps only the bf16 column
+        panels its decode kernel (few_rows_linear_bf16) reads, and its linears' weights are released,
+        one projection at a time, so the linear weights are held once (a bf16 model otherwise keeps
+        the panels beside the parameters). Prefill rebuilds one projection's weight at a time. The
+        model no longer trains and cannot be saved. A tied lm_head keeps the embedding, which needs
+        it. Other dtypes, devices without the kernel and quantized models are left as they are. Move
+        the model to its device first; for a model folder, from_pretrained(..., inference=True)
+        builds the panels while reading it instead (memory-mapped weights, once read here, stay
+        resident until the whole file is unmapped)."""
+        if self.quantization is not None:
+            return self
+        weight = self.lm_head.weight
+        kernels = inference_kernels(weight)
+        todo = [
+            p
+            for p in self.projections()
+            if not p.laid_out
+            and all(lin.weight.dtype == torch.bfloat16 for lin in p.linears)
+            and p.fits_bf16_layout(kernels)
+        ]
+        self._lay_out_bf16(todo, weight.device)
+        return self
+
+    def _lay_out_bf16(self, todo: list[Projection], device: torch.device | str, read=None) -> None:
+        embedding = self.model.embed_tokens.weight
+        for proj in todo:
+            release = all(lin.weight is not embedding for lin in proj.linears)
+            proj.lay_out_bf16_(read, release=release, device=device)
+        if todo:
+            self.inference_layout = True
+            self._inference = None
+
+    def _released_weights(self) -> str | None:
+        """Why the model is inference only (its float weights released), or None if it is not."""
+        if self.quantization is not None:
+            return f"quantized (quantize={self.quantization!r})"
+        if self.inference_layout:
+            return "laid out for inference (prepare_inference_, from_pretrained(..., inference=True))"
+        return None
 
     def quantize_(self, quantize: str = "int8") -> InternLMForCausalLM:
         """Quantizes the linears' weights in place for inference (weight-only int8, see model.quantize);
@@ -491,11 +546,12 @@ class InternLMForCausalLM(nn.Module):
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB", tokenizer=None) -> Path:
         """This model (and the tokenizer, if given) as a transformers LLaMA folder: see
-        model.pretrained.save_pretrained."""
+        model.pretrained.save_pretrained; a quantized model as an int8 folder (model.quantized_folder)."""
         from .pretrained import save_pretrained
 
-        if self.quantization is not None:
-            raise ValueError(f"a quantized model (quantize={self.quantization!r}) cannot be saved: save the float one")
+        released = self._released_weights()
+        if released is not None and self.quantization is None:
+            raise ValueError(f"this model is {released}: its weights were released; save the model it came from")
 
         return save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer=tokenizer)
 

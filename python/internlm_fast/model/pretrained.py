@@ -9,7 +9,10 @@ load_pretrained reads that, transformers LLaMA and InternLM (model_type internlm
 .safetensors weights (single or sharded), our trainer checkpoints (step-NNNNNNNN/ with trainer.json)
 and InternLM training checkpoints (model_tp0_pp{p}.pt). The model is built on the meta device and
 the memory-mapped tensors are assigned to it, so weights are in RAM once (and only the pages used);
-they keep their stored dtype unless `dtype` is given.
+they keep their stored dtype unless `dtype` is given. With inference=True a bf16 model on the CPU is
+built in InternLMForCausalLM.prepare_inference_'s layout instead: each linear weight is read on its
+own with plain file reads (safetensors) and laid out as decode panels, so the process never holds the
+checkpoint's linear weights beside the panels (see weight_files.UnmappedReader).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from internlm_fast.ops.inference import inference_kernels
+
 from .config import InternLMConfig
 from .hf_config import config_from_hf, config_from_trainer_state, config_to_hf, read_json
 from .internlm_checkpoint import (
@@ -33,7 +38,8 @@ from .internlm_checkpoint import (
     to_hf_names,
 )
 from .modeling import InternLMForCausalLM, rotary_tables
-from .weight_files import read_tensors, save_sharded, weight_files
+from .projection import WeightRows
+from .weight_files import UnmappedReader, read_tensors, save_sharded, weight_files
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -62,18 +68,19 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     config: InternLMConfig | None = None,
     progress: bool = False,
+    inference: bool = False,
 ) -> InternLMForCausalLM:
     """An InternLMForCausalLM (in eval mode) from a model folder, a transformers LLaMA/InternLM folder,
     a trainer checkpoint or an InternLM training checkpoint. `config` overrides the folder's own
-    (an InternLM training checkpoint without model_config.pt needs one)."""
+    (an InternLM training checkpoint without model_config.pt needs one). inference: a bf16 model in
+    the inference layout (see the module docstring)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder" if path.exists() else f"{path} does not exist")
     if is_internlm_checkpoint(path):
-        raw, raw_origin = read_internlm_checkpoint(path)
         if config is None:
             config = load_model_config(path)
-        tensors, origin = to_hf_names(raw, raw_origin, config)
+        tensors, origin = to_hf_names(*read_internlm_checkpoint(path), config)
     else:
         config = config or load_model_config(path)
         if (path / "trainer.json").is_file() and not (path / "config.json").is_file():
@@ -87,7 +94,13 @@ def load_pretrained(
                     f"{path}: no weights (model.safetensors, pytorch_model.bin or a sharded index of either)"
                 )
         tensors, origin = read_tensors(files)
-    return model_from_tensors(config, tensors, origin, dtype=dtype, device=device, progress=progress)
+        from .quantized_folder import load_quantized, read_quantization_config
+
+        if read_quantization_config(path) is not None:  # an int8 folder: its linears never in float
+            return load_quantized(config, tensors, origin, dtype=dtype, device=device)
+    return model_from_tensors(
+        config, tensors, origin, dtype=dtype, device=device, progress=progress, inference=inference
+    )
 
 
 def model_from_tensors(
@@ -97,12 +110,21 @@ def model_from_tensors(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    inference: bool = False,
 ) -> InternLMForCausalLM:
     """The model with `tensors` (HF names) as its weights, assigned without copies where the dtype and
-    device already match. Missing, unexpected and mis-shaped tensors are errors naming the file."""
+    device already match. Missing, unexpected and mis-shaped tensors are errors naming the file.
+
+    inference=True: the projections that prepare_inference_ would lay out (bf16 on the CPU) get their
+    panels straight from the weights, read one at a time from the safetensors file `origin` names
+    (another source: the tensor itself, copied, and the dict's entry dropped, so a file's mapping
+    goes with its last tensor); their parameters are never made. `tensors` is emptied as it is read."""
     from tqdm import tqdm
 
-    tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    if not inference:
+        tensors = dict(tensors)  # the caller's dict stays as it was
+    for name in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
+        del tensors[name]
     with torch.device("meta"):
         model = InternLMForCausalLM(config)
     expected = model.state_dict()
@@ -123,13 +145,52 @@ def model_from_tensors(
                 f"{origin[name]}: tensor {name!r} has shape {tuple(t.shape)} but the config "
                 f"expects {tuple(expected[name].shape)}"
             )
+
+    def target(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    module_names = {id(m): n for n, m in model.named_modules()}
+
+    def weight_name(lin: torch.nn.Linear) -> str:
+        return "model.embed_tokens.weight" if tied and lin is model.lm_head else f"{module_names[id(lin)]}.weight"
+
+    layout = []
+    if inference:
+        kernels = inference_kernels(torch.empty(0, dtype=torch.bfloat16, device=device))
+        layout = [
+            p
+            for p in model.projections()
+            if p.fits_bf16_layout(kernels)
+            and all(target(tensors[weight_name(lin)]) == torch.bfloat16 for lin in p.linears)
+        ]
+    laid_out = {weight_name(lin) for p in layout for lin in p.linears} - {"model.embed_tokens.weight"}
     state = {}
-    bar = tqdm(tensors.items(), desc="loading", unit="tensor", disable=not (progress and _tty()))
-    for name, t in bar:
-        state[name] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-    model.load_state_dict(state, strict=not tied, assign=True)
+    bar = tqdm(total=len(tensors), desc="loading", unit="tensor", disable=not (progress and _tty()))
+    for name in [k for k in tensors if k not in laid_out]:
+        t = tensors[name] if tied and name == "model.embed_tokens.weight" else tensors.pop(name)
+        moved = t.to(device=device, dtype=target(t))
+        if inference and moved is t and name in origin and origin[name].suffix != ".safetensors":
+            moved = t.clone()  # not a view into the file's mapping, which can then go
+        state[name] = moved
+        bar.update(1)
+    model.load_state_dict(state, strict=not (tied or laid_out), assign=True)
+    del state
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+        tensors.pop("model.embed_tokens.weight", None)
+    reader = UnmappedReader()
+
+    def read(lin: torch.nn.Linear) -> WeightRows:
+        name = weight_name(lin)
+        held = tensors.pop(name, None)
+        rows = reader.rows(origin[name], name) if name in origin else None
+        bar.update(name in laid_out)
+        if rows is not None and rows.shape == expected[name].shape:
+            return rows
+        return held if held is not None else model.model.embed_tokens.weight  # a tied lm_head's, assigned above
+
+    model._lay_out_bf16(layout, device, read)
+    bar.close()
     model.rotary_cos, model.rotary_sin = rotary_tables(config, device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
@@ -150,13 +211,19 @@ def save_pretrained(
     holding tokenizer.model), written so AutoTokenizer loads it; dtype: cast floating-point weights."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue  # stored once, as the embedding (transformers' convention)
-        tensors[name] = t.detach()
-    floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
-    weights_dtype = dtype or (floating[0] if floating else torch.float32)
+    if model.quantization is not None:  # an int8 folder: see quantized_folder.py
+        from .quantized_folder import quantization_config, quantized_state
+
+        tensors, weights_dtype = quantized_state(model, dtype)
+        dtype = None  # the float tensors are cast already; the scales stay fp32
+    else:
+        tensors = {}
+        for name, t in model.state_dict().items():
+            if name == "lm_head.weight" and model.config.tie_word_embeddings:
+                continue  # stored once, as the embedding (transformers' convention)
+            tensors[name] = t.detach()
+        floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
+        weights_dtype = dtype or (floating[0] if floating else torch.float32)
     save_sharded(path, tensors, max_shard_size, dtype, progress)
     special = {"bos_token_id": 1, "eos_token_id": 2}
     if tokenizer is not None:
@@ -165,6 +232,8 @@ def save_pretrained(
         model_file = getattr(tokenizer, "model_path", tokenizer)
         special = save_tokenizer_files(model_file, path)
     hf = config_to_hf(model.config, weights_dtype, special["bos_token_id"], special["eos_token_id"])
+    if model.quantization is not None:
+        hf["quantization_config"] = quantization_config()
     _write_json(path / "config.json", hf)
     stop = [special["eos_token_id"]] + ([special["eoa_token_id"]] if special.get("eoa_token_id") is not None else [])
     generation = {"bos_token_id": special["bos_token_id"], "eos_token_id": stop if len(stop) > 1 else stop[0]}

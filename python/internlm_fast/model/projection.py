@@ -14,21 +14,29 @@ for prefill, the panels for decode steps), larger ones neither. bf16 models keep
 (few_rows_linear_bf16) whatever their size: a bf16 decode step is bound by reading the weights, and
 F.linear reads the (out, in) parameters well below DRAM speed. Past MAX_COPY_BYTES the panels are the
 only copy (prefill reads the parameters through F.linear), so such a model holds its linear weights
-twice: the parameters, which training and prefill need and nothing frees, and the panels.
+twice: the parameters, which training and prefill need, and the panels.
+
+The bf16 inference layout (lay_out_bf16_, InternLMForCausalLM.prepare_inference_) keeps the panels
+alone and releases the parameters: decode steps and inputs of up to PANEL_ROWS rows run
+few_rows_linear_bf16 on them, longer ones rebuild the (out, in) weight of the one projection for an
+F.linear, freed right after. The model then holds its linear weights once, and no longer trains.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from internlm_fast.ops.inference import (
+    PANEL_COLUMNS,
     InferenceKernels,
     dequantize_int8,
     few_rows_linear_bf16_panels,
+    inference_kernels,
     quantize_int8,
 )
 
@@ -48,6 +56,50 @@ MAX_COPY_BYTES = 1 << 30
 # Decode steps of at most this many rows (sequences) run through few_rows_linear on the column
 # panels; longer inputs (prefill) use the GEMM on the (in, out) copy.
 FEW_ROWS = 16
+
+# Inputs of up to this many rows multiply against the bf16 inference layout's panels through
+# few_rows_linear_bf16, which reads each panel once for all the rows; longer ones rebuild the (out, in)
+# weight for F.linear. On 2 cores at InternLM-7B's shapes the kernel took 62 ms at 128 rows of q/k/v
+# against 90 ms for the rebuild (first-touch page faults of a fresh buffer, mostly) and F.linear, and
+# 110 against 115 ms at 256; gate/up and down alike.
+PANEL_ROWS = 256
+_PANEL_PROBE = torch.empty(PANEL_COLUMNS, 0, dtype=torch.bfloat16)  # asks whether the bf16 kernel runs
+# lay_out_bf16_ reads a weight this many bytes (counted in fp32) at a time, so a checkpoint read from
+# its file is held twice one slice at a time, not one whole lm_head (845 MB in bf16 at InternLM-7B's)
+FILL_BYTES = 64 << 20
+
+
+class WeightRows(Protocol):
+    """An (out, in) weight that gives its rows as a tensor: a tensor, or weight_files.FileRows."""
+
+    shape: torch.Size
+
+    def __getitem__(self, rows: slice) -> Tensor: ...
+
+
+def fill_bf16_panels(dst: Tensor, weight: Tensor) -> None:
+    """Writes an (out, in) weight of any float dtype into dst, bf16 (out / 16, ceil(in / 2), 32) in
+    few_rows_linear_bf16_panels' layout, without an intermediate copy of the whole weight (but for
+    an odd in, which is padded first)."""
+    n, k = weight.shape
+    blocks, pairs = n // PANEL_COLUMNS, dst.shape[1]
+    if k % 2:
+        weight = F.pad(weight, (0, 1))
+    weight = weight.contiguous()
+    if weight.dtype == torch.bfloat16:  # moved as int32 pairs: half the strided elements of a bf16 copy
+        src = weight.view(torch.int32).view(blocks, PANEL_COLUMNS, pairs)
+        dst.view(torch.int32).copy_(src.transpose(1, 2))
+    else:
+        src = weight.view(blocks, PANEL_COLUMNS, pairs, 2)
+        dst.view(blocks, pairs, PANEL_COLUMNS, 2).copy_(src.transpose(1, 2))
+
+
+def unpanel_bf16(panels: Tensor, in_features: int) -> Tensor:
+    """The (out, in) bf16 weight that few_rows_linear_bf16_panels laid out as `panels`: a new tensor."""
+    blocks, pairs, _ = panels.shape
+    w = panels.view(torch.int32).transpose(1, 2).contiguous().view(torch.bfloat16)
+    w = w.view(blocks * PANEL_COLUMNS, 2 * pairs)
+    return w if in_features == 2 * pairs else w[:, :in_features]
 
 
 def packed_linear(x: Tensor, linears: tuple[nn.Linear, ...]) -> Tensor:
@@ -77,6 +129,7 @@ class Projection:
         self._key: tuple | None = None  # (kernels, copy, parameter versions) the copies were made for
         self._copies: tuple | None = None  # (wt, bias, panels, decode GEMM)
         self._int8: tuple | None = None  # (panels, scales, bias): quantize_int8_'s weights, then the only ones
+        self._bf16: tuple | None = None  # (panels, bias, in_features): lay_out_bf16_'s weights
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_key": None, "_copies": None}  # derived data: remade on first use
@@ -84,6 +137,8 @@ class Projection:
     def __call__(self, x: Tensor, ctx: ForwardContext) -> Tensor:
         if self._int8 is not None:
             return self.int8_linear(x, ctx.kernels)
+        if self._bf16 is not None:
+            return self.bf16_linear(x, ctx.kernels)
         if ctx.cache is None:
             if len(self.linears) == 1:
                 return self.linears[0](x)
@@ -131,17 +186,98 @@ class Projection:
     def quantized(self) -> bool:
         return self._int8 is not None
 
-    def quantize_int8_(self, release: bool = True) -> None:
-        """Replaces the decoding copies by the linears' weights side by side as quantize_int8 makes
-        them; with release, the float weights become empty tensors (inference only from then on)."""
+    @property
+    def laid_out(self) -> bool:
+        """Whether lay_out_bf16_ made the bf16 panels this projection's weights."""
+        return self._bf16 is not None
+
+    @property
+    def out_features(self) -> int:
+        return sum(lin.out_features for lin in self.linears)
+
+    def fits_bf16_layout(self, kernels: InferenceKernels) -> bool:
+        """Whether few_rows_linear_bf16 runs on these kernels and takes this projection's linears,
+        each a whole number of panels."""
+        return kernels.has_few_rows_linear_bf16(_PANEL_PROBE) and all(
+            lin.out_features % PANEL_COLUMNS == 0 for lin in self.linears
+        )
+
+    def lay_out_bf16_(
+        self,
+        read: Callable[[nn.Linear], WeightRows] | None = None,
+        release: bool = True,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """Makes few_rows_linear_bf16's panels of the linears' weights side by side (bf16, whatever
+        the weights' dtype) this projection's weights. read(linear) gives each weight (default: the
+        parameter itself), or anything that slices into its rows, such as weight_files.FileRows; it is
+        copied FILL_BYTES at a time. With release, the weights become empty bf16 parameters
+        (inference only from then on); the biases stay."""
+        k = self.linears[0].in_features
+        shape = (self.out_features // PANEL_COLUMNS, (k + 1) // 2, 2 * PANEL_COLUMNS)
+        panels = torch.empty(shape, dtype=torch.bfloat16, device=device)
+        step = max(PANEL_COLUMNS, FILL_BYTES // (4 * k) // PANEL_COLUMNS * PANEL_COLUMNS)
+        row = 0
         with torch.no_grad():
-            w = torch.cat([lin.weight for lin in self.linears]) if len(self.linears) > 1 else self.linears[0].weight
+            for lin in self.linears:
+                w = lin.weight if read is None else read(lin)
+                for a in range(0, lin.out_features, step):
+                    b = min(a + step, lin.out_features)
+                    fill_bf16_panels(panels[(row + a) // PANEL_COLUMNS : (row + b) // PANEL_COLUMNS], w[a:b].detach())
+                del w
+                row += lin.out_features
+            bias = None
+            if self.linears[0].bias is not None:
+                bias = torch.cat([lin.bias for lin in self.linears]).to(torch.bfloat16)
+        self._key = self._copies = None
+        self._bf16 = (panels, bias, k)
+        if release:
+            for lin in self.linears:
+                lin.weight = nn.Parameter(torch.empty(0, dtype=torch.bfloat16, device=device), requires_grad=False)
+
+    def bf16_linear(self, x: Tensor, kernels: object = None) -> Tensor:
+        """x W^T + b with the bf16 layout's weights: up to PANEL_ROWS rows through few_rows_linear_bf16
+        on the panels, longer inputs against the (out, in) weight rebuilt for the call and freed
+        right after, so one projection at a time is ever held twice."""
+        panels, bias, k = self._bf16
+        if not isinstance(kernels, InferenceKernels):  # the forward without a cache passes the ops module
+            kernels = inference_kernels(panels)
+        rows = x.reshape(-1, x.shape[-1])
+        if (
+            rows.shape[0] <= PANEL_ROWS
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and kernels.has_few_rows_linear_bf16(_PANEL_PROBE)
+        ):
+            out = kernels.few_rows_linear_bf16(rows.contiguous(), panels, None if bias is None else bias.to(x.dtype))
+            return out.view(*x.shape[:-1], out.shape[-1])
+        w = unpanel_bf16(panels, k).to(x.dtype)
+        y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        del w
+        return y
+
+    def dense_weight(self) -> Tensor:
+        """The linears' (out, in) weights side by side, from whatever this projection holds them in
+        (a new tensor but for a single linear's parameter)."""
+        if self._bf16 is not None:
+            return unpanel_bf16(self._bf16[0], self._bf16[2])
+        if len(self.linears) == 1:
+            return self.linears[0].weight
+        return torch.cat([lin.weight for lin in self.linears])
+
+    def quantize_int8_(self, release: bool = True) -> None:
+        """Replaces the decoding copies (or the bf16 layout) by the linears' weights side by side as
+        quantize_int8 makes them; with release, the float weights become empty tensors (inference only
+        from then on)."""
+        with torch.no_grad():
+            w = self.dense_weight()
             panels, scales = quantize_int8(w)
             del w
             bias = None
-            if self.linears[0].bias is not None:
+            if self._bf16 is not None:
+                bias = self._bf16[1]
+            elif self.linears[0].bias is not None:
                 bias = torch.cat([lin.bias for lin in self.linears]).detach()
-        self._key = self._copies = None
+        self._key = self._copies = self._bf16 = None
         self._int8 = (panels, scales, bias)
         if release:
             for lin in self.linears:

@@ -59,3 +59,12 @@ def resident_bytes(model: nn.Module) -> int:
         if proj.quantized:
             tensors.update((id(t), t) for t in proj._int8 if t is not None)
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def quantize_loaded(model: InternLMForCausalLM, quantize: str | None) -> InternLMForCausalLM:
+    """from_pretrained's quantize: quantize_model, except that a model read from a folder stored
+    quantized with this very method (model.quantized_folder) is returned as it is."""
+    check_quantize(quantize)
+    if quantize is None or model.quantization == quantize:
+        return model
+    return quantize_model(model, quantize)

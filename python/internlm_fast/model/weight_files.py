@@ -3,7 +3,8 @@
 Reading: `model.safetensors`, `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`,
 `pytorch_model.bin`, `pytorch_model-0000i-of-0000n.bin` + `pytorch_model.bin.index.json`. Tensors come
 back backed by a private memory map of the file (safetensors' safe_open, torch.load(mmap=True)):
-nothing is read until a page is touched, and a 7B checkpoint never sits in RAM twice.
+nothing is read until a page is touched, and a 7B checkpoint never sits in RAM twice. UnmappedReader
+reads single tensors by rows with plain file reads instead, for a load that converts every weight.
 
 Writing: safetensors files written tensor by tensor (safetensors' own save_file first copies every
 tensor of a shard into Python bytes, which would hold a whole shard a second time), into a temporary
@@ -13,6 +14,7 @@ name and renamed, so a model memory-mapped from the same file stays intact while
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 from collections.abc import Iterable
@@ -34,6 +36,7 @@ _ST_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -93,6 +96,69 @@ def read_tensors(files: Iterable[Path]) -> tuple[dict[str, torch.Tensor], dict[s
             tensors[name] = t
             origin[name] = path
     return tensors, origin
+
+
+class FileRows:
+    """A tensor of a safetensors file, read on demand: rows[a:b] reads rows a..b-1 with plain file
+    reads into fresh memory (rows[:] the whole tensor)."""
+
+    def __init__(self, path: Path, offset: int, dtype: torch.dtype, shape: list[int]) -> None:
+        self.path, self.offset, self.dtype, self.shape = path, offset, dtype, torch.Size(shape)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if not isinstance(rows, slice):
+            raise TypeError("FileRows reads a slice of rows: rows[a:b]")
+        a, b, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("FileRows reads consecutive rows")
+        b = max(a, b)
+        row_bytes = self.shape[1:].numel() * self.dtype.itemsize
+        nbytes = (b - a) * row_bytes
+        if nbytes == 0:
+            return torch.empty(b - a, *self.shape[1:], dtype=self.dtype)
+        # an anonymous mapping of its own, unmapped when the tensor goes: from malloc, a freed buffer
+        # below glibc's (adaptive) mmap threshold stays in the heap, resident
+        buf = mmap.mmap(-1, nbytes)
+        with open(self.path, "rb", buffering=0) as f, memoryview(buf) as view:
+            f.seek(self.offset + a * row_bytes)
+            done = 0
+            while done < nbytes:  # one read() returns at most ~2 GiB on Linux
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ValueError(f"{self.path}: truncated")
+                done += n
+        return torch.frombuffer(buf, dtype=torch.uint8).view(self.dtype).view(b - a, *self.shape[1:])
+
+
+class UnmappedReader:
+    """Reads tensors of safetensors files with plain file reads, not through a mapping.
+
+    Touched pages of a live file mapping count in the process's resident set until the whole file is
+    unmapped, and safetensors maps each file once for all its tensors: converting every tensor of a
+    memory-mapped 7B checkpoint would leave the whole checkpoint resident beside the result. Read
+    this way, the bytes pass through the page cache, which the kernel reclaims, and only the rows
+    asked for are held twice."""
+
+    def __init__(self) -> None:
+        self._headers: dict[Path, tuple[int, dict]] = {}
+
+    def rows(self, path: Path, name: str) -> FileRows | None:
+        """The tensor `name` of the safetensors file `path`, to read by rows; None if `path` is not a
+        safetensors file or does not hold it."""
+        if path.suffix != ".safetensors":
+            return None
+        start, entries = self._header(path)
+        entry = entries.get(name)
+        if not isinstance(entry, dict) or entry.get("dtype") not in _ST_NAMES or not entry.get("shape"):
+            return None
+        return FileRows(path, start + entry["data_offsets"][0], _ST_NAMES[entry["dtype"]], entry["shape"])
+
+    def _header(self, path: Path) -> tuple[int, dict]:
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                self._headers[path] = (8 + n, json.loads(f.read(n)))
+        return self._headers[path]
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
