@@ -7,7 +7,8 @@ the torch that will run it:  pip install --no-build-isolation .
 
 Environment:
   INTERNLM_FAST_CUDA      auto (default) | 1 | 0
-  INTERNLM_FAST_CPU_ARCH  value for -march (default: x86-64-v2, portable; the kernels carry AVX2 and AVX-512 paths chosen at run time whatever it is)
+  INTERNLM_FAST_CPU_ARCH  value for -march (default: x86-64-v2, portable; the kernels carry AVX2 and
+                          AVX-512 paths, chosen at run time, whatever it is)
   TORCH_CUDA_ARCH_LIST    CUDA architectures (default: "8.0;9.0")
   CUDA_HOME               CUDA toolkit root (default: found from nvcc, following wrapper scripts)
   MAX_JOBS                parallel compile jobs (ninja)

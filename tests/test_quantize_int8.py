@@ -11,7 +11,7 @@ import torch
 from internlm_fast.infer import KVCache, decode, prefill
 from internlm_fast.model import InternLMForCausalLM
 from internlm_fast.model.modeling import rotary_tables
-from internlm_fast.model.quantize import projections, resident_bytes
+from internlm_fast.model.quantize import resident_bytes
 from internlm_fast.ops import use_backend
 from internlm_fast.ops.inference import INT8_GROUP, dequantize_int8, inference_kernels, quantize_int8
 
@@ -26,7 +26,7 @@ def _dequantized(model: InternLMForCausalLM) -> InternLMForCausalLM:
     """The float model with every projection's weights replaced by what int8 keeps of them."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
-        for proj in projections(ref):
+        for proj in ref.projections():
             for lin in proj.linears:
                 lin.weight.copy_(dequantize_int8(*quantize_int8(lin.weight)))
     return ref
@@ -81,7 +81,7 @@ def test_greedy_generation_equals_fp32():
 def test_memory_drops_to_the_int8_weights_and_scales():
     model = small_model()
     before = resident_bytes(model)
-    linears = [lin for proj in projections(model) for lin in proj.linears]
+    linears = [lin for proj in model.projections() for lin in proj.linears]
     weights = sum(lin.weight.numel() for lin in linears)
     scales = sum(lin.weight.shape[0] * -(-lin.weight.shape[1] // INT8_GROUP) for lin in linears)
     biases = sum(lin.bias.numel() for lin in linears if lin.bias is not None)

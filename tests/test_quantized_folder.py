@@ -17,7 +17,7 @@ from internlm_fast.chat.loading import load_model
 from internlm_fast.convert.__main__ import main as convert_main
 from internlm_fast.model import InternLMForCausalLM
 from internlm_fast.model.modeling import rotary_tables
-from internlm_fast.model.quantize import projections, resident_bytes
+from internlm_fast.model.quantize import resident_bytes
 from internlm_fast.model.quantized_folder import QUANT_METHOD
 from internlm_fast.ops.inference import INT8_GROUP, dequantize_int8
 
@@ -64,7 +64,7 @@ def test_round_trip_gives_the_in_memory_int8_model(tmp_path, dtype, tied):
     }
     loaded = InternLMForCausalLM.from_pretrained(folder)
     assert loaded.quantization == "int8"
-    for a, b in zip(projections(quantized), projections(loaded)):
+    for a, b in zip(quantized.projections(), loaded.projections()):
         for x, y in zip(a._int8, b._int8):
             assert (x is None and y is None) or torch.equal(x, y)
     assert torch.equal(_logits(loaded), _logits(quantized))
@@ -129,12 +129,12 @@ def test_loading_never_makes_the_float_weights_of_the_linears(tmp_path):
     model = _float_model()
     quantized = _float_model().quantize_("int8")
     folder = quantized.save_pretrained(tmp_path / "int8")
-    smallest = min(lin.weight.numel() for proj in projections(model) for lin in proj.linears)
+    smallest = min(lin.weight.numel() for proj in model.projections() for lin in proj.linears)
     with _FloatAllocations() as spy:
         loaded = InternLMForCausalLM.from_pretrained(folder)
     big = [s for s in spy.shapes if torch.Size(s).numel() >= smallest]
     assert not big, f"loading allocated float tensors as large as a linear's weight: {big}"
-    assert all(lin.weight.numel() == 0 for proj in projections(loaded) for lin in proj.linears)
+    assert all(lin.weight.numel() == 0 for proj in loaded.projections() for lin in proj.linears)
     assert resident_bytes(loaded) == resident_bytes(quantized) < resident_bytes(model) / 2
 
 

@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .projection import Projection
-
 if TYPE_CHECKING:
     from .modeling import InternLMForCausalLM
 
@@ -24,16 +22,6 @@ def check_quantize(quantize: str | None) -> None:
         raise ValueError(f"quantize must be one of {QUANTIZE_METHODS} or None, got {quantize!r}")
 
 
-def projections(model: nn.Module) -> list[Projection]:
-    """Every Projection the model's modules hold, each once."""
-    found: dict[int, Projection] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, Projection):
-                found.setdefault(id(value), value)
-    return list(found.values())
-
-
 def quantize_model(model: InternLMForCausalLM, quantize: str = "int8") -> InternLMForCausalLM:
     """Quantizes the model in place (see the module docstring) and returns it. A lm_head tied to the
     embedding keeps its float weight, which the embedding needs, and decodes on int8 copies too."""
@@ -43,7 +31,7 @@ def quantize_model(model: InternLMForCausalLM, quantize: str = "int8") -> Intern
     if model.quantization is not None:
         raise ValueError(f"the model is already quantized ({model.quantization!r})")
     embedding = model.model.embed_tokens.weight
-    for proj in projections(model):
+    for proj in model.projections():
         if not proj.quantized:
             proj.quantize_int8_(release=all(lin.weight is not embedding for lin in proj.linears))
     model.quantization = quantize
@@ -53,11 +41,12 @@ def quantize_model(model: InternLMForCausalLM, quantize: str = "int8") -> Intern
 
 def resident_bytes(model: nn.Module) -> int:
     """The bytes of the model's parameters and buffers (shared ones once) and of its projections'
-    int8 weights, scales and biases; not the float decoding copies, which are made on first use."""
+    int8 weights, scales and biases or bf16 inference panels; not the float decoding copies, which are
+    made on first use."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    for proj in projections(model):
-        if proj.quantized:
-            tensors.update((id(t), t) for t in proj._int8 if t is not None)
+    for proj in model.projections():
+        held = proj._int8 if proj.quantized else proj._bf16[:2] if proj.laid_out else ()
+        tensors.update((id(t), t) for t in held if t is not None)
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

@@ -32,7 +32,6 @@ and convert writes them from any folder it reads.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +41,7 @@ from torch import Tensor, nn
 from internlm_fast.ops.inference import INT8_GROUP, PANEL_COLUMNS
 
 from .hf_config import read_json
-from .quantize import projections
+from .weight_files import UnmappedReader
 
 if TYPE_CHECKING:
     from .config import InternLMConfig
@@ -99,7 +98,7 @@ def _linear_names(model: nn.Module) -> dict[int, str]:
 def _stored_projections(model: InternLMForCausalLM) -> list[Projection]:
     """The projections whose int8 weights the folder holds: all but a lm_head tied to the embedding."""
     tied = model.config.tie_word_embeddings
-    return [p for p in projections(model) if not (tied and p is model.head)]
+    return [p for p in model.projections() if not (tied and p is model.head)]
 
 
 def quantized_state(
@@ -137,41 +136,6 @@ def quantized_state(
     if missing:
         raise RuntimeError(f"internal error: quantized linears {sorted(missing)} not in the state dict")
     return tensors, float_dtype
-
-
-class _PlainReader:
-    """Single tensors of safetensors files read with plain file reads into fresh memory. The file's
-    mapping, which the float tensors keep alive, would keep every int8 page read through it resident
-    beside the panels made from it; read this way the bytes pass through the page cache only."""
-
-    _DTYPES = {"I8": torch.int8, "F32": torch.float32}
-
-    def __init__(self) -> None:
-        self._headers: dict[Path, tuple[int, dict]] = {}
-
-    def read(self, path: Path, name: str) -> Tensor | None:
-        """The tensor, or None when its entry is not one this reader takes (the caller then uses the
-        mapped tensor, which read_tensors already checked)."""
-        if path not in self._headers:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                self._headers[path] = (8 + n, json.loads(f.read(n)))
-        start, entries = self._headers[path]
-        entry = entries.get(name)
-        if not isinstance(entry, dict) or entry.get("dtype") not in self._DTYPES:
-            return None
-        begin, end = entry["data_offsets"]
-        out = torch.empty(end - begin, dtype=torch.uint8)
-        view = memoryview(out.numpy())
-        with open(path, "rb", buffering=0) as f:
-            f.seek(start + begin)
-            done = 0
-            while done < len(view):  # one read() returns at most ~2 GiB on Linux
-                got = f.readinto(view[done:])
-                if not got:
-                    raise ValueError(f"{path}: truncated in tensor {name!r}")
-                done += got
-        return out.view(self._DTYPES[entry["dtype"]]).view(entry["shape"])
 
 
 def _checked_scales(s: Tensor, name: str, origin: dict[str, Path]) -> Tensor:
@@ -243,11 +207,13 @@ def load_quantized(
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
 
-    reader = _PlainReader()
+    # the int8 bytes read with plain file reads: through the file's mapping, which the float tensors
+    # keep alive, every page read would stay resident beside the panels made from it
+    reader = UnmappedReader()
 
     def read(name: str) -> Tensor:
-        t = reader.read(origin[name], name) if origin[name].suffix == ".safetensors" else None
-        return tensors[name] if t is None else t
+        rows = reader.rows(origin[name], name)
+        return tensors[name] if rows is None else rows[:]
 
     for proj in stored:
         lins = [names[id(lin)] for lin in proj.linears]
