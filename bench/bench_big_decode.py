@@ -42,6 +42,7 @@ else:  # run as a script: bench/ is sys.path[0]
 
 from internlm_fast.infer import GenerationConfig, KVCache, decode, generate_steps, prefill
 from internlm_fast.model import InternLMConfig, InternLMForCausalLM
+from internlm_fast.model.hf_config import transformers_config
 
 LAYERS = int(os.environ.get("IFAST_BIG_DECODE_LAYERS", "4"))
 PROMPT, NEW, ROUNDS = 16, 32, 3
@@ -87,20 +88,7 @@ def build_hf(tensors: dict[str, torch.Tensor], dtype: torch.dtype):
     import transformers
 
     cfg = config()
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=False,
-        attention_bias=True,
-        attn_implementation="sdpa",
-    )
+    hf_cfg = transformers_config(cfg, attn_implementation="sdpa")
     with torch.device("meta"):  # no random init of 1B+ parameters only to overwrite them
         hf = transformers.LlamaForCausalLM(hf_cfg)
     state = {k: v.to(dtype) for k, v in tensors.items()}

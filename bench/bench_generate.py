@@ -14,6 +14,7 @@ import transformers
 
 from internlm_fast.infer import GenerationConfig, generate_ids
 from internlm_fast.model import InternLMForCausalLM, preset
+from internlm_fast.model.hf_config import transformers_config
 
 from .conftest import report
 
@@ -25,20 +26,7 @@ def _models() -> tuple[InternLMForCausalLM, transformers.LlamaForCausalLM]:
     cfg = preset("tiny")
     torch.manual_seed(0)
     ours = InternLMForCausalLM(cfg).eval()
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=False,
-        attention_bias=True,
-        attn_implementation="sdpa",
-    )
+    hf_cfg = transformers_config(cfg, attn_implementation="sdpa")
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     hf.load_state_dict(ours.state_dict(), strict=False)  # same names; HF has no rotary buffers to load
     hf.generation_config.eos_token_id = None  # all 128 tokens, as ours without an eos id

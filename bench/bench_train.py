@@ -44,6 +44,7 @@ _SETUP = r"""
 import torch
 import transformers
 from internlm_fast.model import InternLMForCausalLM, preset
+from internlm_fast.model.hf_config import transformers_config
 from internlm_fast.train.optim import build_optimizer
 from internlm_fast.train.optimizer_modes import MasterAdamW
 
@@ -61,13 +62,7 @@ def build(which, dtype="fp32", weights=None):
             model.rotary_cos, model.rotary_sin = cos, sin
             return model, MasterAdamW(model, lr=LR)
         return model, build_optimizer(model, lr=LR)
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, rms_norm_eps=1e-6, rope_theta=cfg.rope_theta,
-        max_position_embeddings=1024, tie_word_embeddings=False, attention_bias=True,
-        attn_implementation="sdpa",
-    )
+    hf_cfg = transformers_config(cfg, attn_implementation="sdpa")
     model = transformers.LlamaForCausalLM(hf_cfg).train()
     if weights is not None:
         model.load_state_dict(weights)

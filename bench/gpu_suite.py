@@ -435,7 +435,7 @@ class Decode:
         import transformers
 
         from internlm_fast.model import InternLMForCausalLM, preset
-        from internlm_fast.model.hf_config import config_to_hf
+        from internlm_fast.model.hf_config import transformers_config
 
         self.s = s
         self.preset = "nano" if s.smoke else "1b"
@@ -447,10 +447,7 @@ class Decode:
         torch.manual_seed(0)
         with torch.device(s.device):
             ours = InternLMForCausalLM(cfg)
-            hf_dict = config_to_hf(cfg, self.dtype)
-            for key in ("architectures", "model_type", "torch_dtype"):
-                hf_dict.pop(key, None)
-            hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_dict, attn_implementation="sdpa"))
+            hf = transformers.LlamaForCausalLM(transformers_config(cfg, attn_implementation="sdpa"))
         missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
         missing = [k for k in missing if "rotary" not in k]  # buffers transformers computes itself
         if missing or unexpected:

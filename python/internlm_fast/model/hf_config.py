@@ -52,6 +52,17 @@ def config_to_hf(config: InternLMConfig, dtype: torch.dtype, bos_token_id: int =
     }
 
 
+def transformers_config(config: InternLMConfig, **overrides: object):
+    """transformers' LlamaConfig computing the same function as `config` (config_to_hf's fields), to
+    build a LlamaForCausalLM in memory beside ours; `overrides` (attn_implementation="sdpa") win."""
+    import transformers
+
+    fields = config_to_hf(config, torch.float32)
+    for key in ("architectures", "model_type", "torch_dtype", "dtype"):  # a file's keys, not a model's
+        del fields[key]
+    return transformers.LlamaConfig(**{**fields, **overrides})
+
+
 def config_from_hf(d: dict, where: str) -> InternLMConfig:
     """InternLMConfig of a LLaMA (model_type llama) or InternLM (model_type internlm) config.json.
     `where` names the file in error messages."""
