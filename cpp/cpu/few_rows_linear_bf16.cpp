@@ -18,9 +18,8 @@
 
 #include "common.h"
 #include "cpu_isa.h"
+#include "few_rows_panels.h"
 #include "ops_cpu.h"
-
-#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <vector>
@@ -32,8 +31,7 @@
 namespace ifast::cpu {
 namespace {
 
-constexpr int kCols = 16;          // columns per panel
-constexpr int kRows = 4;           // rows per microkernel call
+using panels::kCols;
 constexpr int kPrefetchPairs = 16;  // panel lines (pairs) prefetched ahead: 1 KiB per stream
 // Pairs summed in registers before the sum is added into out: one fp32 chain over all of K (11008
 // for InternLM-7B's down projection) errs ~K ulps, several times a blocked GEMM's; two levels of
@@ -150,7 +148,6 @@ IFAST_TARGET_AVX512 inline void tile512(const Args& a, int64_t p) {
   flush(c, out, a.ldo);
 }
 
-// Panels at once for R rows: 8 at one row (8 FMA chains of 2), else 4.
 template <int R>
 IFAST_TARGET_AVX512 void rows512(const Args& a, int64_t p0, int64_t p1) {
   // 4 panels at every R: at one row, 8 panels (8 weight streams per thread) read 12-15% slower (43.8
@@ -237,19 +234,6 @@ IFAST_TARGET_AVX2 void tile_avx2(const Args& a, int R, int64_t p0, int64_t p1) {
 
 #endif  // IFAST_X86_DISPATCH
 
-using TileFn = void (*)(const Args&, int, int64_t, int64_t);
-
-TileFn choose() {
-#ifdef IFAST_X86_DISPATCH
-  switch (cpu_isa()) {
-    case Isa::avx512: return tile_avx512;
-    case Isa::avx2: return tile_avx2;
-    default: break;
-  }
-#endif
-  return tile_scalar;
-}
-
 }  // namespace
 
 at::Tensor few_rows_linear_bf16(const at::Tensor& x, const at::Tensor& panels_w, const std::optional<at::Tensor>& bias) {
@@ -261,39 +245,14 @@ at::Tensor few_rows_linear_bf16(const at::Tensor& x, const at::Tensor& panels_w,
   TORCH_CHECK(panels_w.scalar_type() == at::kBFloat16, "few_rows_linear_bf16: the panels must be bf16");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "few_rows_linear_bf16: x must be fp32 or bf16");
-  const int64_t M = x.size(0), K = x.size(1), panels = panels_w.size(0), N = panels * kCols;
-  if (bias.has_value())
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
-                    bias->scalar_type() == x.scalar_type(),
-                "few_rows_linear_bf16: bias must be contiguous (N,) of x's dtype");
-  const bool low = x.scalar_type() == at::kBFloat16;
-  const at::Tensor xf = low ? x.to(at::kFloat) : x;
-  const at::Tensor bf = bias.has_value() && low ? bias->to(at::kFloat) : bias.value_or(at::Tensor());
-  at::Tensor out = at::empty({M, N}, x.options());
-  at::Tensor outf = low ? at::empty({M, N}, x.options().dtype(at::kFloat)) : out;
-  const Args base{xf.data_ptr<float>(), K, reinterpret_cast<const uint16_t*>(panels_w.data_ptr()),
-                  bf.defined() ? bf.data_ptr<float>() : nullptr, outf.data_ptr<float>(), N};
-  c10::BFloat16* ob = low ? out.data_ptr<c10::BFloat16>() : nullptr;
-  const TileFn tile = choose();
-  // 8 panels (128 columns) a task at least; four panels at a time go through every group of rows,
-  // the later groups reading them from L2
-  at::parallel_for(0, panels, 8, [&](int64_t p0, int64_t p1) {
-    for (int64_t q0 = p0; q0 < p1; q0 += 8) {
-      const int64_t q1 = std::min<int64_t>(p1, q0 + 8);
-      for (int64_t r0 = 0; r0 < M; r0 += kRows) {
-        Args a = base;
-        a.x += r0 * K;
-        a.out += r0 * N;
-        tile(a, static_cast<int>(std::min<int64_t>(kRows, M - r0)), q0, q1);
-      }
-    }
-    if (ob != nullptr) {
-      const float* of = base.out;
-      for (int64_t r = 0; r < M; ++r)
-        for (int64_t c = p0 * kCols; c < p1 * kCols; ++c) store(ob, r * N + c, of[r * N + c]);
-    }
-  });
-  return out;
+  panels::check_bias("few_rows_linear_bf16", bias, panels_w.size(0) * kCols, x);
+#ifdef IFAST_X86_DISPATCH
+  const auto tile = panels::choose<Args>(tile_avx512, tile_avx2, tile_scalar);
+#else
+  const panels::TileFn<Args> tile = tile_scalar;
+#endif
+  const Args weights{nullptr, 0, reinterpret_cast<const uint16_t*>(panels_w.data_ptr()), nullptr, nullptr, 0};
+  return panels::run(x, bias, panels_w.size(0), weights, tile);
 }
 
 }  // namespace ifast::cpu

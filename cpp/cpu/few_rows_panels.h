@@ -1,0 +1,79 @@
+// What the two decode GEMMs on packed low-precision weights (few_rows_linear_bf16.cpp,
+// few_rows_linear_int8.cpp) share around their microkernels: the path for the CPU's instruction set,
+// the bias check, and the run over panels and rows with fp32 x / bias / out (bf16 ones converted once
+// per call).
+#pragma once
+
+#include "common.h"
+#include "cpu_isa.h"
+
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <optional>
+
+namespace ifast::cpu::panels {
+
+// Columns per weight panel, and rows of x per microkernel call.
+constexpr int kCols = 16;
+constexpr int kRows = 4;
+
+// tile(a, R, p0, p1): R <= kRows rows of a.x against panels [p0, p1), into a.out.
+template <typename Args>
+using TileFn = void (*)(const Args&, int, int64_t, int64_t);
+
+template <typename Args>
+TileFn<Args> choose(TileFn<Args> avx512, TileFn<Args> avx2, TileFn<Args> scalar) {
+  switch (cpu_isa()) {
+    case Isa::avx512: return avx512 != nullptr ? avx512 : scalar;
+    case Isa::avx2: return avx2 != nullptr ? avx2 : scalar;
+    default: return scalar;
+  }
+}
+
+inline void check_bias(const char* fn, const std::optional<at::Tensor>& bias, int64_t N, const at::Tensor& x) {
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
+                    bias->scalar_type() == x.scalar_type(),
+                fn, ": bias must be contiguous (N,) of x's dtype");
+}
+
+// out (M, N = 16 * panels) in x's dtype. `base` carries the weights; its x, K, bias, out and ldo are
+// filled here (fp32 copies of bf16 x and bias). Threads own whole panels, 8 (128 columns) a task at
+// least, and each group of 8 goes through every group of kRows rows, the later groups reading the
+// panels from L2.
+template <typename Args>
+at::Tensor run(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t panels, Args base,
+               TileFn<Args> tile) {
+  const int64_t M = x.size(0), K = x.size(1), N = panels * kCols;
+  const bool low = x.scalar_type() == at::kBFloat16;
+  const at::Tensor xf = low ? x.to(at::kFloat) : x;
+  const at::Tensor bf = bias.has_value() && low ? bias->to(at::kFloat) : bias.value_or(at::Tensor());
+  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor outf = low ? at::empty({M, N}, x.options().dtype(at::kFloat)) : out;
+  base.x = xf.data_ptr<float>();
+  base.K = K;
+  base.bias = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  base.out = outf.data_ptr<float>();
+  base.ldo = N;
+  c10::BFloat16* ob = low ? out.data_ptr<c10::BFloat16>() : nullptr;
+  at::parallel_for(0, panels, 8, [&](int64_t p0, int64_t p1) {
+    for (int64_t q0 = p0; q0 < p1; q0 += 8) {
+      const int64_t q1 = std::min<int64_t>(p1, q0 + 8);
+      for (int64_t r0 = 0; r0 < M; r0 += kRows) {
+        Args a = base;
+        a.x += r0 * K;
+        a.out += r0 * N;
+        tile(a, static_cast<int>(std::min<int64_t>(kRows, M - r0)), q0, q1);
+      }
+    }
+    if (ob != nullptr) {
+      const float* of = base.out;
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t c = p0 * kCols; c < p1 * kCols; ++c) store(ob, r * N + c, of[r * N + c]);
+    }
+  });
+  return out;
+}
+
+}  // namespace ifast::cpu::panels
