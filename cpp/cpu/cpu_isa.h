@@ -33,8 +33,12 @@ std::string set_isa_cap(const std::string& level);
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define IFAST_X86_DISPATCH 1
-#define IFAST_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
-#define IFAST_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+// The features of each level, as detected_isa() requires them: the one spelling for the target
+// attributes below and for the bodies isa_compile.h compiles.
+#define IFAST_AVX512_FEATURES "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
+#define IFAST_AVX2_FEATURES "avx2,fma,f16c"
+#define IFAST_TARGET_AVX512 __attribute__((target(IFAST_AVX512_FEATURES)))
+#define IFAST_TARGET_AVX2 __attribute__((target(IFAST_AVX2_FEATURES)))
 #endif
 
 // return <level>::fn(args...) for the level cpu_isa() picks: the entry point of a kernel compiled

@@ -23,8 +23,12 @@
 #ifdef IFAST_X86_DISPATCH
 #include <immintrin.h>
 
+// #pragma does not expand macros; _Pragma of a stringised argument does
+#define IFAST_PRAGMA_(x) _Pragma(#x)
+#define IFAST_PRAGMA(x) IFAST_PRAGMA_(x)
+
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+IFAST_PRAGMA(GCC target(IFAST_AVX512_FEATURES))
 #define IFAST_ISA avx512
 #define IFAST_ISA_LEVEL 2
 #include IFAST_ISA_BODY
@@ -33,7 +37,7 @@
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+IFAST_PRAGMA(GCC target(IFAST_AVX2_FEATURES))
 #define IFAST_ISA avx2
 #define IFAST_ISA_LEVEL 1
 #include IFAST_ISA_BODY
