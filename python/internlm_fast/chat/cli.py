@@ -12,15 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from internlm_fast.infer.chat import CHAT_DEFAULTS, chat_prompt_ids, stream_chat
 from internlm_fast.infer.generate import GenerationConfig
+from internlm_fast.model.hf_config import dtype_from_name
 
 from .loading import default_model_dir, load_model
 
 HELP = "/clear forgets the conversation, /exit quits (or Ctrl-D); Ctrl-C stops an answer"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,8 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty on tokens already seen (1 = off)")
     p.add_argument("--greedy", action="store_true", help="always take the likeliest token (no sampling)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="compute dtype (default: as stored)")
-    p.add_argument("--kv-dtype", choices=tuple(DTYPES), default=None, help="KV cache dtype (default: the model's)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: as stored)")
+    p.add_argument("--kv-dtype", choices=DTYPES, default=None, help="KV cache dtype (default: the model's)")
     p.add_argument("--quantize", choices=("int8",), default=None, help="int8 weight-only quantization (default: none)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     return p.parse_args(argv)
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gen = _generation_options(args)
         GenerationConfig(**gen)  # checks every option before the (slow) load
-        model, tokenizer = load_model(path, DTYPES.get(args.dtype), args.device, args.quantize)
+        model, tokenizer = load_model(path, dtype_from_name(args.dtype), args.device, args.quantize)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

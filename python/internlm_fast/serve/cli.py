@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from internlm_fast.chat import default_model_dir, load_model
+    from internlm_fast.model.hf_config import dtype_from_name
 
     from .app import create_app
 
@@ -124,10 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     # to the event loop waits for the next switch: Python's default interval is 5 ms, more than a
     # decode step. 1 ms lets the event loop stream each token within about a step.
     sys.setswitchinterval(0.001)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, tokenizer = load_model(path, dtypes.get(args.dtype), device, args.quantize)
+        model, tokenizer = load_model(path, dtype_from_name(args.dtype), device, args.quantize)
         model.to(device)
         from .engine import Engine
 
