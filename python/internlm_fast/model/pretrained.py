@@ -39,7 +39,7 @@ from .internlm_checkpoint import (
 )
 from .modeling import InternLMForCausalLM, rotary_tables
 from .projection import WeightRows
-from .weight_files import UnmappedReader, read_tensors, save_sharded, weight_files
+from .weight_files import UnmappedReader, check_names_and_shapes, read_tensors, save_sharded, weight_files
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -132,19 +132,7 @@ def model_from_tensors(
     if tied:  # one tensor for both; a stored lm_head.weight (some exporters write it) is ignored, as in transformers
         expected.pop("lm_head.weight")
         tensors.pop("lm_head.weight", None)
-    files = ", ".join(sorted({str(p) for p in origin.values()}))
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
-        raise KeyError(f"missing tensor(s) {shown} in {files}")
-    for name, t in tensors.items():
-        if name not in expected:
-            raise KeyError(f"{origin[name]}: unexpected tensor {name!r} for this model config")
-        if t.shape != expected[name].shape:
-            raise ValueError(
-                f"{origin[name]}: tensor {name!r} has shape {tuple(t.shape)} but the config "
-                f"expects {tuple(expected[name].shape)}"
-            )
+    check_names_and_shapes({k: v.shape for k, v in expected.items()}, tensors, origin)
 
     def target(t: torch.Tensor) -> torch.dtype:
         return dtype if dtype is not None and t.is_floating_point() else t.dtype

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from internlm_fast.ops.inference import INT8_GROUP, PANEL_COLUMNS
 
 from .hf_config import read_json
-from .weight_files import UnmappedReader
+from .weight_files import UnmappedReader, check_names_and_shapes
 
 if TYPE_CHECKING:
     from .config import InternLMConfig
@@ -165,7 +165,6 @@ def load_quantized(
     names = _linear_names(model)
     stored = _stored_projections(model)
     quantized = {names[id(lin)]: lin for proj in stored for lin in proj.linears}
-    files = ", ".join(sorted({str(p) for p in origin.values()}))
     expected: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, kind)
     for name, t in model.state_dict().items():
         module = name.removesuffix(".weight")
@@ -177,18 +176,11 @@ def load_quantized(
             expected[name] = (tuple(t.shape), "float")
     if tied:
         tensors.pop("lm_head.weight", None)  # some exporters write the tied copy; transformers ignores it
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
-        raise ValueError(f"int8 folder: missing tensor(s) {shown} in {files}")
+    check_names_and_shapes(
+        {k: shape for k, (shape, _) in expected.items()}, tensors, origin, ValueError, "int8 folder: "
+    )
     for name, t in tensors.items():
-        if name not in expected:
-            raise ValueError(f"{origin[name]}: unexpected tensor {name!r} for this model config")
-        shape, kind = expected[name]
-        if tuple(t.shape) != shape:
-            raise ValueError(
-                f"{origin[name]}: tensor {name!r} has shape {tuple(t.shape)} but the config expects {shape}"
-            )
+        kind = expected[name][1]
         want = {"int8": torch.int8, "scale": torch.float32}.get(kind)
         if want is not None and t.dtype != want:
             raise ValueError(f"{origin[name]}: tensor {name!r} is {t.dtype}; an int8 folder stores it as {want}")

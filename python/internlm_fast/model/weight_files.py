@@ -56,6 +56,30 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+def check_names_and_shapes(
+    expected: dict[str, tuple[int, ...]],
+    tensors: dict[str, torch.Tensor],
+    origin: dict[str, Path],
+    name_error: type[Exception] = KeyError,
+    prefix: str = "",
+) -> None:
+    """That `tensors` holds exactly the names of `expected`, each of its shape: a missing or unexpected
+    tensor raises name_error, a wrong shape ValueError, each naming the file(s) and the tensor."""
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        files = ", ".join(sorted({str(p) for p in origin.values()}))
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise name_error(f"{prefix}missing tensor(s) {shown} in {files}")
+    for name, t in tensors.items():
+        if name not in expected:
+            raise name_error(f"{origin[name]}: unexpected tensor {name!r} for this model config")
+        if tuple(t.shape) != tuple(expected[name]):
+            raise ValueError(
+                f"{origin[name]}: tensor {name!r} has shape {tuple(t.shape)} but the config "
+                f"expects {tuple(expected[name])}"
+            )
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The weight files of a Hugging Face folder, safetensors preferred over .bin; [] if there are none."""
     for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"), (BIN_INDEX, "pytorch_model.bin")):
