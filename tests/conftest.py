@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 from internlm_fast.ops import available, registry  # noqa: E402
 
-from .isa_helpers import forced_isa, runnable_levels  # noqa: E402
+from .isa_helpers import distinct_levels, forced_isa  # noqa: E402
 
 
 def backend_devices(op: str | None = None) -> list[tuple[str, str]]:
@@ -36,11 +36,13 @@ def backend_devices(op: str | None = None) -> list[tuple[str, str]]:
 def pytest_generate_tests(metafunc):
     """`impl_device` runs a test on every (backend, device) pair of the module's OP (all the GPU
     backends when the module names none), the cpu backend once per instruction set this CPU runs
-    (its kernels carry a scalar, an AVX2 and an AVX-512 path, chosen at run time)."""
+    that changes the op's code (its kernels carry a scalar, an AVX2 and an AVX-512 path, chosen at run
+    time; attention on bf16 also an AVX512-BF16 one)."""
     if "impl_device" in metafunc.fixturenames:
         params, ids = [], []
-        for b, d in backend_devices(getattr(metafunc.module, "OP", None)):
-            levels = runnable_levels()[::-1] if b == "cpu" else (None,)
+        op = getattr(metafunc.module, "OP", None)
+        for b, d in backend_devices(op):
+            levels = distinct_levels(op)[::-1] if b == "cpu" else (None,)
             for i, level in enumerate(levels):
                 params.append((b, d, None if i == 0 else level))  # the best level is the default
                 ids.append(f"{b}-{d}" if i == 0 else f"{b}-{d}-{level}")

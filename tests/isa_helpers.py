@@ -8,10 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from internlm_fast.info import BF16_DOT_OPS
 from internlm_fast.ops import available, backend
 
 # lowest first, as cpu_isa.h orders them
-LEVELS = ("scalar", "avx2", "avx512")
+LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16")
 
 
 def runnable_levels() -> tuple[str, ...]:
@@ -20,9 +21,18 @@ def runnable_levels() -> tuple[str, ...]:
         return ()
     cpu = backend.kernels("cpu")
     now = cpu.isa()
-    best = cpu.set_isa_cap("avx512")
+    best = cpu.set_isa_cap(LEVELS[-1])
     cpu.set_isa_cap(now)
     return LEVELS[: LEVELS.index(best) + 1]
+
+
+def distinct_levels(op: str | None = None) -> tuple[str, ...]:
+    """The levels this CPU runs that run different code for `op` (None: for kernels without a bf16
+    dot-product path): avx512 is dropped where avx512_bf16 runs the same body."""
+    levels = runnable_levels()
+    if "avx512_bf16" in levels and op not in BF16_DOT_OPS:
+        levels = tuple(level for level in levels if level != "avx512")
+    return levels
 
 
 @contextlib.contextmanager
@@ -37,9 +47,9 @@ def forced_isa(level: str) -> Iterator[None]:
         cpu.set_isa_cap(before)
 
 
-@pytest.fixture(params=runnable_levels() or ("none",))
+@pytest.fixture(params=distinct_levels() or ("none",))
 def each_isa(request) -> Iterator[str]:
-    """Runs a test once per instruction set this CPU runs, the kernels capped at it (a module opts in
+    """Runs a test once per distinct instruction set this CPU runs, the kernels capped at it (a module opts in
     with `pytestmark = pytest.mark.usefixtures("each_isa")` after importing this fixture)."""
     if request.param == "none":  # no cpu backend: the module's own skip applies
         yield request.param

@@ -15,7 +15,7 @@ from internlm_fast.ops import available
 from internlm_fast.ops.inference import InferenceKernels, few_rows_linear_bf16_panels, few_rows_linear_bf16_ref
 
 from .conftest import ATOL, assert_matches_oracle
-from .isa_helpers import forced_isa, runnable_levels
+from .isa_helpers import distinct_levels, forced_isa
 
 OP = "few_rows_linear_bf16"
 pytestmark = pytest.mark.skipif(not available("cpu"), reason="the cpu backend is not built")
@@ -39,7 +39,7 @@ def _lowp(x, weight, bias):
     return few_rows_linear_bf16_ref(x, weight, bias) if x.dtype == torch.float32 else F.linear(x, weight, bias)
 
 
-@pytest.mark.parametrize("level", runnable_levels())
+@pytest.mark.parametrize("level", distinct_levels())
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 16])
 @pytest.mark.parametrize(("k", "n"), [(256, 768), (37, 80), (1, 16), (130, 144), (515, 48), (4099, 32)])
 @pytest.mark.parametrize("with_bias", [True, False])

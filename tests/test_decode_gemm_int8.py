@@ -17,7 +17,7 @@ from internlm_fast.ops.inference import (
 )
 
 from .conftest import ATOL, assert_matches_oracle
-from .isa_helpers import forced_isa, runnable_levels
+from .isa_helpers import distinct_levels, forced_isa
 
 OP = "few_rows_linear_int8"
 pytestmark = pytest.mark.skipif(not available("cpu"), reason="the cpu backend is not built")
@@ -28,7 +28,7 @@ def _expanded_scales(scales: torch.Tensor, k: int) -> torch.Tensor:
     return scales.transpose(1, 2).reshape(blocks * cols, -1).repeat_interleave(INT8_GROUP, dim=1)[:, :k]
 
 
-@pytest.mark.parametrize("level", runnable_levels())
+@pytest.mark.parametrize("level", distinct_levels())
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 16])
 @pytest.mark.parametrize(("k", "n"), [(256, 768), (37, 80), (64, 16), (130, 144), (1000, 48), (4100, 32)])
 @pytest.mark.parametrize("with_bias", [True, False])

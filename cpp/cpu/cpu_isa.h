@@ -1,5 +1,7 @@
 // Run-time choice of the vector instruction set: every CPU kernel carries a scalar, an AVX2 and an
-// AVX-512 path, and the one that runs is picked here.
+// AVX-512 path, and the one that runs is picked here. One level more, avx512_bf16 (AVX-512 plus the
+// AVX512-BF16 dot product), runs the AVX-512 body everywhere and lets attention on bf16 inputs
+// multiply in bf16 (kernels/flash_attn_bf16.h); capping at avx512 turns that off alone.
 //
 // The module is compiled with -march=$INTERNLM_FAST_CPU_ARCH (x86-64-v2 by default, so a wheel runs
 // on any x86-64 machine of the last fifteen years). The paths exist in the binary whatever -march
@@ -7,7 +9,7 @@
 // ifast::cpu::scalar / avx2 / avx512 and call through IFAST_ISA_RETURN; the decode GEMMs mark
 // single functions IFAST_TARGET_AVX512 / IFAST_TARGET_AVX2 instead (GCC target attributes). The
 // level is the best the CPU supports (__builtin_cpu_supports), capped by the environment variable
-// IFAST_CPU_ISA (scalar | avx2 | avx512), read once at the first query, so tests and users can
+// IFAST_CPU_ISA (scalar | avx2 | avx512 | avx512_bf16), read once at the first query, so tests and users can
 // force a lower path. set_isa_cap changes the cap later (tests).
 #pragma once
 
@@ -15,17 +17,18 @@
 
 namespace ifast::cpu {
 
-enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
 
 // The level the dispatching kernels run now: min(detected, cap). A relaxed atomic load.
 Isa cpu_isa();
-// The best level this CPU runs (avx512 = avx512f + bw + vl + dq; avx2 = avx2 + fma + f16c).
+// The best level this CPU runs (avx512_bf16 = avx512 + avx512bf16; avx512 = avx512f + bw + vl + dq;
+// avx2 = avx2 + fma + f16c).
 Isa detected_isa();
 const char* isa_name(Isa isa);
 
 // _C.cpu.isa(): the name of cpu_isa().
 std::string isa();
-// _C.cpu.set_isa_cap(level): caps the level at "scalar", "avx2" or "avx512" (never above what the
+// _C.cpu.set_isa_cap(level): caps the level at "scalar", "avx2", "avx512" or "avx512_bf16" (never above what the
 // CPU runs) and returns the level now chosen. ValueError for another name.
 std::string set_isa_cap(const std::string& level);
 
@@ -37,6 +40,7 @@ std::string set_isa_cap(const std::string& level);
 // attributes below and for the bodies isa_compile.h compiles.
 #define IFAST_AVX512_FEATURES "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
 #define IFAST_AVX2_FEATURES "avx2,fma,f16c"
+#define IFAST_AVX512_BF16_FEATURES IFAST_AVX512_FEATURES ",avx512bf16"
 #define IFAST_TARGET_AVX512 __attribute__((target(IFAST_AVX512_FEATURES)))
 #define IFAST_TARGET_AVX2 __attribute__((target(IFAST_AVX2_FEATURES)))
 #endif
@@ -46,6 +50,7 @@ std::string set_isa_cap(const std::string& level);
 #ifdef IFAST_X86_DISPATCH
 #define IFAST_ISA_RETURN(fn, ...)                                              \
   switch (::ifast::cpu::cpu_isa()) {                                           \
+    case ::ifast::cpu::Isa::avx512_bf16:                                      \
     case ::ifast::cpu::Isa::avx512: return ::ifast::cpu::avx512::fn(__VA_ARGS__); \
     case ::ifast::cpu::Isa::avx2: return ::ifast::cpu::avx2::fn(__VA_ARGS__);     \
     default: return ::ifast::cpu::scalar::fn(__VA_ARGS__);                        \

@@ -25,6 +25,7 @@ using TileFn = void (*)(const Args&, int, int64_t, int64_t);
 template <typename Args>
 TileFn<Args> choose(TileFn<Args> avx512, TileFn<Args> avx2, TileFn<Args> scalar) {
   switch (cpu_isa()) {
+    case Isa::avx512_bf16:
     case Isa::avx512: return avx512 != nullptr ? avx512 : scalar;
     case Isa::avx2: return avx2 != nullptr ? avx2 : scalar;
     default: return scalar;

@@ -49,8 +49,8 @@ def _build() -> dict[str, object]:
     info["with_cuda"] = bool(_C.with_cuda)
     if hasattr(_C.cpu, "isa"):  # every C++ CPU kernel carries scalar/avx2/avx512 paths, chosen at run time
         info["cpu kernels isa"] = (
-            f"{_C.cpu.isa()}: the path every C++ cpu kernel runs here "
-            f"(IFAST_CPU_ISA={os.environ.get('IFAST_CPU_ISA', 'unset')} caps it: scalar, avx2, avx512)"
+            f"{_C.cpu.isa()}: the path the C++ cpu kernels run here (IFAST_CPU_ISA="
+            f"{os.environ.get('IFAST_CPU_ISA', 'unset')} caps it: scalar, avx2, avx512, avx512_bf16)"
         )
     if not info["with_cuda"]:
         info["cuda_archs"] = "none (built without CUDA)"
@@ -95,6 +95,18 @@ def collect() -> dict[str, object]:
     }
 
 
+# The ops whose cpu kernels have a path of their own at the avx512_bf16 level: attention on bf16
+# inputs multiplies with the AVX512-BF16 dot product. The other kernels run their AVX-512 path there.
+BF16_DOT_OPS = frozenset({"flash_attn", "flash_attn_kvcache"})
+
+
+def cpu_path(op: str, isa: str) -> str:
+    """The cpu backend's path for `op` at run-time level `isa`, as the table prints it."""
+    if isa == "avx512_bf16" and op not in BF16_DOT_OPS:
+        return "cpu/avx512"
+    return f"cpu/{isa}"
+
+
 def _cpu_isa() -> str | None:
     try:
         from internlm_fast import _C
@@ -106,17 +118,17 @@ def _cpu_isa() -> str | None:
 def _table(ops: dict[str, dict[str, str]]) -> list[str]:
     width = max(len(name) for name in registry.OPS)
     gpu = "cuda tensors" if torch.cuda.is_available() else "cuda tensors (no GPU here: what would run on one)"
-    lines = [f"  {'op':<{width}}  {'cpu tensors':<12}  {gpu}"]
+    lines = [f"  {'op':<{width}}  {'cpu tensors':<15}  {gpu}"]
     isa = _cpu_isa()
     for name, entry in registry.OPS.items():
         cells = []
         for device in ("cpu", "cuda"):
             got = ops[device][name]
             if got == "cpu" and isa:
-                got = f"cpu/{isa}"
+                got = cpu_path(name, isa)
             cells.append(got if not got.startswith("unavailable") else "-")
         lines.append(
-            f"  {name:<{width}}  {cells[0]:<12}  {cells[1]:<8}  (tries {'/'.join(entry.cpu)} | {'/'.join(entry.cuda)})"
+            f"  {name:<{width}}  {cells[0]:<15}  {cells[1]:<8}  (tries {'/'.join(entry.cpu)} | {'/'.join(entry.cuda)})"
         )
     why = {f"{name} on {device}": ops[device][name] for device in ops for name in ops[device]
            if ops[device][name].startswith("unavailable")}  # fmt: skip

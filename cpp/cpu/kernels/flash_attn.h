@@ -12,44 +12,135 @@
 // vector code of each path.
 
 #include "flash_attn_common.h"
+#include "flash_attn_tiles_bf16.h"
 
 namespace ifast::cpu::IFAST_ISA {
 namespace {
 
 using namespace attn;
 
-// Every (kv head, key block) packed into kPanel-column panels once, shared by all the query heads
-// of the group and all query blocks: packing per task would redo it for each of them.
+// Every (kv head, key block) packed once by pack(rows, ld, n, out) (n <= kBlockK rows, block_elems
+// out), shared by all the query heads of the group and all query blocks: packing per task would redo
+// it for each of them. E is the packed element: fp32, or 32-bit bf16 pair words.
+template <typename E>
 struct PackedKeys {
   at::Tensor buf;
-  const float* p;
+  const E* p;
   int64_t block_elems;
   int64_t nblocks;
-  const float* block(int hk, int64_t blk) const { return p + (hk * nblocks + blk) * block_elems; }
+  const E* block(int hk, int64_t blk) const { return p + (hk * nblocks + blk) * block_elems; }
 };
 
-PackedKeys pack_keys(const Rows& k, const Seqs& s, int Hk, int D) {
-  const int64_t block_elems = int64_t(kBlockK) * D;  // kBlockK is a multiple of kPanel
+template <typename E, typename R, typename Pack>
+PackedKeys<E> pack_blocks(const R& k, const Seqs& s, int Hk, int64_t block_elems, Pack&& pack) {
+  static_assert(sizeof(E) == sizeof(float));
   at::Tensor buf = empty_output({std::max<int64_t>(1, Hk * s.nkblocks * block_elems)}, at::kFloat);
-  float* p = buf.mutable_data_ptr<float>();
+  E* p = reinterpret_cast<E*>(buf.mutable_data_ptr<float>());
   at::parallel_for(0, Hk * s.nkblocks, 1, [&](int64_t i0, int64_t i1) {
-    int b = 0;
     for (int64_t i = i0; i < i1; ++i) {
       const int hk = int(i / s.nkblocks);
       const int64_t blk = i % s.nkblocks;
-      b = int(std::upper_bound(s.kblock0.begin(), s.kblock0.end(), blk) - s.kblock0.begin()) - 1;
+      const int b = int(std::upper_bound(s.kblock0.begin(), s.kblock0.end(), blk) - s.kblock0.begin()) - 1;
       const int j0 = int(blk - s.kblock0[b]) * kBlockK;
-      const int n = std::min(kBlockK, s.lk(b) - j0);
-      pack_k(k.at(s.k0[b] + j0, hk), k.ld_t, n, D, p + i * block_elems);
+      pack(k.at(s.k0[b] + j0, hk), k.ld_t, std::min(kBlockK, s.lk(b) - j0), p + i * block_elems);
     }
   });
   return {buf, p, block_elems, s.nkblocks};
 }
 
+// K (or V) in kPanel-column fp32 panels (attn::pack_k); kBlockK is a multiple of kPanel
+PackedKeys<float> pack_keys(const Rows& k, const Seqs& s, int Hk, int D) {
+  return pack_blocks<float>(k, s, Hk, int64_t(kBlockK) * D,
+                            [D](const float* x, int64_t ld, int n, float* out) { pack_k(x, ld, n, D, out); });
+}
+
+// The forward's tasks, one per (sequence, query head, block of query rows). Tasks of one kv head run
+// back to back, so its K panels and V rows stay in the shared cache while both threads work through
+// them; within a head the costliest (latest, under a causal mask) query blocks go first, so each
+// head's tail is short ones.
+struct ForwardTask {
+  int b, h, q0;
+};
+
+inline std::vector<ForwardTask> plan_forward(const Seqs& s, int Hq, int group) {
+  std::vector<ForwardTask> tasks;
+  for (int b = 0; b < s.batch; ++b) {
+    const int nq = (s.lq(b) + kBlockQ - 1) / kBlockQ;
+    for (int hk = 0; hk < Hq / group; ++hk)
+      for (int i = nq - 1; i >= 0; --i)
+        for (int g = 0; g < group; ++g) tasks.push_back({b, hk * group + g, i * kBlockQ});
+  }
+  return tasks;
+}
+
+// The end of a forward task: out = O / l for its rows (flash-attn's convention for a row that sees
+// no key: output 0, lse +inf), lse = m + log2(l) in natural-log units.
+template <typename T>
+void finish_forward_rows(const float* Ob, const float* m, const float* l, int rows, int D, int64_t row0, int h,
+                         int Hq, int64_t total_q, T* out, float* lse) {
+  for (int r = 0; r < rows; ++r) {
+    const int64_t row = row0 + r;
+    T* o = out + (row * Hq + h) * D;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+#pragma omp simd
+    for (int d = 0; d < D; ++d) store(o, d, Ob[r * D + d] * inv);
+    lse[h * total_q + row] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kInf;
+  }
+}
+
+// The backward's P = exp2(S * c - lse2) and dS = P * (dP - delta) of one tile (rows x n, ld kBlockK),
+// in place of the scores S (in P) and dP (in dS); masked entries set to 0 (they were never computed).
+inline void softmax_grad_rows(float* P, float* dS, int rows, int n, bool causal, int i0, int diag, int j0, float c,
+                              const float* lse, const float* delta, int64_t row0, int h, int Hq, int64_t total_q) {
+  for (int r = 0; r < rows; ++r) {
+    const int valid = visible(causal, i0 + r, diag, j0, n);
+    const float l2 = lse[h * total_q + row0 + r] * kLog2e;
+    const float di = delta[(row0 + r) * Hq + h];
+    float* pr = P + r * kBlockK;
+    float* dsr = dS + r * kBlockK;
+#pragma omp simd
+    for (int j = 0; j < valid; ++j) {
+      const float p = exp2_approx(pr[j] * c - l2);
+      pr[j] = p;
+      dsr[j] = p * (dsr[j] - di);
+    }
+    std::fill(pr + valid, pr + n, 0.f);
+    std::fill(dsr + valid, dsr + n, 0.f);
+  }
+}
+
+// dK (times the softmax scale) and dV of one key block, fp32 accumulators (n x D) -> the outputs
+template <typename T>
+void store_dk_dv(const float* dK, const float* dV, int n, int D, int64_t row0, int hk, int Hk, float scale, T* dk,
+                 T* dv) {
+  for (int r = 0; r < n; ++r) {
+    const int64_t row = row0 + r;
+    T* dkr = dk + (row * Hk + hk) * D;
+    T* dvr = dv + (row * Hk + hk) * D;
+#pragma omp simd
+    for (int d = 0; d < D; ++d) {
+      store(dkr, d, dK[r * D + d] * scale);
+      store(dvr, d, dV[r * D + d]);
+    }
+  }
+}
+
+// dQ of a sequence's rows for the query heads of kv head hk: fp32 [row][head of group][D] -> dq
+template <typename T>
+void store_dq(const float* dQ, int lq, int group, int D, int64_t row0, int hk, int Hq, float scale, T* dq) {
+  for (int i = 0; i < lq; ++i)
+    for (int hh = 0; hh < group; ++hh) {
+      T* dqr = dq + ((row0 + i) * Hq + hk * group + hh) * D;
+      const float* src = dQ + (int64_t(i) * group + hh) * D;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) store(dqr, d, src[d] * scale);
+    }
+}
+
 template <typename T>
 struct Forward {
   const Rows &q, &v;
-  const PackedKeys& kp;
+  const PackedKeys<float>& kp;
   const Seqs& s;
   int D, Hq, group;
   float qscale;
@@ -57,10 +148,7 @@ struct Forward {
   T* out;
   float* lse;
   int64_t total_q;
-  struct Task {
-    int b, h, q0;
-  };
-  std::vector<Task> tasks;
+  std::vector<ForwardTask> tasks;
 
   struct State {
     std::vector<float> Qb, Ob, S, m, l, Vb;
@@ -68,18 +156,6 @@ struct Forward {
   State make_state() const {
     return {std::vector<float>(kBlockQ * D), std::vector<float>(kBlockQ * D), std::vector<float>(kBlockQ * kBlockK),
             std::vector<float>(kBlockQ), std::vector<float>(kBlockQ), std::vector<float>(kBlockK * D)};
-  }
-
-  // Tasks of one kv head run back to back, so its K panels and V rows stay in the shared cache while
-  // both threads work through them; within a head the costliest (latest, under a causal mask) query
-  // blocks go first, so each head's tail is short ones.
-  void plan() {
-    for (int b = 0; b < s.batch; ++b) {
-      const int nq = (s.lq(b) + kBlockQ - 1) / kBlockQ;
-      for (int hk = 0; hk < Hq / group; ++hk)
-        for (int i = nq - 1; i >= 0; --i)
-          for (int g = 0; g < group; ++g) tasks.push_back({b, hk * group + g, i * kBlockQ});
-    }
   }
 
   void operator()(int64_t t, State& st) const {
@@ -111,22 +187,14 @@ struct Forward {
       for (int j = 0; j < n; ++j) std::memcpy(Vb + j * D, v.at(s.k0[b] + j0 + j, hk), sizeof(float) * D);
       pv_block(S, kBlockK, 1, rows, Vb, D, n, D, Ob, D, off);
     }
-    for (int r = 0; r < rows; ++r) {
-      const int64_t row = s.q0[b] + q0 + r;
-      T* o = out + (row * Hq + h) * D;
-      // flash-attn's convention for a row that sees no key: output 0, lse +inf
-      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-#pragma omp simd
-      for (int d = 0; d < D; ++d) store(o, d, Ob[r * D + d] * inv);
-      lse[h * total_q + row] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kInf;
-    }
+    finish_forward_rows(Ob, m, l, rows, D, s.q0[b] + q0, h, Hq, total_q, out, lse);
   }
 };
 
 template <typename T>
 struct Backward {
   const Rows &q, &k, &dout;
-  const PackedKeys &kp, &vp;
+  const PackedKeys<float> &kp, &vp;
   const Seqs& s;
   const float* lse;    // (Hq, total_q)
   const float* delta;  // (total_q, Hq): rowsum(dout * out)
@@ -173,21 +241,7 @@ struct Backward {
           const int off = causal ? i0 + diag - j0 : kNoMask;
           qk_block(Qi, q.ld_t, rows, Kpanels, n, D, P, kBlockK, off);
           qk_block(dOi, dout.ld_t, rows, Vpanels, n, D, dS, kBlockK, off);  // dP = dO V^T
-          for (int r = 0; r < rows; ++r) {
-            const int valid = visible(causal, i0 + r, diag, j0, n);
-            const float l2 = lse[h * total_q + row0 + r] * kLog2e;
-            const float di = delta[(row0 + r) * Hq + h];
-            float* pr = P + r * kBlockK;
-            float* dsr = dS + r * kBlockK;
-#pragma omp simd
-            for (int j = 0; j < valid; ++j) {
-              const float p = exp2_approx(pr[j] * c - l2);
-              pr[j] = p;
-              dsr[j] = p * (dsr[j] - di);
-            }
-            std::fill(pr + valid, pr + n, 0.f);
-            std::fill(dsr + valid, dsr + n, 0.f);
-          }
+          softmax_grad_rows(P, dS, rows, n, causal, i0, diag, j0, c, lse, delta, row0, h, Hq, total_q);
           // transposed, key c gets contributions from query rows r >= c - off only
           pv_block(P, 1, kBlockK, n, dOi, dout.ld_t, rows, D, dV, D, kNoMask, -off);  // dV += P^T dO
           pv_block(dS, 1, kBlockK, n, Qi, q.ld_t, rows, D, dK, D, kNoMask, -off);     // dK += dS^T Q
@@ -195,26 +249,13 @@ struct Backward {
                    int64_t(group) * D, off);  // dQ += dS K
         }
       }
-      for (int r = 0; r < n; ++r) {
-        const int64_t row = s.k0[b] + j0 + r;
-        T* dkr = dk + (row * Hk + hk) * D;
-        T* dvr = dv + (row * Hk + hk) * D;
-#pragma omp simd
-        for (int d = 0; d < D; ++d) {
-          store(dkr, d, dK[r * D + d] * scale);
-          store(dvr, d, dV[r * D + d]);
-        }
-      }
+      store_dk_dv(dK, dV, n, D, s.k0[b] + j0, hk, Hk, scale, dk, dv);
     }
-    for (int i = 0; i < lq; ++i)
-      for (int hh = 0; hh < group; ++hh) {
-        T* dqr = dq + ((s.q0[b] + int64_t(i)) * Hq + hk * group + hh) * D;
-        const float* src = dQ + (int64_t(i) * group + hh) * D;
-#pragma omp simd
-        for (int d = 0; d < D; ++d) store(dqr, d, src[d] * scale);
-      }
+    store_dq(dQ, lq, group, D, s.q0[b], hk, Hq, scale, dq);
   }
 };
+
+#include "flash_attn_bf16.h"
 
 void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                 const at::Tensor& cu_k) {
@@ -249,12 +290,23 @@ std::vector<at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k,
   at::Tensor out = empty_output({total_q, Hq, D}, q.scalar_type());
   at::Tensor lse = at::empty({Hq, total_q}, q.options().dtype(at::kFloat));
   const Seqs s = Seqs::varlen(cu_seqlens_q, cu_seqlens_k);
+#if IFAST_ISA_LEVEL >= 2
+  if (use_bf16_tiles(q)) {
+    const Rows16 q16 = bf16_rows(q), k16 = bf16_rows(k), v16 = bf16_rows(v);
+    const PackedKeys<uint32_t> kp = pack_pair_panels(k16, s, Hk, D), vp = pack_row_pair_blocks(v16, s, Hk, D);
+    ForwardBf16 fwd{q16, kp, vp, s, D, Hq, Hq / Hk, float(softmax_scale) * kLog2e, causal,
+                    out.mutable_data_ptr<at::BFloat16>(), lse.mutable_data_ptr<float>(), total_q,
+                    plan_forward(s, Hq, Hq / Hk)};
+    run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
+    return {out, lse};
+  }
+#endif
   const Rows qf = f32_rows(q), kf = f32_rows(k), vf = f32_rows(v);
-  const PackedKeys kp = pack_keys(kf, s, Hk, D);
+  const PackedKeys<float> kp = pack_keys(kf, s, Hk, D);
   IFAST_DISPATCH_ATTN(q.scalar_type(), "flash_attn_fwd", [&] {
     Forward<scalar_t> fwd{qf, vf, kp, s, D, Hq, Hq / Hk, float(softmax_scale) * kLog2e, causal,
-                          out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(), total_q, {}};
-    fwd.plan();
+                          out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(), total_q,
+                          plan_forward(s, Hq, Hq / Hk)};
     run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
   });
   return {out, lse};
@@ -273,15 +325,29 @@ std::vector<at::Tensor> flash_attn_bwd(const at::Tensor& dout, const at::Tensor&
   const int64_t total_q = q.size(0);
   const int Hq = int(q.size(1)), Hk = int(k.size(1)), D = int(q.size(2));
   const Seqs s = Seqs::varlen(cu_seqlens_q, cu_seqlens_k);
-  // head-major fp32 copies: the backward walks each head's rows of q, k, v and dout many times
-  const Rows qf = f32_rows_head_major(q), kf = f32_rows_head_major(k), vf = f32_rows_head_major(v),
-             df = f32_rows_head_major(dout);
   // delta_i = sum_d dO_i * O_i, the softmax-backward correction of row i: (total_q, Hq)
   at::Tensor delta = at::mul(dout.to(at::kFloat), out.to(at::kFloat)).sum(-1).contiguous();
-  const PackedKeys kp = pack_keys(kf, s, Hk, D), vp = pack_keys(vf, s, Hk, D);
   at::Tensor dq = empty_output(q.sizes(), q.scalar_type());
   at::Tensor dk = empty_output(k.sizes(), k.scalar_type());
   at::Tensor dv = empty_output(v.sizes(), v.scalar_type());
+#if IFAST_ISA_LEVEL >= 2
+  if (use_bf16_tiles(q)) {
+    const Rows16 q16 = bf16_rows_head_major(q), d16 = bf16_rows_head_major(dout), k16 = bf16_rows(k),
+                 v16 = bf16_rows(v);
+    const PackedKeys<uint32_t> kp = pack_pair_panels(k16, s, Hk, D), vp = pack_pair_panels(v16, s, Hk, D),
+                               krows = pack_row_pair_blocks(k16, s, Hk, D);
+    BackwardBf16 bwd{q16, d16, kp, vp, krows, s, lse.const_data_ptr<float>(), delta.const_data_ptr<float>(),
+                     D, Hq, Hk, Hq / Hk, float(softmax_scale), causal, total_q,
+                     dq.mutable_data_ptr<at::BFloat16>(), dk.mutable_data_ptr<at::BFloat16>(),
+                     dv.mutable_data_ptr<at::BFloat16>()};
+    run_tasks(int64_t(s.batch) * Hk, [&] { return bwd.make_state(); }, [&](int64_t t, auto& st) { bwd(t, st); });
+    return {dq, dk, dv};
+  }
+#endif
+  // head-major fp32 copies: the backward walks each head's rows of q, k, v and dout many times
+  const Rows qf = f32_rows_head_major(q), kf = f32_rows_head_major(k), vf = f32_rows_head_major(v),
+             df = f32_rows_head_major(dout);
+  const PackedKeys<float> kp = pack_keys(kf, s, Hk, D), vp = pack_keys(vf, s, Hk, D);
   IFAST_DISPATCH_ATTN(q.scalar_type(), "flash_attn_bwd", [&] {
     Backward<scalar_t> bwd{qf, kf, df, kp, vp, s, lse.const_data_ptr<float>(), delta.const_data_ptr<float>(),
                            D, Hq, Hk, Hq / Hk, float(softmax_scale), causal, total_q,
@@ -347,14 +413,28 @@ std::vector<at::Tensor> flash_attn_kvcache_fwd(const at::Tensor& q, const at::Te
     const at::Tensor c = t.stride(0) == t.size(1) * t.stride(1) ? t : t.contiguous();
     return c.as_strided({c.size(0) * c.size(1), c.size(2), c.size(3)}, {c.stride(1), c.stride(2), 1});
   };
-  const Rows qf = f32_rows(rows_view(q)), kf = f32_rows(rows_view(k_cache)), vf = f32_rows(rows_view(v_cache));
   const Seqs s = Seqs::cache(int(B), int(Sq), Sc, cache_lens);
-  const PackedKeys kp = pack_keys(kf, s, int(Hk), int(D));
   at::Tensor lse_rows = at::empty({Hq, B * Sq}, q.options().dtype(at::kFloat));
+#if IFAST_ISA_LEVEL >= 2
+  if (use_bf16_tiles(q)) {
+    const Rows16 q16 = bf16_rows(rows_view(q)), k16 = bf16_rows(rows_view(k_cache)),
+                 v16 = bf16_rows(rows_view(v_cache));
+    const PackedKeys<uint32_t> kp = pack_pair_panels(k16, s, int(Hk), int(D)),
+                               vp = pack_row_pair_blocks(v16, s, int(Hk), int(D));
+    ForwardBf16 fwd{q16, kp, vp, s, int(D), int(Hq), int(Hq / Hk), float(softmax_scale) * kLog2e, causal,
+                    out.mutable_data_ptr<at::BFloat16>(), lse_rows.mutable_data_ptr<float>(), B * Sq,
+                    plan_forward(s, int(Hq), int(Hq / Hk))};
+    run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
+    lse.copy_(lse_rows.view({Hq, B, Sq}).transpose(0, 1));
+    return {out, lse};
+  }
+#endif
+  const Rows qf = f32_rows(rows_view(q)), kf = f32_rows(rows_view(k_cache)), vf = f32_rows(rows_view(v_cache));
+  const PackedKeys<float> kp = pack_keys(kf, s, int(Hk), int(D));
   IFAST_DISPATCH_ATTN(q.scalar_type(), "flash_attn_with_kvcache", [&] {
     Forward<scalar_t> fwd{qf, vf, kp, s, int(D), int(Hq), int(Hq / Hk), float(softmax_scale) * kLog2e, causal,
-                          out.mutable_data_ptr<scalar_t>(), lse_rows.mutable_data_ptr<float>(), B * Sq, {}};
-    fwd.plan();
+                          out.mutable_data_ptr<scalar_t>(), lse_rows.mutable_data_ptr<float>(), B * Sq,
+                          plan_forward(s, int(Hq), int(Hq / Hk))};
     run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
   });
   lse.copy_(lse_rows.view({Hq, B, Sq}).transpose(0, 1));

@@ -1,0 +1,184 @@
+// Flash attention on bf16 inputs with the bf16 dot product (the avx512_bf16 level): the forward and
+// backward of flash_attn.h with every product on bf16 operands (flash_attn_tiles_bf16.h) instead of
+// widened fp32 copies. The softmax, its running max and sum, and every accumulator stay fp32; P and
+// dS are rounded to bf16 before they multiply, as flash-attn does on the GPU.
+// Part of the AVX-512 kernel body of flash_attn.h, included inside its anonymous namespace (the tiles
+// are included at namespace scope, before it).
+
+#if IFAST_ISA_LEVEL >= 2
+
+#pragma GCC push_options
+IFAST_PRAGMA(GCC target(IFAST_AVX512_BF16_FEATURES))
+
+// bf16 rows of a (tokens, heads, D) tensor, in place
+struct Rows16 {
+  at::Tensor t;
+  const uint16_t* p;
+  int64_t ld_t, ld_h;
+  const uint16_t* at(int64_t token, int64_t head) const { return p + token * ld_t + head * ld_h; }
+  // as pair words: D and every stride are even, and a bf16 tensor's data is at least 2-byte aligned
+  const uint32_t* words(int64_t token, int64_t head) const { return reinterpret_cast<const uint32_t*>(at(token, head)); }
+};
+
+inline Rows16 bf16_rows(const at::Tensor& x) {
+  return {x, reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>()), x.stride(0), x.stride(1)};
+}
+
+// head-major copy (see f32_rows_head_major)
+inline Rows16 bf16_rows_head_major(const at::Tensor& x) {
+  const at::Tensor t = x.transpose(0, 1).contiguous();
+  return {t, reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()), t.size(2), t.size(1) * t.size(2)};
+}
+
+// The bf16 path runs where the CPU has the bf16 dot product and the cap allows it.
+inline bool use_bf16_tiles(const at::Tensor& q) {
+  return q.scalar_type() == at::kBFloat16 && cpu_isa() >= Isa::avx512_bf16;
+}
+
+// K in bf16 pair panels (S = Q K^T, dP = dO V^T) and V or K interleaved two rows by two (O += P V,
+// dQ += dS K): kBlockK * D / 2 words per key block either way.
+PackedKeys<uint32_t> pack_pair_panels(const Rows16& k, const Seqs& s, int Hk, int D) {
+  return pack_blocks<uint32_t>(k, s, Hk, int64_t(kBlockK) * D / 2, [D](const uint16_t* x, int64_t ld, int n,
+                                                                       uint32_t* out) {
+    bf16::pack_k_pairs(x, ld, n, D, out);
+  });
+}
+
+PackedKeys<uint32_t> pack_row_pair_blocks(const Rows16& v, const Seqs& s, int Hk, int D) {
+  return pack_blocks<uint32_t>(v, s, Hk, int64_t(kBlockK) * D / 2, [D](const uint16_t* x, int64_t ld, int n,
+                                                                       uint32_t* out) {
+    bf16::pack_row_pairs(x, ld, n, D, out);
+  });
+}
+
+struct ForwardBf16 {
+  const Rows16& q;
+  const PackedKeys<uint32_t>&kp, &vp;  // K pair panels, V row pairs
+  const Seqs& s;
+  int D, Hq, group;
+  float qscale;
+  bool causal;
+  at::BFloat16* out;
+  float* lse;
+  int64_t total_q;
+  std::vector<ForwardTask> tasks;
+
+  struct State {
+    std::vector<uint16_t> Qb;
+    std::vector<uint32_t> Pw;
+    std::vector<float> Ob, S, m, l;
+  };
+  State make_state() const {
+    return {std::vector<uint16_t>(kBlockQ * D), std::vector<uint32_t>(kBlockQ * kBlockK / 2),
+            std::vector<float>(kBlockQ * D), std::vector<float>(kBlockQ * kBlockK), std::vector<float>(kBlockQ),
+            std::vector<float>(kBlockQ)};
+  }
+
+  void operator()(int64_t t, State& st) const {
+    const auto [b, h, q0] = tasks[t];
+    const int hk = h / group, lq = s.lq(b), lk = s.lk(b), diag = lk - lq;
+    const int rows = std::min(kBlockQ, lq - q0);
+    const int kv_end = causal ? std::clamp(q0 + rows + diag, 0, lk) : lk;
+    float *Ob = st.Ob.data(), *S = st.S.data(), *m = st.m.data(), *l = st.l.data();
+    uint32_t* Pw = st.Pw.data();
+    // the query rows, contiguous (heads * D apart in the input, a stride that thrashes L1)
+    uint16_t* Qb = st.Qb.data();
+    for (int r = 0; r < rows; ++r) std::memcpy(Qb + r * D, q.at(s.q0[b] + q0 + r, h), sizeof(uint16_t) * D);
+    const uint32_t* Qw = reinterpret_cast<const uint32_t*>(Qb);
+    std::fill(Ob, Ob + rows * D, 0.f);
+    std::fill(m, m + rows, kNegInf);
+    std::fill(l, l + rows, 0.f);
+    const int64_t blk0 = s.kblock0[b];
+    for (int j0 = 0; j0 < kv_end; j0 += kBlockK) {
+      const int n = std::min(kBlockK, kv_end - j0);
+      const int off = causal ? q0 + diag - j0 : kNoMask;
+      const int64_t blk = blk0 + j0 / kBlockK;
+      bf16::qk_block(Qw, D / 2, rows, kp.block(hk, blk), n, D, S, kBlockK, qscale, off);
+      for (int r = 0; r < rows; ++r)
+        online_softmax_row(S + r * kBlockK, visible(causal, q0 + r, diag, j0, n), n, m[r], l[r], Ob + r * D, D);
+      bf16::to_pairs_rows(S, kBlockK, rows, n, Pw, kBlockK / 2);
+      bf16::pv_block(Pw, kBlockK / 2, 1, rows, vp.block(hk, blk), n, D, Ob, D, off);
+    }
+    finish_forward_rows(Ob, m, l, rows, D, s.q0[b] + q0, h, Hq, total_q, out, lse);
+  }
+};
+
+struct BackwardBf16 {
+  const Rows16 &q, &dout;                      // head-major
+  const PackedKeys<uint32_t>&kp, &vp, &krows;  // K and V pair panels, K row pairs
+  const Seqs& s;
+  const float* lse;
+  const float* delta;
+  int D, Hq, Hk, group;
+  float scale;
+  bool causal;
+  int64_t total_q;
+  at::BFloat16 *dq, *dk, *dv;
+
+  struct State {
+    std::vector<float> P, dS, dK, dV, dQ;
+    std::vector<uint32_t> PT, dST, dSw, Qp, dOp;
+  };
+  State make_state() const {
+    const size_t tile = kBlockQ * kBlockK, tile_words = tile / 2;
+    return {std::vector<float>(tile), std::vector<float>(tile), std::vector<float>(kBlockK * D),
+            std::vector<float>(kBlockK * D), {}, std::vector<uint32_t>(tile_words), std::vector<uint32_t>(tile_words),
+            std::vector<uint32_t>(tile_words), {}, {}};
+  }
+
+  void operator()(int64_t t, State& st) const {
+    const int b = int(t / Hk), hk = int(t % Hk);
+    const int lq = s.lq(b), lk = s.lk(b), diag = lk - lq;
+    const float c = scale * kLog2e;
+    float *P = st.P.data(), *dS = st.dS.data(), *dK = st.dK.data(), *dV = st.dV.data();
+    uint32_t *PT = st.PT.data(), *dST = st.dST.data(), *dSw = st.dSw.data();
+    st.dQ.assign(size_t(lq) * group * D, 0.f);
+    float* dQ = st.dQ.data();
+    // Q and dO of the group's heads, interleaved two rows by two per query block, once per task: they
+    // are B of dK += dS^T Q and dV += P^T dO for every key block
+    const int nqb = (lq + kBlockQ - 1) / kBlockQ;
+    const int64_t qblock_words = int64_t(kBlockQ / 2) * D;
+    st.Qp.resize(size_t(group) * nqb * qblock_words);
+    st.dOp.resize(st.Qp.size());
+    for (int hh = 0; hh < group; ++hh)
+      for (int i = 0; i < nqb; ++i) {
+        const int64_t row0 = s.q0[b] + int64_t(i) * kBlockQ, packed = (int64_t(hh) * nqb + i) * qblock_words;
+        const int rows = std::min(kBlockQ, lq - i * kBlockQ);
+        bf16::pack_row_pairs(q.at(row0, hk * group + hh), q.ld_t, rows, D, st.Qp.data() + packed);
+        bf16::pack_row_pairs(dout.at(row0, hk * group + hh), dout.ld_t, rows, D, st.dOp.data() + packed);
+      }
+    const int64_t blk0 = s.kblock0[b];
+    for (int j0 = 0; j0 < lk; j0 += kBlockK) {
+      const int n = std::min(kBlockK, lk - j0);
+      std::fill(dK, dK + n * D, 0.f);
+      std::fill(dV, dV + n * D, 0.f);
+      const int64_t blk = blk0 + j0 / kBlockK;
+      const int i_lo = causal ? std::clamp(j0 - diag, 0, lq) : 0;
+      for (int hh = 0; hh < group; ++hh) {
+        const int h = hk * group + hh;
+        for (int i0 = i_lo / kBlockQ * kBlockQ; i0 < lq; i0 += kBlockQ) {
+          const int rows = std::min(kBlockQ, lq - i0);
+          const int64_t row0 = s.q0[b] + i0;
+          const int64_t packed = (int64_t(hh) * nqb + i0 / kBlockQ) * qblock_words;
+          const int off = causal ? i0 + diag - j0 : kNoMask;
+          bf16::qk_block(q.words(row0, h), q.ld_t / 2, rows, kp.block(hk, blk), n, D, P, kBlockK, 1.f, off);
+          bf16::qk_block(dout.words(row0, h), dout.ld_t / 2, rows, vp.block(hk, blk), n, D, dS, kBlockK, 1.f, off);
+          softmax_grad_rows(P, dS, rows, n, causal, i0, diag, j0, c, lse, delta, row0, h, Hq, total_q);
+          bf16::to_pairs_cols(P, kBlockK, rows, n, PT, kBlockK);
+          bf16::to_pairs_cols(dS, kBlockK, rows, n, dST, kBlockK);
+          bf16::to_pairs_rows(dS, kBlockK, rows, n, dSw, kBlockK / 2);
+          bf16::pv_block(PT, 1, kBlockK, n, st.dOp.data() + packed, rows, D, dV, D, kNoMask, -off);  // dV += P^T dO
+          bf16::pv_block(dST, 1, kBlockK, n, st.Qp.data() + packed, rows, D, dK, D, kNoMask, -off);  // dK += dS^T Q
+          bf16::pv_block(dSw, kBlockK / 2, 1, rows, krows.block(hk, blk), n, D, dQ + (int64_t(i0) * group + hh) * D,
+                         int64_t(group) * D, off);  // dQ += dS K
+        }
+      }
+      store_dk_dv(dK, dV, n, D, s.k0[b] + j0, hk, Hk, scale, dk, dv);
+    }
+    store_dq(dQ, lq, group, D, s.q0[b], hk, Hq, scale, dq);
+  }
+};
+
+#pragma GCC pop_options
+
+#endif
