@@ -6,7 +6,8 @@
 // log2-scaled scores), O += P V. Backward: one task per (sequence, kv head), so dK and dV of a key
 // block and dQ of the sequence are private to the task (no atomics, deterministic); P is rebuilt
 // from the saved log-sum-exp, never stored. Memory is O(seqlen): no seqlen x seqlen matrix exists.
-// All arithmetic is fp32; bf16/fp16 inputs are widened once up front.
+// All arithmetic is fp32; bf16/fp16 inputs are widened once up front, except bf16 on a CPU with the
+// bf16 dot product (flash_attn_bf16.h), which multiplies bf16 operands into fp32 accumulators.
 // Reference: internlm_fast/ops/flash_attn.py::attention_ref.
 // Compiled once per instruction set (isa_compile.h): no include guard; IFAST_ISA_LEVEL selects the
 // vector code of each path.
