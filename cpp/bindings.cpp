@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/onednn_gemm.h"
 #include "cpu/ops_cpu.h"
 #include "cpu/output_allocator.h"
 #ifdef IFAST_WITH_CUDA
@@ -38,6 +39,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the vector instruction set of the kernels that dispatch at run time (cpu/cpu_isa.h)
   cpu.def("isa", &ifast::cpu::isa);
   cpu.def("set_isa_cap", &ifast::cpu::set_isa_cap, py::arg("level"));
+  // the library that runs fp32 GEMMs: oneDNN where torch's BLAS leaves AVX-512 unused (cpu/onednn_gemm.h)
+  cpu.def("fp32_gemm", &ifast::cpu::fp32_gemm);
+  cpu.def("set_fp32_gemm", &ifast::cpu::set_fp32_gemm, py::arg("name"));
   cpu.def("rms_norm_fwd", &ifast::cpu::rms_norm_fwd, nogil, py::arg("x"), py::arg("weight"),
           py::arg("residual"), py::arg("eps"));
   cpu.def("rms_norm_bwd", &ifast::cpu::rms_norm_bwd, nogil, py::arg("dy"), py::arg("x"), py::arg("weight"),

@@ -2,6 +2,7 @@
 // fused_linear_cross_entropy_bwd: each runs kernels/cross_entropy.h compiled for the instruction set
 // cpu_isa() picks. The headers the body uses come first (isa_compile.h says why).
 #include "common.h"
+#include "onednn_gemm.h"
 #include "ops_cpu.h"
 #include "output_allocator.h"
 

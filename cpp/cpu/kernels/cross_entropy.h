@@ -259,15 +259,19 @@ std::vector<at::Tensor> fused_linear_cross_entropy_fwd(const at::Tensor& hidden,
   if (need_dweight && valid == 0) dw_acc.zero_();
 
   const at::Tensor wt = weight.t();
-  at::Tensor buf = valid > 0 ? empty_output({chunk, V}, dtype) : at::Tensor();
+  // fp32 on a CPU where oneDNN outruns torch's BLAS (onednn_gemm.h): the three GEMMs go there, and
+  // dweight sums transposed (H, V), the layout in which oneDNN takes that product fastest
+  const bool onednn = dtype == at::kFloat && onednn_fp32_gemm();
+  at::Tensor dw_t;
+  at::Tensor buf = valid > 0 && !onednn ? empty_output({chunk, V}, dtype) : at::Tensor();
   std::vector<double> loss(static_cast<size_t>(chunk));
   double total = 0;
   for (int64_t start = 0; start < valid; start += chunk) {
     const int64_t c = std::min(chunk, valid - start);
     at::Tensor idx = all_valid ? at::Tensor() : rows_idx.narrow(0, start, c);
     at::Tensor hc = all_valid ? hidden.narrow(0, start, c) : hidden.index_select(0, idx);
-    at::Tensor lc = buf.narrow(0, 0, c);
-    at::mm_out(lc, hc, wt);
+    at::Tensor lc = onednn ? linear_nt(hc, weight) : buf.narrow(0, 0, c);
+    if (!onednn) at::mm_out(lc, hc, wt);
     IFAST_DISPATCH_FLOATING(dtype, "fused_linear_cross_entropy_fwd", [&] {
       using A = acc_t<scalar_t>;
       ce_rows<scalar_t>(lc.mutable_data_ptr<scalar_t>(), vlab + start, c, V, ignore_index, nullptr, loss.data(),
@@ -277,12 +281,21 @@ std::vector<at::Tensor> fused_linear_cross_entropy_fwd(const at::Tensor& hidden,
     if (need_dhidden) {
       if (all_valid) {
         at::Tensor out = dhidden.narrow(0, start, c);
-        at::mm_out(out, lc, weight);
+        if (onednn)
+          out.copy_(linear_nt(lc, wt));
+        else
+          at::mm_out(out, lc, weight);
       } else {
-        dhidden.index_copy_(0, idx, at::mm(lc, weight));
+        dhidden.index_copy_(0, idx, onednn ? linear_nt(lc, wt) : at::mm(lc, weight));
       }
     }
-    if (need_dweight) {
+    if (need_dweight && onednn) {
+      at::Tensor part = linear_nt(hc.t().contiguous(), lc.t());  // (H, V) = hc^T lc
+      if (start == 0)
+        dw_t = part;
+      else
+        dw_t.add_(part);
+    } else if (need_dweight) {
       const at::Tensor lt = dtype == acc ? lc.t() : lc.to(acc).t();
       const at::Tensor ha = dtype == acc ? hc : hc.to(acc);
       if (start == 0)
@@ -291,6 +304,7 @@ std::vector<at::Tensor> fused_linear_cross_entropy_fwd(const at::Tensor& hidden,
         dw_acc.addmm_(lt, ha);
     }
   }
+  if (dw_t.defined()) dweight.copy_(dw_t.t());
   if (need_dweight && dtype != acc) dweight.copy_(dw_acc);
   if (red == Reduction::kMean) total = valid > 0 ? total / static_cast<double>(valid) : 0.0;
   return {scalar_loss(total, dtype), dhidden, dweight};

@@ -307,7 +307,9 @@ class InternLMForCausalLM(nn.Module):
         if labels is None:
             if self.head.quantized:
                 return CausalLMOutput(logits=self.head.int8_linear(h))
-            return CausalLMOutput(logits=self.head.bf16_linear(h) if self.head.laid_out else self.lm_head(h))
+            if self.head.laid_out:
+                return CausalLMOutput(logits=self.head.bf16_linear(h))
+            return CausalLMOutput(logits=ops.linear(h, self.lm_head.weight))
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}")
         target = labels[:, 1:].clone()
@@ -316,7 +318,7 @@ class InternLMForCausalLM(nn.Module):
             target[0, ends[(ends >= 0) & (ends < target.shape[1])]] = -100
         hs = h[:, :-1].reshape(-1, h.shape[-1])
         loss = ops.fused_linear_cross_entropy(hs, self.lm_head.weight, target.reshape(-1))
-        logits = self.lm_head(h) if return_logits else None
+        logits = ops.linear(h, self.lm_head.weight) if return_logits else None
         return CausalLMOutput(loss=loss, logits=logits, num_targets=(target != -100).sum())
 
     def forward_cached(

@@ -39,6 +39,7 @@ from internlm_fast.ops.inference import (
     inference_kernels,
     quantize_int8,
 )
+from internlm_fast.ops.linear import linear
 
 if TYPE_CHECKING:
     from .modeling import ForwardContext
@@ -109,10 +110,10 @@ def packed_linear(x: Tensor, linears: tuple[nn.Linear, ...]) -> Tensor:
     backward one input-gradient GEMM and one weight-gradient GEMM, N times larger, which run markedly
     faster than N small ones."""
     if x.numel() < FUSED_GEMM_MIN_TOKENS * x.shape[-1]:
-        return torch.cat([lin(x) for lin in linears], dim=-1)
+        return torch.cat([linear(x, lin.weight, lin.bias) for lin in linears], dim=-1)
     weight = torch.cat([lin.weight for lin in linears])
     bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
-    return F.linear(x, weight, bias)
+    return linear(x, weight, bias)
 
 
 class Projection:
@@ -141,7 +142,7 @@ class Projection:
             return self.bf16_linear(x, ctx.kernels)
         if ctx.cache is None:
             if len(self.linears) == 1:
-                return self.linears[0](x)
+                return linear(x, self.linears[0].weight, self.linears[0].bias)
             return packed_linear(x, self.linears)
         c = self._copies
         if c is None or ctx.cu_seqlens is not None:

@@ -20,6 +20,7 @@ from .flash_attn_packed import (
     flash_attn_varlen_qkvpacked_func,
 )
 from .flatten_scale import flatten_scale_, flatten_scale_ref
+from .linear import fp32_gemm, linear, use_fp32_gemm
 from .rms_norm import rms_norm, rms_norm_ref
 from .rotary import apply_rotary, apply_rotary_ref
 from .swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
@@ -44,6 +45,9 @@ __all__ = [
     "fused_linear_cross_entropy_ref",
     "flatten_scale_",
     "flatten_scale_ref",
+    "linear",
+    "fp32_gemm",
+    "use_fp32_gemm",
     "flash_attn_func",
     "flash_attn_varlen_func",
     "flash_attn_qkvpacked_func",

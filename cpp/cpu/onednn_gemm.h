@@ -1,0 +1,33 @@
+// fp32 GEMMs through oneDNN where torch's BLAS leaves the CPU's AVX-512 unused.
+//
+// torch multiplies fp32 matrices on the CPU with MKL, which picks its code by CPU vendor: on AMD
+// CPUs with AVX-512 (Zen 4, Zen 5) it runs its AVX2 code, half the vector width there. oneDNN,
+// inside torch too (the op mkldnn::_linear_pointwise), picks its code by CPU features and runs
+// AVX-512: on 2 cores of a Zen 5, 2-2.5x MKL at the shapes of a training step. So on a CPU with
+// AVX-512 that is not Intel's, fp32 GEMMs of the model's linear layers (internlm_fast.ops.linear)
+// and of the fused lm-head cross-entropy go through oneDNN. On Intel CPUs MKL runs AVX-512 itself
+// and stays; bf16 GEMMs already go through oneDNN in ATen.
+// Following the CPU, the choice also follows the kernels' cap: IFAST_CPU_ISA=avx2 (or lower) keeps
+// the GEMMs on torch's BLAS, as on a CPU without AVX-512. IFAST_FP32_GEMM=onednn|aten overrides the
+// choice (read at the first query); set_fp32_gemm later.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+
+namespace ifast::cpu {
+
+// True when fp32 GEMMs should go through linear_nt (the choice above, oneDNN present in torch).
+bool onednn_fp32_gemm();
+
+// a (M, K) @ b (N, K)^T through oneDNN, fp32; any strides (a contiguous `a` runs fastest).
+at::Tensor linear_nt(const at::Tensor& a, const at::Tensor& b);
+
+// _C.cpu.fp32_gemm(): "onednn" or "aten", the library fp32 GEMMs use now.
+std::string fp32_gemm();
+// _C.cpu.set_fp32_gemm(name): "onednn" (where torch has it; else aten), "aten", or "auto" (follow
+// the CPU and the cap); returns the setting it replaced, for restoring. ValueError for another name.
+std::string set_fp32_gemm(const std::string& name);
+
+}  // namespace ifast::cpu

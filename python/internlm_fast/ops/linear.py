@@ -1,0 +1,105 @@
+"""x W^T + b (F.linear) for the model's projections, with fp32 GEMMs through oneDNN where torch's BLAS
+leaves the CPU's AVX-512 unused.
+
+torch multiplies fp32 matrices on the CPU with MKL, which picks its code by CPU vendor: on AMD CPUs
+with AVX-512 (Zen 4, Zen 5) it runs its AVX2 code, half the vector width there. oneDNN, inside torch
+too (torch.ops.mkldnn._linear_pointwise), picks its code by the CPU's features and runs AVX-512: on 2
+cores of a Zen 5, 2-2.5x MKL at the shapes of a training step (bench/bench_linear.py). So where the
+native module sends fp32 GEMMs to oneDNN (`_C.cpu.fp32_gemm()`: a CPU with AVX-512 that is not
+Intel's, kernels not capped below AVX-512 by IFAST_CPU_ISA; or IFAST_FP32_GEMM=onednn), an fp32
+linear on CPU tensors runs its forward and both backward GEMMs there. Everything else is F.linear as
+it is: Intel CPUs, where MKL runs AVX-512 itself; AVX2-only CPUs; bf16, whose GEMMs ATen already
+sends to oneDNN; CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backend
+
+
+def fp32_gemm() -> str:
+    """The library fp32 GEMMs on CPU tensors run on: "onednn" or "aten" (torch's own choice, MKL)."""
+    if not backend.available("cpu"):
+        return "aten"
+    cpu = backend.kernels("cpu")
+    return cpu.fp32_gemm() if hasattr(cpu, "fp32_gemm") else "aten"
+
+
+@contextlib.contextmanager
+def use_fp32_gemm(name: str) -> Iterator[None]:
+    """Runs the body with fp32 GEMMs on `name` ("onednn" or "aten"); the previous setting afterwards.
+    ValueError for another name or where the choice cannot be made (no native module, no oneDNN)."""
+    if name not in ("onednn", "aten"):
+        raise ValueError(f"fp32 GEMM library must be 'onednn' or 'aten', got {name!r}")
+    if not backend.available("cpu"):
+        if name == "aten":
+            yield
+            return
+        raise ValueError("fp32 GEMMs can move to oneDNN only with the native cpu module built")
+    cpu = backend.kernels("cpu")
+    before = cpu.set_fp32_gemm(name)
+    try:
+        if cpu.fp32_gemm() != name:
+            raise ValueError(f"fp32 GEMMs cannot run on {name} here: this torch build has no oneDNN")
+        yield
+    finally:
+        cpu.set_fp32_gemm(before)
+
+
+def _mm_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """a (M, K) @ b (N, K)^T + bias through oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return _mm_nt(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x2, weight = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _mm_nt(dy2, weight.t()).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            out_features, in_features = weight.shape
+            # dW = dY^T X: oneDNN takes it fastest with the longer side as its N, so a wide weight
+            # is summed transposed (X^T dY) and turned once
+            if out_features >= in_features:
+                dw = _mm_nt(x2.t().contiguous(), dy2.t()).t().contiguous()
+            else:
+                dw = _mm_nt(dy2.t().contiguous(), x2.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return dx, dw, db
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias), its fp32 GEMMs on oneDNN where fp32_gemm() says so. Never under
+    use_backend("ref"), which runs plain torch, nor under a torch dispatch mode (FlopCounterMode,
+    fake tensors), which knows aten's matmuls and not oneDNN's op."""
+    if (
+        x.device.type == "cpu"
+        and backend.forced_backend() != "ref"
+        and torch._C._len_torch_dispatch_stack() == 0
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.shape[-1] == weight.shape[-1]
+        and x.numel() > 0
+        and fp32_gemm() == "onednn"
+    ):
+        return _OneDnnLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)

@@ -1,0 +1,147 @@
+"""ops.linear: F.linear with fp32 GEMMs on oneDNN where torch's BLAS leaves AVX-512 unused. Forward
+and both gradients match F.linear under either GEMM library, the choice follows the CPU and the
+environment, and everything outside fp32 CPU tensors is F.linear itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from internlm_fast.ops import available, backend
+from internlm_fast.ops.linear import fp32_gemm, linear, use_fp32_gemm
+
+needs_onednn = pytest.mark.skipif(
+    not (available("cpu") and hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()),
+    reason="needs the native cpu module and a torch build with oneDNN",
+)
+
+# (leading dims of x, in_features, out_features, bias)
+SHAPES = [
+    ((2, 50), 64, 192, True),  # wide weight: dW summed transposed
+    ((130,), 96, 40, False),  # narrow weight
+    ((1, 7, 3), 8, 8, True),
+    ((300,), 256, 256, False),
+]
+
+
+def _grads(fn, x, w, b, dy):
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    b = b.detach().requires_grad_() if b is not None else None
+    y = fn(x, w, b)
+    y.backward(dy)
+    return [y, x.grad, w.grad] + ([b.grad] if b is not None else [])
+
+
+@needs_onednn
+@pytest.mark.parametrize("gemm", ["onednn", "aten"])
+@pytest.mark.parametrize("lead, fin, fout, bias", SHAPES)
+def test_forward_and_grads_match_f_linear(gemm, lead, fin, fout, bias):
+    g = torch.Generator().manual_seed(fin + fout)
+    x = torch.randn(*lead, fin, generator=g)
+    w = torch.randn(fout, fin, generator=g) / fin**0.5
+    b = torch.randn(fout, generator=g) if bias else None
+    dy = torch.randn(*lead, fout, generator=g)
+    with use_fp32_gemm(gemm):
+        ours = _grads(linear, x, w, b, dy)
+    want = _grads(F.linear, x.double(), w.double(), None if b is None else b.double(), dy.double())
+    for name, a, ref in zip(("y", "dx", "dw", "db"), ours, want):
+        assert a.dtype == torch.float32 and a.shape == ref.shape, name
+        # fp32 GEMM rounding: a few ulps of the summed magnitudes
+        tol = 1e-5 * max(1.0, ref.abs().max().item()) * max(fin, x.numel() // fin) ** 0.5
+        assert (a.double() - ref).abs().max().item() <= tol, f"{gemm} {name}"
+
+
+@needs_onednn
+def test_non_contiguous_input_and_partial_grads():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(40, 2, 64, generator=g)
+    x = base[:, 1]  # rows 128 floats apart
+    w = torch.randn(32, 64, generator=g, requires_grad=True)
+    with use_fp32_gemm("onednn"):
+        y = linear(x, w)  # x needs no grad: only dW is computed
+        y.square().sum().backward()
+    w2 = w.detach().clone().requires_grad_()
+    F.linear(x, w2).square().sum().backward()
+    torch.testing.assert_close(y, F.linear(x, w.detach()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_the_onednn_path_is_taken_and_other_dtypes_are_f_linear(monkeypatch):
+    module = sys.modules["internlm_fast.ops.linear"]  # ops.linear is the function
+    calls = []
+    real = module._mm_nt
+
+    def spy(a, b, bias=None):
+        calls.append(a.dtype)
+        return real(a, b, bias)
+
+    monkeypatch.setattr(module, "_mm_nt", spy)
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    with use_fp32_gemm("onednn"):
+        linear(x, w)
+        linear(x.bfloat16(), w.bfloat16())
+        linear(x.double(), w.double())
+    with use_fp32_gemm("aten"):
+        linear(x, w)
+    assert calls == [torch.float32]
+
+
+def test_bad_shapes_fail_as_f_linear_does():
+    with pytest.raises(RuntimeError):
+        linear(torch.randn(3, 5), torch.randn(4, 6))
+
+
+def test_use_fp32_gemm_names_the_choices():
+    with pytest.raises(ValueError, match="'onednn' or 'aten'"):
+        with use_fp32_gemm("mkl"):
+            pass
+
+
+@pytest.mark.skipif(not available("cpu"), reason="the cpu backend is not built")
+def test_the_choice_follows_the_cpu_and_the_environment():
+    code = "import torch; from internlm_fast.ops import fp32_gemm; print(fp32_gemm())"
+
+    def choice(value: str | None, isa: str | None = None) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("IFAST_FP32_GEMM", "IFAST_CPU_ISA")}
+        if value is not None:
+            env["IFAST_FP32_GEMM"] = value
+        if isa is not None:
+            env["IFAST_CPU_ISA"] = isa
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    has_onednn = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+    avx512 = all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+    intel = "GenuineIntel" in flags
+    assert choice(None) == ("onednn" if has_onednn and avx512 and not intel else "aten")
+    assert choice(None, isa="avx2") == "aten"  # capped below AVX-512: as on a CPU without it
+    assert choice("aten") == "aten"
+    assert choice("onednn") == ("onednn" if has_onednn else "aten")
+    assert choice("onednn", isa="avx2") == choice("onednn")  # an explicit choice holds under the cap
+    assert fp32_gemm() == backend.kernels("cpu").fp32_gemm()
+    with pytest.raises(ValueError, match="onednn, aten or auto"):
+        backend.kernels("cpu").set_fp32_gemm("mkl")
+
+
+@needs_onednn
+def test_flop_counter_and_the_ref_backend_see_plain_torch():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from internlm_fast.ops import use_backend
+
+    x = torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(32, 16, requires_grad=True)
+    with use_fp32_gemm("onednn"):
+        with FlopCounterMode(display=False) as counter:
+            linear(x, w).sum().backward()
+        assert counter.get_total_flops() == 3 * 2 * 8 * 16 * 32
+        with use_backend("ref"):
+            y = linear(x, w)
+    assert y.grad_fn.name() == F.linear(x, w).grad_fn.name()
