@@ -17,7 +17,7 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 13, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 16])
 @pytest.mark.parametrize(("k", "n"), [(256, 768), (688, 256), (64, 16), (3, 48), (37, 80)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_matches_addmm(rows, k, n, with_bias):

@@ -4,7 +4,7 @@
 // every call and runs short M on one thread, so a batch-8 step costs several times a batch-1 step
 // although both stream the same weights from memory. Here each thread owns whole panels; a
 // microkernel keeps R rows x 16P columns of accumulators in registers and streams P panels,
-// contiguous, once per 6 rows (from L2 after the first).
+// contiguous, once per 8 rows on AVX-512, 6 on AVX2 (from L2 after the first).
 // Reference: torch.addmm(bias, x, W).
 // Compiled once per instruction set (isa_compile.h): no include guard; IFAST_ISA_LEVEL selects the
 // vector code of each path.
@@ -12,8 +12,14 @@
 namespace ifast::cpu::IFAST_ISA {
 namespace {
 
-constexpr int kCols = 16;  // columns per panel: two AVX2 registers
-constexpr int kRows = 6;   // rows per microkernel call: 12 accumulators + 2 panel loads + 1 broadcast
+constexpr int kCols = 16;  // columns per panel: one AVX-512 register, two AVX2 ones
+#if IFAST_ISA_LEVEL >= 2
+// rows per microkernel call: 8 rows x 3 panels = 24 accumulators + 3 panel loads + 1 broadcast of the
+// 32 zmm registers, so a batch-8 decode step reads each panel once
+constexpr int kRows = 8;
+#else
+constexpr int kRows = 6;  // 12 accumulators + 2 panel loads + 1 broadcast of the 16 ymm registers
+#endif
 // Panel rows (64 B, one cache line each) prefetched ahead of the one being multiplied. The hardware
 // prefetcher alone leaves a batch-1 decode step waiting on memory; 16 lines ahead is too short a
 // lead, 64 and 128 gain nothing over 32.
@@ -26,7 +32,34 @@ constexpr int kPrefetchRows = 32;
 // by the compiler into registers (checked: no stack traffic in the loop).
 template <int R, int P>
 inline void tile(const float* x, int64_t K, const float* w, const float* bias, float* out, int64_t ldo) {
-#if IFAST_ISA_LEVEL >= 1
+#if IFAST_ISA_LEVEL >= 2
+  __m512 c[R][P];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+    const __m512 z = bias ? _mm512_loadu_ps(bias + p * kCols) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) c[r][p] = z;
+  }
+  const int64_t ldp = K * kCols;
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[P];
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) {
+      b[p] = _mm512_loadu_ps(w + p * ldp + k * kCols);
+      _mm_prefetch(reinterpret_cast<const char*>(w + p * ldp + (k + kPrefetchRows) * kCols), _MM_HINT_T0);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * K + k]);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) c[r][p] = _mm512_fmadd_ps(a, b[p], c[r][p]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) _mm512_storeu_ps(out + r * ldo + p * kCols, c[r][p]);
+#elif IFAST_ISA_LEVEL >= 1
   __m256 c[R][2 * P];
 #pragma GCC unroll 16
   for (int j = 0; j < 2 * P; ++j) {
@@ -68,8 +101,13 @@ inline void tile(const float* x, int64_t K, const float* w, const float* bias, f
 #endif
 }
 
-// Panels taken at once for R rows (see tile).
+// Panels taken at once for R rows (see tile): enough FMA chains to hide the latency, within the
+// registers (AVX-512: R * P + P + 1 <= 32; AVX2: 2 R P + 2 P + 1 <= 16).
+#if IFAST_ISA_LEVEL >= 2
+constexpr int panels_at_once(int R) { return R <= 4 ? 4 : 3; }
+#else
 constexpr int panels_at_once(int R) { return R == 1 ? 4 : R <= 3 ? 2 : 1; }
+#endif
 
 // Rows [0, R) of x times panels [p0, p1): groups of panels_at_once(R), then single panels.
 template <int R>
@@ -83,7 +121,11 @@ void rows(const float* x, int64_t K, const float* w, int64_t p0, int64_t p1, con
 }
 
 using RowsFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t);
+#if IFAST_ISA_LEVEL >= 2
+constexpr RowsFn kRowsFn[kRows + 1] = {nullptr, rows<1>, rows<2>, rows<3>, rows<4>, rows<5>, rows<6>, rows<7>, rows<8>};
+#else
 constexpr RowsFn kRowsFn[kRows + 1] = {nullptr, rows<1>, rows<2>, rows<3>, rows<4>, rows<5>, rows<6>};
+#endif
 
 }  // namespace
 
@@ -104,10 +146,11 @@ at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& panels_w, cons
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   // 8 panels (128 columns) a task at least: fewer would cost more in scheduling than they compute.
-  // Four panels at a time go through every group of rows, the later groups reading them from L2.
+  // 12 panels at a time (a multiple of every panels_at_once) go through every group of rows, the later
+  // groups reading them from L2.
   at::parallel_for(0, panels, 8, [&](int64_t p0, int64_t p1) {
-    for (int64_t q0 = p0; q0 < p1; q0 += 4) {
-      const int64_t q1 = std::min<int64_t>(p1, q0 + 4);
+    for (int64_t q0 = p0; q0 < p1; q0 += 12) {
+      const int64_t q1 = std::min<int64_t>(p1, q0 + 12);
       for (int64_t r0 = 0; r0 < M; r0 += kRows) {
         const int64_t r = std::min<int64_t>(kRows, M - r0);
         kRowsFn[r](xp + r0 * K, K, wp, q0, q1, bp, op + r0 * N, N);

@@ -150,11 +150,11 @@ class Projection:
         wt, bias, panels, few_rows = c
         if panels is not None and x.shape[0] <= FEW_ROWS:
             return few_rows(x, panels, bias)
-        if wt is not None:
-            return torch.mm(x, wt) if bias is None else torch.addmm(bias, x, wt)
+        if wt is not None:  # (in, out): F.linear of its transpose is addmm(bias, x, wt)
+            return linear(x, wt.t(), bias)
         if len(self.linears) == 1:
-            return F.linear(x, self.linears[0].weight, self.linears[0].bias)
-        return torch.cat([F.linear(x, lin.weight, lin.bias) for lin in self.linears], dim=-1)
+            return linear(x, self.linears[0].weight, self.linears[0].bias)
+        return torch.cat([linear(x, lin.weight, lin.bias) for lin in self.linears], dim=-1)
 
     def _versions(self) -> tuple:
         return tuple(
