@@ -23,7 +23,7 @@ def _rope(seqlen, rotary_dim):
 
 
 @pytest.mark.parametrize("hq, hk", [(8, 8), (8, 2), (4, 1)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_decoding_token_by_token_equals_full_causal_forward(impl_device, hq, hk, dtype):
     """Prefill a prompt into the cache, then decode one token at a time with rotary applied at the
     cache offset: every step equals the same positions of one full causal forward."""
@@ -82,6 +82,23 @@ def test_long_cache_split_mqa(impl_device):
         out = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4321)
     ref = flash_attn_with_kvcache_ref(q, kc, vc, cache_seqlens=4321)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d", [40, 72, 96, 128])  # 8 mod 16, 8 mod 16, a multiple of 32 not 64, of 64
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_head_dims_and_cache_dtypes(impl_device, d, dtype):
+    """A decode step of 2 sequences reads its caches in place in every dtype, whatever slice of the
+    head dimension the vector loops leave over, against the reference on the same cache values."""
+    impl, device = impl_device
+    g = torch.Generator().manual_seed(d)
+    q = torch.randn(2, 1, 4, d, generator=g).to(device, dtype)
+    kc, vc = (torch.randn(2, 150, 2, d, generator=g).to(device, dtype) for _ in range(2))
+    lens = torch.tensor([150, 61], dtype=torch.int32, device=device)
+    with use_backend(impl):
+        out = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)
+    ref = flash_attn_with_kvcache_ref(q.double(), kc.double(), vc.double(), cache_seqlens=lens)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
 def test_no_new_tokens_and_empty_cache(impl_device):

@@ -10,9 +10,10 @@
 //   cross a page, so the scores and P V of a run read one page with fixed strides.
 //   (Walking each block token by token across the heads is no faster: with the cache out of L3, a
 //   batch-8 step is bound by DRAM bandwidth either way.)
-// - Scores of 8 keys at once (fp32, AVX2): eight D-long dot products accumulate side by side and
-//   one transpose-and-add reduces them, instead of a horizontal sum per key; P V keeps a 32-float
-//   slice of the output row in registers while it walks the block's values.
+// - Scores of 8 keys at once: eight D-long dot products accumulate side by side (zmm on AVX-512, ymm
+//   on AVX2; bf16 and fp16 caches widened in registers) and one transpose-and-add reduces them,
+//   instead of a horizontal sum per key; P V keeps a 64-float (AVX-512) or 32-float (AVX2) slice of
+//   the output row in registers while it walks the block's values.
 // Reference: internlm_fast/ops/flash_attn_kvcache.py::flash_attn_with_kvcache_ref.
 // Compiled once per instruction set (isa_compile.h): no include guard; IFAST_ISA_LEVEL selects the
 // vector code of each path.
@@ -33,69 +34,146 @@ inline float dot1(const float* q, const T* k, int D) {
   return acc;
 }
 
-// s[i] = q . k[i * ldk] for i < 8, q fp32.
+#if IFAST_ISA_LEVEL >= 1
+// 8 cache values widened to fp32: bf16 is the high half of an fp32, fp16 goes through F16C
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// transpose-and-add: lane i of the result is the sum of a_i's lanes. After two rounds of hadd, lane i
+// of each 128-bit half holds a partial sum of key i (low half) or key i + 4 (a4..a7); adding the
+// halves finishes every key.
+inline __m256 sum8x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+  const __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
+  const __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  const __m256 lo = _mm256_permute2f128_ps(u0, u1, 0x20), hi = _mm256_permute2f128_ps(u0, u1, 0x31);
+  return _mm256_add_ps(lo, hi);
+}
+#endif
+#if IFAST_ISA_LEVEL >= 2
+// (the zero-masked forms: GCC 12's plain ones read an undefined vector and warn of it)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtepu16_epi32(0xffff, h), 16));
+}
+// two F16C halves: GCC 12's _mm512_cvtph_ps warns of an uninitialised operand of its own
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(load8(p)), load8(p + 8), 1);
+}
+inline __m256 halves(__m512 a) {
+  return _mm256_add_ps(_mm512_maskz_extractf32x8_ps(0xff, a, 0), _mm512_maskz_extractf32x8_ps(0xff, a, 1));
+}
+#endif
+
+// Asks for rows [0, n) of x (ld apart, `bytes` each) to be brought into cache. A head's keys are
+// heads * D apart in the cache, a stride the hardware prefetchers do not follow across pages, so
+// without this each key row waits on DRAM.
+template <typename T>
+inline void prefetch_rows(const T* x, int64_t ld, int n, int bytes) {
+  for (int i = 0; i < n; ++i)
+    for (int b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(x + i * ld) + b);
+}
+constexpr int kPrefetchKeys = 16;  // keys ahead
+
+// s[i] = q . k[i * ldk] for i < 8, q fp32: eight D-long dot products side by side, one reduction.
 template <typename T>
 inline void dot8(const float* q, const T* k, int64_t ldk, int D, float* s) {
-#if IFAST_ISA_LEVEL >= 1
-  if constexpr (std::is_same_v<T, float>) {
-    if (D % 8 == 0) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-      for (int d = 0; d < D; d += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + d);
-        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + d), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + ldk + d), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * ldk + d), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * ldk + d), a3);
-        a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 4 * ldk + d), a4);
-        a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 5 * ldk + d), a5);
-        a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 6 * ldk + d), a6);
-        a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 7 * ldk + d), a7);
-      }
-      // transpose-and-add: after two rounds of hadd, lane i of each 128-bit half holds a partial
-      // sum of key i (low half) or key i + 4 (a4..a7); adding the halves finishes every key
-      const __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
-      const __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
-      const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-      const __m256 lo = _mm256_permute2f128_ps(u0, u1, 0x20), hi = _mm256_permute2f128_ps(u0, u1, 0x31);
-      _mm256_storeu_ps(s, _mm256_add_ps(lo, hi));
-      return;
+#if IFAST_ISA_LEVEL >= 2
+  if (D % 16 == 0) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int d = 0; d < D; d += 16) {
+      const __m512 qv = _mm512_loadu_ps(q + d);
+      a0 = _mm512_fmadd_ps(qv, load16(k + d), a0);
+      a1 = _mm512_fmadd_ps(qv, load16(k + ldk + d), a1);
+      a2 = _mm512_fmadd_ps(qv, load16(k + 2 * ldk + d), a2);
+      a3 = _mm512_fmadd_ps(qv, load16(k + 3 * ldk + d), a3);
+      a4 = _mm512_fmadd_ps(qv, load16(k + 4 * ldk + d), a4);
+      a5 = _mm512_fmadd_ps(qv, load16(k + 5 * ldk + d), a5);
+      a6 = _mm512_fmadd_ps(qv, load16(k + 6 * ldk + d), a6);
+      a7 = _mm512_fmadd_ps(qv, load16(k + 7 * ldk + d), a7);
     }
+    _mm256_storeu_ps(s, sum8x8(halves(a0), halves(a1), halves(a2), halves(a3), halves(a4), halves(a5), halves(a6),
+                               halves(a7)));
+    return;
+  }
+#endif
+#if IFAST_ISA_LEVEL >= 1
+  if (D % 8 == 0) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int d = 0; d < D; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(qv, load8(k + d), a0);
+      a1 = _mm256_fmadd_ps(qv, load8(k + ldk + d), a1);
+      a2 = _mm256_fmadd_ps(qv, load8(k + 2 * ldk + d), a2);
+      a3 = _mm256_fmadd_ps(qv, load8(k + 3 * ldk + d), a3);
+      a4 = _mm256_fmadd_ps(qv, load8(k + 4 * ldk + d), a4);
+      a5 = _mm256_fmadd_ps(qv, load8(k + 5 * ldk + d), a5);
+      a6 = _mm256_fmadd_ps(qv, load8(k + 6 * ldk + d), a6);
+      a7 = _mm256_fmadd_ps(qv, load8(k + 7 * ldk + d), a7);
+    }
+    _mm256_storeu_ps(s, sum8x8(a0, a1, a2, a3, a4, a5, a6, a7));
+    return;
   }
 #endif
   for (int i = 0; i < 8; ++i) s[i] = dot1(q, k + i * ldk, D);
 }
 
-// o[0..D) += sum_j p[j] * v[j * ldv][0..D) over n values.
+// o[0..D) += sum_j p[j] * v[j * ldv][0..D) over n values: a slice of the output row stays in
+// registers while the values stream past (64 floats on AVX-512, 32 on AVX2).
 template <typename T>
 inline void add_pv(const float* p, const T* v, int64_t ldv, int n, float* o, int D) {
-#if IFAST_ISA_LEVEL >= 1
-  if constexpr (std::is_same_v<T, float>) {
-    if (D % 32 == 0) {
-      for (int d = 0; d < D; d += 32) {
-        __m256 o0 = _mm256_loadu_ps(o + d), o1 = _mm256_loadu_ps(o + d + 8);
-        __m256 o2 = _mm256_loadu_ps(o + d + 16), o3 = _mm256_loadu_ps(o + d + 24);
-        for (int j = 0; j < n; ++j) {
-          const float* vr = v + j * ldv + d;
-          const __m256 pj = _mm256_broadcast_ss(p + j);
-          o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr), o0);
-          o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8), o1);
-          o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 16), o2);
-          o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 24), o3);
-        }
-        _mm256_storeu_ps(o + d, o0);
-        _mm256_storeu_ps(o + d + 8, o1);
-        _mm256_storeu_ps(o + d + 16, o2);
-        _mm256_storeu_ps(o + d + 24, o3);
-      }
-      return;
+  int d = 0;
+#if IFAST_ISA_LEVEL >= 2
+  for (; d + 64 <= D; d += 64) {
+    __m512 o0 = _mm512_loadu_ps(o + d), o1 = _mm512_loadu_ps(o + d + 16);
+    __m512 o2 = _mm512_loadu_ps(o + d + 32), o3 = _mm512_loadu_ps(o + d + 48);
+    for (int j = 0; j < n; ++j) {
+      const T* vr = v + j * ldv + d;
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      o0 = _mm512_fmadd_ps(pj, load16(vr), o0);
+      o1 = _mm512_fmadd_ps(pj, load16(vr + 16), o1);
+      o2 = _mm512_fmadd_ps(pj, load16(vr + 32), o2);
+      o3 = _mm512_fmadd_ps(pj, load16(vr + 48), o3);
     }
+    _mm512_storeu_ps(o + d, o0);
+    _mm512_storeu_ps(o + d + 16, o1);
+    _mm512_storeu_ps(o + d + 32, o2);
+    _mm512_storeu_ps(o + d + 48, o3);
+  }
+#endif
+#if IFAST_ISA_LEVEL >= 1
+  for (; d + 32 <= D; d += 32) {
+    __m256 o0 = _mm256_loadu_ps(o + d), o1 = _mm256_loadu_ps(o + d + 8);
+    __m256 o2 = _mm256_loadu_ps(o + d + 16), o3 = _mm256_loadu_ps(o + d + 24);
+    for (int j = 0; j < n; ++j) {
+      const T* vr = v + j * ldv + d;
+      const __m256 pj = _mm256_broadcast_ss(p + j);
+      o0 = _mm256_fmadd_ps(pj, load8(vr), o0);
+      o1 = _mm256_fmadd_ps(pj, load8(vr + 8), o1);
+      o2 = _mm256_fmadd_ps(pj, load8(vr + 16), o2);
+      o3 = _mm256_fmadd_ps(pj, load8(vr + 24), o3);
+    }
+    _mm256_storeu_ps(o + d, o0);
+    _mm256_storeu_ps(o + d + 8, o1);
+    _mm256_storeu_ps(o + d + 16, o2);
+    _mm256_storeu_ps(o + d + 24, o3);
+  }
+  for (; d + 8 <= D; d += 8) {
+    __m256 o0 = _mm256_loadu_ps(o + d);
+    for (int j = 0; j < n; ++j) o0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), load8(v + j * ldv + d), o0);
+    _mm256_storeu_ps(o + d, o0);
   }
 #endif
   for (int j = 0; j < n; ++j) {
     const T* __restrict vr = v + j * ldv;
     const float pj = p[j];
 #pragma omp simd
-    for (int d = 0; d < D; ++d) o[d] += pj * load(vr, d);
+    for (int c = d; c < D; ++c) o[c] += pj * load(vr, c);
   }
 }
 
@@ -192,7 +270,10 @@ struct Decode {
               const float* qr = Q + int64_t(r) * D;
               float* s = S + r * kDecodeBlock + run.first;
               int j = 0;
-              for (; j + 8 <= run.n; j += 8) dot8(qr, kh + j * k_t, k_t, D, s + j);
+              for (; j + 8 <= run.n; j += 8) {
+                if (t == 0 && g == 0) prefetch_rows(kh + (j + kPrefetchKeys) * k_t, k_t, 8, D * int(sizeof(T)));
+                dot8(qr, kh + j * k_t, k_t, D, s + j);
+              }
               for (; j < run.n; ++j) s[j] = dot1(qr, kh + j * k_t, D);
             }
         }
