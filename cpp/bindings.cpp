@@ -42,6 +42,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the library that runs fp32 GEMMs: oneDNN where torch's BLAS leaves AVX-512 unused (cpu/onednn_gemm.h)
   cpu.def("fp32_gemm", &ifast::cpu::fp32_gemm);
   cpu.def("set_fp32_gemm", &ifast::cpu::set_fp32_gemm, py::arg("name"));
+  // bf16 attention's products: our AVX512-BF16 tiles, or oneDNN's brgemm (AMX) (cpu/onednn_gemm.h)
+  cpu.def("attn_bf16_gemm", &ifast::cpu::attn_bf16_gemm);
+  cpu.def("set_attn_bf16_gemm", &ifast::cpu::set_attn_bf16_gemm, py::arg("name"));
   cpu.def("rms_norm_fwd", &ifast::cpu::rms_norm_fwd, nogil, py::arg("x"), py::arg("weight"),
           py::arg("residual"), py::arg("eps"));
   cpu.def("rms_norm_bwd", &ifast::cpu::rms_norm_bwd, nogil, py::arg("dy"), py::arg("x"), py::arg("weight"),

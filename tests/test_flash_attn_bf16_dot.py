@@ -1,9 +1,10 @@
-"""Attention on bf16 inputs at the avx512_bf16 level (AVX512-BF16 dot products on bf16 operands, P and
-dS rounded to bf16, fp32 accumulation) against the fp64 oracle by the flash-attn rule, and against the
-same kernels capped at avx512 (every product on widened fp32 copies), over the shapes the bf16 tiles
-treat specially: several query and key blocks (128), lengths that are not a multiple of the 32-key
-panel or even, head dims of 8 mod 16, GQA, causal with seqlen_q != seqlen_k, varlen batches, views
-at an odd element offset, and prefill into a KV cache."""
+"""Attention on bf16 inputs at the avx512_bf16 level (bf16 operands, P and dS rounded to bf16, fp32
+accumulation) against the fp64 oracle by the flash-attn rule, and against the same kernels capped at
+avx512 (every product on widened fp32 copies), over the shapes the bf16 products treat specially:
+several query and key blocks (128), lengths that are not a multiple of the 32-key panel or even,
+head dims of 8 mod 16, GQA, causal with seqlen_q != seqlen_k, varlen batches, views at an odd
+element offset, and prefill into a KV cache. Every test runs twice: on our AVX512-BF16 tiles, and
+on oneDNN's brgemm (the AMX route; without AMX oneDNN runs its AVX512-BF16 kernel, same operands)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import subprocess
 import pytest
 import torch
 
-from internlm_fast.ops import use_backend
+from internlm_fast.ops import backend, use_backend
 from internlm_fast.ops.flash_attn import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func
 from internlm_fast.ops.flash_attn_kvcache import flash_attn_with_kvcache
 
@@ -22,6 +23,16 @@ from .conftest import ATOL, assert_matches_oracle, max_err
 from .isa_helpers import forced_isa, runnable_levels
 
 pytestmark = pytest.mark.skipif("avx512_bf16" not in runnable_levels(), reason="the CPU lacks AVX-512 with AVX512-BF16")
+
+
+@pytest.fixture(params=["tiles", "brgemm"], autouse=True)
+def bf16_gemm(request):
+    """The products of bf16 attention on our tiles or on oneDNN's brgemm, for the test's duration."""
+    cpu = backend.kernels("cpu")
+    before = cpu.set_attn_bf16_gemm(request.param)
+    assert cpu.attn_bf16_gemm() == request.param
+    yield request.param
+    cpu.set_attn_bf16_gemm(before)
 
 
 def _grads(fn, q, k, v, dout):
@@ -135,6 +146,11 @@ def test_fp32_inputs_run_the_same_code_at_both_levels():
         with forced_isa("avx512"):
             b = flash_attn_func(q, k, v, causal=True)
     assert torch.equal(a, b)
+
+
+def test_bad_gemm_name():
+    with pytest.raises(ValueError, match="brgemm, tiles or auto"):
+        backend.kernels("cpu").set_attn_bf16_gemm("amx")
 
 
 def test_the_module_holds_the_bf16_dot_product():

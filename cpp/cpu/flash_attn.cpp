@@ -2,9 +2,11 @@
 // kernels/flash_attn.h compiled for the instruction set cpu_isa() picks. The headers the body uses come
 // first (isa_compile.h says why).
 #include "common.h"
+#include "onednn_gemm.h"
 #include "ops_cpu.h"
 #include "output_allocator.h"
 
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/copy.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>

@@ -3,6 +3,7 @@
 #include "cpu_isa.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/core/stack.h>
 #include <c10/util/Exception.h>
 
@@ -45,6 +46,21 @@ int from_env() {
 
 std::atomic<int> g_choice{-2};  // -2 until the first query reads the environment
 
+// bf16 attention: -1 auto, 0 tiles, 1 brgemm; -2 until the first query reads IFAST_ATTN_BF16_GEMM
+std::atomic<int> g_attn{-2};
+
+int attn_from_env() {
+  const char* env = std::getenv("IFAST_ATTN_BF16_GEMM");
+  if (env != nullptr && std::string(env) == "brgemm") return 1;
+  if (env != nullptr && std::string(env) == "tiles") return 0;
+  return -1;
+}
+
+bool has_amx_packing() {
+  static const bool amx = at::native::cpublas::could_pack(at::kBFloat16);
+  return amx;
+}
+
 }  // namespace
 
 bool onednn_fp32_gemm() {
@@ -77,6 +93,26 @@ std::string set_fp32_gemm(const std::string& name) {
   const int v = name == "auto" ? -1 : name == "onednn" && linear_op().has_value() ? 1 : 0;
   const int before = g_choice.exchange(v, std::memory_order_relaxed);
   return before < 0 ? "auto" : before == 1 ? "onednn" : "aten";
+}
+
+bool attn_bf16_brgemm() {
+  int v = g_attn.load(std::memory_order_relaxed);
+  if (v == -2) {
+    int expected = -2;
+    g_attn.compare_exchange_strong(expected, attn_from_env());
+    v = g_attn.load(std::memory_order_relaxed);
+  }
+  return v < 0 ? has_amx_packing() : v == 1;
+}
+
+std::string attn_bf16_gemm() { return attn_bf16_brgemm() ? "brgemm" : "tiles"; }
+
+std::string set_attn_bf16_gemm(const std::string& name) {
+  TORCH_CHECK_VALUE(name == "brgemm" || name == "tiles" || name == "auto",
+                    "set_attn_bf16_gemm: expected brgemm, tiles or auto, got '", name, "'");
+  attn_bf16_brgemm();  // reads the environment first, so it cannot overwrite this later
+  const int before = g_attn.exchange(name == "auto" ? -1 : name == "brgemm" ? 1 : 0, std::memory_order_relaxed);
+  return before < 0 ? "auto" : before == 1 ? "brgemm" : "tiles";
 }
 
 }  // namespace ifast::cpu

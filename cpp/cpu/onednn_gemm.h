@@ -30,4 +30,16 @@ std::string fp32_gemm();
 // the CPU and the cap); returns the setting it replaced, for restoring. ValueError for another name.
 std::string set_fp32_gemm(const std::string& name);
 
+// bf16 attention's products (kernels/flash_attn_bf16.h) through oneDNN's batch-reduce GEMM kernel
+// (ATen's cpublas::brgemm, what ATen's own flash attention uses), which runs AMX tiles on CPUs that
+// have them (Intel Sapphire Rapids on), instead of our AVX512-BF16 tiles. "auto" (the default, or
+// IFAST_ATTN_BF16_GEMM) picks brgemm exactly where ATen would pack for AMX; "brgemm" forces it
+// (oneDNN then runs its AVX512-BF16 kernel, as fast as our tiles on a Zen 5: how the path is tested
+// without AMX); "tiles" forces ours.
+bool attn_bf16_brgemm();
+// _C.cpu.attn_bf16_gemm(): "brgemm" or "tiles", the choice now in force.
+std::string attn_bf16_gemm();
+// _C.cpu.set_attn_bf16_gemm(name): "brgemm", "tiles" or "auto"; returns the setting it replaced.
+std::string set_attn_bf16_gemm(const std::string& name);
+
 }  // namespace ifast::cpu

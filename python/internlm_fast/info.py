@@ -52,6 +52,11 @@ def _build() -> dict[str, object]:
             f"{_C.cpu.isa()}: the path the C++ cpu kernels run here (IFAST_CPU_ISA="
             f"{os.environ.get('IFAST_CPU_ISA', 'unset')} caps it: scalar, avx2, avx512, avx512_bf16)"
         )
+    if hasattr(_C.cpu, "attn_bf16_gemm"):  # oneDNN's brgemm (AMX) or our AVX512-BF16 tiles
+        info["attention bf16 products"] = (
+            f"{_C.cpu.attn_bf16_gemm()} at the avx512_bf16 level (IFAST_ATTN_BF16_GEMM="
+            f"{os.environ.get('IFAST_ATTN_BF16_GEMM', 'unset')}: brgemm, tiles or auto, brgemm where the CPU has AMX)"
+        )
     if hasattr(_C.cpu, "fp32_gemm"):  # oneDNN where torch's MKL would run AVX2 code on an AVX-512 CPU
         info["fp32 gemm"] = (
             f"{_C.cpu.fp32_gemm()}: the library fp32 linear layers and the fused cross-entropy multiply "

@@ -294,10 +294,10 @@ std::vector<at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k,
 #if IFAST_ISA_LEVEL >= 2
   if (use_bf16_tiles(q)) {
     const Rows16 q16 = bf16_rows(q), k16 = bf16_rows(k), v16 = bf16_rows(v);
-    const PackedKeys<uint32_t> kp = pack_pair_panels(k16, s, Hk, D), vp = pack_row_pair_blocks(v16, s, Hk, D);
+    const PackedKeys<uint32_t> kp = pack_pairs_along_d(k16, s, Hk, D), vp = pack_row_pair_blocks(v16, s, Hk, D);
     ForwardBf16 fwd{q16, kp, vp, s, D, Hq, Hq / Hk, float(softmax_scale) * kLog2e, causal,
                     out.mutable_data_ptr<at::BFloat16>(), lse.mutable_data_ptr<float>(), total_q,
-                    plan_forward(s, Hq, Hq / Hk)};
+                    plan_forward(s, Hq, Hq / Hk), attn_bf16_brgemm()};
     run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
     return {out, lse};
   }
@@ -335,12 +335,12 @@ std::vector<at::Tensor> flash_attn_bwd(const at::Tensor& dout, const at::Tensor&
   if (use_bf16_tiles(q)) {
     const Rows16 q16 = bf16_rows_head_major(q), d16 = bf16_rows_head_major(dout), k16 = bf16_rows(k),
                  v16 = bf16_rows(v);
-    const PackedKeys<uint32_t> kp = pack_pair_panels(k16, s, Hk, D), vp = pack_pair_panels(v16, s, Hk, D),
+    const PackedKeys<uint32_t> kp = pack_pairs_along_d(k16, s, Hk, D), vp = pack_pairs_along_d(v16, s, Hk, D),
                                krows = pack_row_pair_blocks(k16, s, Hk, D);
     BackwardBf16 bwd{q16, d16, kp, vp, krows, s, lse.const_data_ptr<float>(), delta.const_data_ptr<float>(),
                      D, Hq, Hk, Hq / Hk, float(softmax_scale), causal, total_q,
                      dq.mutable_data_ptr<at::BFloat16>(), dk.mutable_data_ptr<at::BFloat16>(),
-                     dv.mutable_data_ptr<at::BFloat16>()};
+                     dv.mutable_data_ptr<at::BFloat16>(), attn_bf16_brgemm()};
     run_tasks(int64_t(s.batch) * Hk, [&] { return bwd.make_state(); }, [&](int64_t t, auto& st) { bwd(t, st); });
     return {dq, dk, dv};
   }
@@ -420,11 +420,11 @@ std::vector<at::Tensor> flash_attn_kvcache_fwd(const at::Tensor& q, const at::Te
   if (use_bf16_tiles(q)) {
     const Rows16 q16 = bf16_rows(rows_view(q)), k16 = bf16_rows(rows_view(k_cache)),
                  v16 = bf16_rows(rows_view(v_cache));
-    const PackedKeys<uint32_t> kp = pack_pair_panels(k16, s, int(Hk), int(D)),
+    const PackedKeys<uint32_t> kp = pack_pairs_along_d(k16, s, int(Hk), int(D)),
                                vp = pack_row_pair_blocks(v16, s, int(Hk), int(D));
     ForwardBf16 fwd{q16, kp, vp, s, int(D), int(Hq), int(Hq / Hk), float(softmax_scale) * kLog2e, causal,
                     out.mutable_data_ptr<at::BFloat16>(), lse_rows.mutable_data_ptr<float>(), B * Sq,
-                    plan_forward(s, int(Hq), int(Hq / Hk))};
+                    plan_forward(s, int(Hq), int(Hq / Hk)), attn_bf16_brgemm()};
     run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
     lse.copy_(lse_rows.view({Hq, B, Sq}).transpose(0, 1));
     return {out, lse};

@@ -1,7 +1,10 @@
 // Flash attention on bf16 inputs with the bf16 dot product (the avx512_bf16 level): the forward and
-// backward of flash_attn.h with every product on bf16 operands (flash_attn_tiles_bf16.h) instead of
-// widened fp32 copies. The softmax, its running max and sum, and every accumulator stay fp32; P and
-// dS are rounded to bf16 before they multiply, as flash-attn does on the GPU.
+// backward of flash_attn.h with every product on bf16 operands instead of widened fp32 copies. The
+// softmax, its running max and sum, and every accumulator stay fp32; P and dS are rounded to bf16
+// before they multiply, as flash-attn does on the GPU. The products run on our AVX512-BF16 tiles
+// (flash_attn_tiles_bf16.h), or, on CPUs with AMX, on oneDNN's brgemm through ATen
+// (attn_bf16_brgemm(), onednn_gemm.h), which reads the same packed keys and values; it multiplies
+// whole blocks (no causal skip inside the diagonal block) and computes dK and dV transposed.
 // Part of the AVX-512 kernel body of flash_attn.h, included inside its anonymous namespace (the tiles
 // are included at namespace scope, before it).
 
@@ -35,12 +38,12 @@ inline bool use_bf16_tiles(const at::Tensor& q) {
   return q.scalar_type() == at::kBFloat16 && cpu_isa() >= Isa::avx512_bf16;
 }
 
-// K in bf16 pair panels (S = Q K^T, dP = dO V^T) and V or K interleaved two rows by two (O += P V,
-// dQ += dS K): kBlockK * D / 2 words per key block either way.
-PackedKeys<uint32_t> pack_pair_panels(const Rows16& k, const Seqs& s, int Hk, int D) {
+// K (or V) in pairs along D, kBlockK keys to a row (S = Q K^T, dP = dO V^T), and V or K interleaved
+// two rows by two (O += P V, dQ += dS K): kBlockK * D / 2 words per key block either way.
+PackedKeys<uint32_t> pack_pairs_along_d(const Rows16& k, const Seqs& s, int Hk, int D) {
   return pack_blocks<uint32_t>(k, s, Hk, int64_t(kBlockK) * D / 2, [D](const uint16_t* x, int64_t ld, int n,
                                                                        uint32_t* out) {
-    bf16::pack_k_pairs(x, ld, n, D, out);
+    bf16::pack_k_pairs(x, ld, n, D, kBlockK, out);
   });
 }
 
@@ -51,9 +54,24 @@ PackedKeys<uint32_t> pack_row_pair_blocks(const Rows16& v, const Seqs& s, int Hk
   });
 }
 
+// C (M x N, ldc) (+)= A B through oneDNN's brgemm: A bf16 rows (lda elements apart), B in pair words
+// (K / 2 rows of N, ldb words apart), K even.
+inline void bf16_brgemm(int M, int N, int K, const void* A, int64_t lda, const uint32_t* B, int64_t ldb, float* C,
+                   int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, static_cast<const at::BFloat16*>(A),
+                              reinterpret_cast<const at::BFloat16*>(B), C, true);
+}
+
+inline int even(int n) { return (n + 1) / 2 * 2; }
+
+inline void scale_row(float* x, int n, float c) {
+#pragma omp simd
+  for (int j = 0; j < n; ++j) x[j] *= c;
+}
+
 struct ForwardBf16 {
   const Rows16& q;
-  const PackedKeys<uint32_t>&kp, &vp;  // K pair panels, V row pairs
+  const PackedKeys<uint32_t>&kp, &vp;  // K pairs along D, V row pairs
   const Seqs& s;
   int D, Hq, group;
   float qscale;
@@ -62,6 +80,7 @@ struct ForwardBf16 {
   float* lse;
   int64_t total_q;
   std::vector<ForwardTask> tasks;
+  bool brgemm;
 
   struct State {
     std::vector<uint16_t> Qb;
@@ -93,19 +112,28 @@ struct ForwardBf16 {
       const int n = std::min(kBlockK, kv_end - j0);
       const int off = causal ? q0 + diag - j0 : kNoMask;
       const int64_t blk = blk0 + j0 / kBlockK;
-      bf16::qk_block(Qw, D / 2, rows, kp.block(hk, blk), n, D, S, kBlockK, qscale, off);
+      if (brgemm) {
+        bf16_brgemm(rows, n, D, Qb, D, kp.block(hk, blk), kBlockK, S, kBlockK, false);
+        for (int r = 0; r < rows; ++r) scale_row(S + r * kBlockK, n, qscale);
+      } else {
+        bf16::qk_block(Qw, D / 2, rows, kp.block(hk, blk), kBlockK, n, D, S, kBlockK, qscale, off);
+      }
       for (int r = 0; r < rows; ++r)
         online_softmax_row(S + r * kBlockK, visible(causal, q0 + r, diag, j0, n), n, m[r], l[r], Ob + r * D, D);
       bf16::to_pairs_rows(S, kBlockK, rows, n, Pw, kBlockK / 2);
-      bf16::pv_block(Pw, kBlockK / 2, 1, rows, vp.block(hk, blk), n, D, Ob, D, off);
+      if (brgemm)
+        bf16_brgemm(rows, D, even(n), Pw, kBlockK, vp.block(hk, blk), D, Ob, D, true);
+      else
+        bf16::pv_block(Pw, kBlockK / 2, 1, rows, vp.block(hk, blk), n, D, Ob, D, off);
     }
+    if (brgemm) at::native::cpublas::brgemm_release(true);
     finish_forward_rows(Ob, m, l, rows, D, s.q0[b] + q0, h, Hq, total_q, out, lse);
   }
 };
 
 struct BackwardBf16 {
   const Rows16 &q, &dout;                      // head-major
-  const PackedKeys<uint32_t>&kp, &vp, &krows;  // K and V pair panels, K row pairs
+  const PackedKeys<uint32_t>&kp, &vp, &krows;  // K and V pairs along D, K row pairs
   const Seqs& s;
   const float* lse;
   const float* delta;
@@ -114,16 +142,21 @@ struct BackwardBf16 {
   bool causal;
   int64_t total_q;
   at::BFloat16 *dq, *dk, *dv;
+  bool brgemm;
 
   struct State {
-    std::vector<float> P, dS, dK, dV, dQ;
-    std::vector<uint32_t> PT, dST, dSw, Qp, dOp;
+    std::vector<float> P, dS, dK, dV, dQ, dKt, dVt;
+    std::vector<uint32_t> PT, dST, dSw;
+    std::vector<uint16_t> Qx, dOx;  // Q and dO per query block: row pairs (tiles) or transposed (brgemm)
   };
   State make_state() const {
-    const size_t tile = kBlockQ * kBlockK, tile_words = tile / 2;
-    return {std::vector<float>(tile), std::vector<float>(tile), std::vector<float>(kBlockK * D),
-            std::vector<float>(kBlockK * D), {}, std::vector<uint32_t>(tile_words), std::vector<uint32_t>(tile_words),
-            std::vector<uint32_t>(tile_words), {}, {}};
+    const size_t tile = kBlockQ * kBlockK, tile_words = tile / 2, kd = size_t(kBlockK) * D;
+    return {std::vector<float>(tile),       std::vector<float>(tile),
+            std::vector<float>(kd),         std::vector<float>(kd),
+            {},                             std::vector<float>(brgemm ? kd : 0),
+            std::vector<float>(brgemm ? kd : 0), std::vector<uint32_t>(tile_words),
+            std::vector<uint32_t>(tile_words), std::vector<uint32_t>(tile_words),
+            {},                             {}};
   }
 
   void operator()(int64_t t, State& st) const {
@@ -131,50 +164,81 @@ struct BackwardBf16 {
     const int lq = s.lq(b), lk = s.lk(b), diag = lk - lq;
     const float c = scale * kLog2e;
     float *P = st.P.data(), *dS = st.dS.data(), *dK = st.dK.data(), *dV = st.dV.data();
+    float *dKt = st.dKt.data(), *dVt = st.dVt.data();
     uint32_t *PT = st.PT.data(), *dST = st.dST.data(), *dSw = st.dSw.data();
     st.dQ.assign(size_t(lq) * group * D, 0.f);
     float* dQ = st.dQ.data();
-    // Q and dO of the group's heads, interleaved two rows by two per query block, once per task: they
-    // are B of dK += dS^T Q and dV += P^T dO for every key block
+    // Q and dO of the group's heads per query block, once per task, for dK and dV of every key block:
+    // interleaved two rows by two (B of dK += dS^T Q, dV += P^T dO on the tiles), or transposed (A of
+    // dK^T = Q^T dS, dV^T = dO^T P on brgemm); kBlockQ * D bf16 per block either way
     const int nqb = (lq + kBlockQ - 1) / kBlockQ;
-    const int64_t qblock_words = int64_t(kBlockQ / 2) * D;
-    st.Qp.resize(size_t(group) * nqb * qblock_words);
-    st.dOp.resize(st.Qp.size());
+    const int64_t qblock = int64_t(kBlockQ) * D;
+    st.Qx.resize(size_t(group) * nqb * qblock);
+    st.dOx.resize(st.Qx.size());
     for (int hh = 0; hh < group; ++hh)
       for (int i = 0; i < nqb; ++i) {
-        const int64_t row0 = s.q0[b] + int64_t(i) * kBlockQ, packed = (int64_t(hh) * nqb + i) * qblock_words;
-        const int rows = std::min(kBlockQ, lq - i * kBlockQ);
-        bf16::pack_row_pairs(q.at(row0, hk * group + hh), q.ld_t, rows, D, st.Qp.data() + packed);
-        bf16::pack_row_pairs(dout.at(row0, hk * group + hh), dout.ld_t, rows, D, st.dOp.data() + packed);
+        const int64_t row0 = s.q0[b] + int64_t(i) * kBlockQ, at = (int64_t(hh) * nqb + i) * qblock;
+        const int rows = std::min(kBlockQ, lq - i * kBlockQ), h = hk * group + hh;
+        uint16_t *qx = st.Qx.data() + at, *dox = st.dOx.data() + at;
+        if (brgemm) {
+          bf16::transpose_rows(q.at(row0, h), q.ld_t, rows, D, kBlockQ, qx);
+          bf16::transpose_rows(dout.at(row0, h), dout.ld_t, rows, D, kBlockQ, dox);
+        } else {
+          bf16::pack_row_pairs(q.at(row0, h), q.ld_t, rows, D, reinterpret_cast<uint32_t*>(qx));
+          bf16::pack_row_pairs(dout.at(row0, h), dout.ld_t, rows, D, reinterpret_cast<uint32_t*>(dox));
+        }
       }
     const int64_t blk0 = s.kblock0[b];
     for (int j0 = 0; j0 < lk; j0 += kBlockK) {
       const int n = std::min(kBlockK, lk - j0);
-      std::fill(dK, dK + n * D, 0.f);
-      std::fill(dV, dV + n * D, 0.f);
       const int64_t blk = blk0 + j0 / kBlockK;
+      float *dKacc = brgemm ? dKt : dK, *dVacc = brgemm ? dVt : dV;  // (D, kBlockK) or (n, D)
+      std::fill(dKacc, dKacc + (brgemm ? int64_t(D) * kBlockK : int64_t(n) * D), 0.f);
+      std::fill(dVacc, dVacc + (brgemm ? int64_t(D) * kBlockK : int64_t(n) * D), 0.f);
       const int i_lo = causal ? std::clamp(j0 - diag, 0, lq) : 0;
       for (int hh = 0; hh < group; ++hh) {
         const int h = hk * group + hh;
         for (int i0 = i_lo / kBlockQ * kBlockQ; i0 < lq; i0 += kBlockQ) {
           const int rows = std::min(kBlockQ, lq - i0);
           const int64_t row0 = s.q0[b] + i0;
-          const int64_t packed = (int64_t(hh) * nqb + i0 / kBlockQ) * qblock_words;
+          const int64_t at = (int64_t(hh) * nqb + i0 / kBlockQ) * qblock;
           const int off = causal ? i0 + diag - j0 : kNoMask;
-          bf16::qk_block(q.words(row0, h), q.ld_t / 2, rows, kp.block(hk, blk), n, D, P, kBlockK, 1.f, off);
-          bf16::qk_block(dout.words(row0, h), dout.ld_t / 2, rows, vp.block(hk, blk), n, D, dS, kBlockK, 1.f, off);
+          float* dQi = dQ + (int64_t(i0) * group + hh) * D;
+          if (brgemm) {
+            bf16_brgemm(rows, n, D, q.at(row0, h), q.ld_t, kp.block(hk, blk), kBlockK, P, kBlockK, false);
+            bf16_brgemm(rows, n, D, dout.at(row0, h), dout.ld_t, vp.block(hk, blk), kBlockK, dS, kBlockK, false);
+          } else {
+            bf16::qk_block(q.words(row0, h), q.ld_t / 2, rows, kp.block(hk, blk), kBlockK, n, D, P, kBlockK, 1.f, off);
+            bf16::qk_block(dout.words(row0, h), dout.ld_t / 2, rows, vp.block(hk, blk), kBlockK, n, D, dS, kBlockK,
+                           1.f, off);
+          }
           softmax_grad_rows(P, dS, rows, n, causal, i0, diag, j0, c, lse, delta, row0, h, Hq, total_q);
           bf16::to_pairs_cols(P, kBlockK, rows, n, PT, kBlockK);
           bf16::to_pairs_cols(dS, kBlockK, rows, n, dST, kBlockK);
           bf16::to_pairs_rows(dS, kBlockK, rows, n, dSw, kBlockK / 2);
-          bf16::pv_block(PT, 1, kBlockK, n, st.dOp.data() + packed, rows, D, dV, D, kNoMask, -off);  // dV += P^T dO
-          bf16::pv_block(dST, 1, kBlockK, n, st.Qp.data() + packed, rows, D, dK, D, kNoMask, -off);  // dK += dS^T Q
-          bf16::pv_block(dSw, kBlockK / 2, 1, rows, krows.block(hk, blk), n, D, dQ + (int64_t(i0) * group + hh) * D,
-                         int64_t(group) * D, off);  // dQ += dS K
+          if (brgemm) {
+            bf16_brgemm(D, n, even(rows), st.dOx.data() + at, kBlockQ, PT, kBlockK, dVt, kBlockK, true);  // dV^T += dO^T P
+            bf16_brgemm(D, n, even(rows), st.Qx.data() + at, kBlockQ, dST, kBlockK, dKt, kBlockK, true);  // dK^T += Q^T dS
+            bf16_brgemm(rows, D, even(n), dSw, kBlockK, krows.block(hk, blk), D, dQi, int64_t(group) * D, true);
+          } else {
+            const uint32_t* dop = reinterpret_cast<const uint32_t*>(st.dOx.data() + at);
+            const uint32_t* qp = reinterpret_cast<const uint32_t*>(st.Qx.data() + at);
+            bf16::pv_block(PT, 1, kBlockK, n, dop, rows, D, dV, D, kNoMask, -off);  // dV += P^T dO
+            bf16::pv_block(dST, 1, kBlockK, n, qp, rows, D, dK, D, kNoMask, -off);  // dK += dS^T Q
+            bf16::pv_block(dSw, kBlockK / 2, 1, rows, krows.block(hk, blk), n, D, dQi, int64_t(group) * D,
+                           off);  // dQ += dS K
+          }
         }
       }
+      if (brgemm)
+        for (int r = 0; r < n; ++r)
+          for (int d = 0; d < D; ++d) {
+            dK[r * D + d] = dKt[d * kBlockK + r];
+            dV[r * D + d] = dVt[d * kBlockK + r];
+          }
       store_dk_dv(dK, dV, n, D, s.k0[b] + j0, hk, Hk, scale, dk, dv);
     }
+    if (brgemm) at::native::cpublas::brgemm_release(true);
     store_dq(dQ, lq, group, D, s.q0[b], hk, Hq, scale, dq);
   }
 };

@@ -6,6 +6,9 @@
 // or K, as flash-attn does on the GPU and as a bf16 reference does (probs.to(bf16) @ v). Every sum
 // accumulates in fp32.
 //
+// On CPUs with AMX the same products go to oneDNN's brgemm through ATen instead (flash_attn_bf16.h),
+// on the same packed operands.
+//
 // Operands are "pair words": two bf16 in one 32-bit word, the one of lower index in the low half,
 // as vdpbf16ps pairs them. A product C (+)= A B runs over pairs of its reduction index p:
 //   A(r, p) is one word at A[r * ars + p * acs] (broadcast to every lane),
@@ -80,17 +83,14 @@ inline void dp_tile(const uint32_t* A, int64_t ars, int64_t acs, const uint32_t*
 #undef IFAST_STORE
 }
 
-// Packs keys [0, n) of K (bf16 rows ldk apart, D each) into panels of kPanel keys:
-// out[panel][d / 2][c] = (K[j][d], K[j][d + 1]), j = panel * kPanel + c; zero for j >= n.
-inline void pack_k_pairs(const uint16_t* K, int64_t ldk, int n, int D, uint32_t* out) {
-  const int panels = (n + kPanel - 1) / kPanel, words = D / 2;
-  for (int p = 0; p < panels; ++p) {
-    uint32_t* dst = out + int64_t(p) * words * kPanel;
-    for (int c = 0; c < kPanel; ++c) {
-      const int j = p * kPanel + c;
-      for (int w = 0; w < words; ++w) dst[w * kPanel + c] = j < n ? load_word(K + j * ldk + 2 * w) : 0u;
-    }
-  }
+// Packs keys [0, n) of K (bf16 rows ldk apart, D each) as pairs along D, `width` keys to a row:
+// out[d / 2][c] = (K[c][d], K[c][d + 1]), zero for c >= n. This is B of S = Q K^T in the pair-word
+// layout below, and oneDNN's VNNI layout for the same product (brgemm); the tiles read it 32 keys
+// (one panel) at a time.
+inline void pack_k_pairs(const uint16_t* K, int64_t ldk, int n, int D, int width, uint32_t* out) {
+  const int words = D / 2;
+  for (int c = 0; c < width; ++c)
+    for (int w = 0; w < words; ++w) out[int64_t(w) * width + c] = c < n ? load_word(K + c * ldk + 2 * w) : 0u;
 }
 
 // Interleaves rows [0, n) of X (bf16 rows ldx apart, D each) two by two:
@@ -148,20 +148,27 @@ inline void to_pairs_cols(const float* S, int64_t lds, int rows, int n, uint32_t
 }
 
 // S (rows x ncols, ncols rounded up to kPanel) = scale * Q K^T: Q's bf16 rows ldq apart (as words),
-// K packed by pack_k_pairs. Causal skip as attn::qk_block's.
-inline void qk_block(const uint32_t* Q, int64_t ldq, int rows, const uint32_t* packed, int ncols, int D, float* S,
-                     int64_t lds, float scale, int causal_off = kNoMask) {
+// K packed by pack_k_pairs, rows ldk words apart. Causal skip as attn::qk_block's.
+inline void qk_block(const uint32_t* Q, int64_t ldq, int rows, const uint32_t* packed, int64_t ldk, int ncols, int D,
+                     float* S, int64_t lds, float scale, int causal_off = kNoMask) {
   const int panels = (ncols + kPanel - 1) / kPanel, words = D / 2;
   for (int p = 0; p < panels; ++p) {
-    const uint32_t* panel = packed + int64_t(p) * words * kPanel;
+    const uint32_t* panel = packed + p * kPanel;
     int r = std::max(0, std::min(rows, p * kPanel - causal_off));
     for (; r + kTileRows <= rows; r += kTileRows)
-      dp_tile<kTileRows, 2, false>(Q + r * ldq, ldq, 1, panel, kPanel, words, S + r * lds + p * kPanel, lds, 16, scale);
+      dp_tile<kTileRows, 2, false>(Q + r * ldq, ldq, 1, panel, ldk, words, S + r * lds + p * kPanel, lds, 16, scale);
     with_rows_left<kTileRows - 1>(rows - r, [&](auto left) {
-      dp_tile<decltype(left)::value, 2, false>(Q + r * ldq, ldq, 1, panel, kPanel, words, S + r * lds + p * kPanel,
-                                              lds, 16, scale);
+      dp_tile<decltype(left)::value, 2, false>(Q + r * ldq, ldq, 1, panel, ldk, words, S + r * lds + p * kPanel, lds,
+                                              16, scale);
     });
   }
+}
+
+// Transposes rows [0, n) of X (bf16 rows ldx apart, D each): out[d][i] = X[i][d] for i < width, zero
+// for i >= n. A of dV^T = dO^T P and dK^T = Q^T dS in oneDNN's layout (plain rows).
+inline void transpose_rows(const uint16_t* X, int64_t ldx, int n, int D, int width, uint16_t* out) {
+  for (int d = 0; d < D; ++d)
+    for (int i = 0; i < width; ++i) out[int64_t(d) * width + i] = i < n ? X[i * ldx + d] : uint16_t(0);
 }
 
 // O (rows x D) += A B over a reduction index j < n: A(r, j / 2) words as dp_tile reads them, B the

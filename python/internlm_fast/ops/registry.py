@@ -71,8 +71,20 @@ OPS: dict[str, Op] = {
 
 # Functions of a backend module that are not kernels of an op: the CPU output allocator's controls, the
 # run-time instruction-set choice of the kernels that dispatch (isa, and set_isa_cap for tests), and the
-# library fp32 GEMMs run on (fp32_gemm, set_fp32_gemm: oneDNN where torch's BLAS leaves AVX-512 idle).
-UTILITIES = frozenset({"output_cache_clear", "output_cache_stats", "isa", "set_isa_cap", "fp32_gemm", "set_fp32_gemm"})
+# library fp32 GEMMs run on (fp32_gemm, set_fp32_gemm: oneDNN where torch's BLAS leaves AVX-512 idle), and
+# what bf16 attention multiplies with (attn_bf16_gemm, set_attn_bf16_gemm: our tiles, or oneDNN's AMX brgemm).
+UTILITIES = frozenset(
+    {
+        "output_cache_clear",
+        "output_cache_stats",
+        "isa",
+        "set_isa_cap",
+        "fp32_gemm",
+        "set_fp32_gemm",
+        "attn_bf16_gemm",
+        "set_attn_bf16_gemm",
+    }
+)
 
 
 def op(name: str) -> Op:
