@@ -5,12 +5,11 @@
 //
 // The module is compiled with -march=$INTERNLM_FAST_CPU_ARCH (x86-64-v2 by default, so a wheel runs
 // on any x86-64 machine of the last fifteen years). The paths exist in the binary whatever -march
-// was: most kernels compile their body once per level (isa_compile.h) into the namespaces
-// ifast::cpu::scalar / avx2 / avx512 and call through IFAST_ISA_RETURN; the decode GEMMs mark
-// single functions IFAST_TARGET_AVX512 / IFAST_TARGET_AVX2 instead (GCC target attributes). The
-// level is the best the CPU supports (__builtin_cpu_supports), capped by the environment variable
-// IFAST_CPU_ISA (scalar | avx2 | avx512 | avx512_bf16), read once at the first query, so tests and users can
-// force a lower path. set_isa_cap changes the cap later (tests).
+// was: every kernel compiles its body once per level (isa_compile.h) into the namespaces
+// ifast::cpu::scalar / avx2 / avx512 and calls through IFAST_ISA_RETURN. The level is the best the
+// CPU supports (__builtin_cpu_supports), capped by the environment variable IFAST_CPU_ISA (scalar |
+// avx2 | avx512 | avx512_bf16), read once at the first query, so tests and users can force a lower
+// path. set_isa_cap changes the cap later (tests).
 #pragma once
 
 #include <string>
@@ -36,13 +35,11 @@ std::string set_isa_cap(const std::string& level);
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define IFAST_X86_DISPATCH 1
-// The features of each level, as detected_isa() requires them: the one spelling for the target
-// attributes below and for the bodies isa_compile.h compiles.
+// The features of each level, as detected_isa() requires them: the one spelling for the bodies
+// isa_compile.h compiles (and the bf16 tiles' own push of avx512bf16).
 #define IFAST_AVX512_FEATURES "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
 #define IFAST_AVX2_FEATURES "avx2,fma,f16c"
 #define IFAST_AVX512_BF16_FEATURES IFAST_AVX512_FEATURES ",avx512bf16"
-#define IFAST_TARGET_AVX512 __attribute__((target(IFAST_AVX512_FEATURES)))
-#define IFAST_TARGET_AVX2 __attribute__((target(IFAST_AVX2_FEATURES)))
 #endif
 
 // return <level>::fn(args...) for the level cpu_isa() picks: the entry point of a kernel compiled

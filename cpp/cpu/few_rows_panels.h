@@ -1,11 +1,9 @@
-// What the two decode GEMMs on packed low-precision weights (few_rows_linear_bf16.cpp,
-// few_rows_linear_int8.cpp) share around their microkernels: the path for the CPU's instruction set,
-// the bias check, and the run over panels and rows with fp32 x / bias / out (bf16 ones converted once
-// per call).
+// What the two decode GEMMs on packed low-precision weights (kernels/few_rows_linear_bf16.h,
+// kernels/few_rows_linear_int8.h) share around their microkernels: the bias check, and the run over
+// panels and rows with fp32 x / bias / out (bf16 ones converted once per call).
 #pragma once
 
 #include "common.h"
-#include "cpu_isa.h"
 
 #include <ATen/ops/empty.h>
 
@@ -21,16 +19,6 @@ constexpr int kRows = 4;
 // tile(a, R, p0, p1): R <= kRows rows of a.x against panels [p0, p1), into a.out.
 template <typename Args>
 using TileFn = void (*)(const Args&, int, int64_t, int64_t);
-
-template <typename Args>
-TileFn<Args> choose(TileFn<Args> avx512, TileFn<Args> avx2, TileFn<Args> scalar) {
-  switch (cpu_isa()) {
-    case Isa::avx512_bf16:
-    case Isa::avx512: return avx512 != nullptr ? avx512 : scalar;
-    case Isa::avx2: return avx2 != nullptr ? avx2 : scalar;
-    default: return scalar;
-  }
-}
 
 inline void check_bias(const char* fn, const std::optional<at::Tensor>& bias, int64_t N, const at::Tensor& x) {
   if (bias.has_value())
