@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 
 namespace ifast::cpu::panels {
 
@@ -19,6 +20,25 @@ constexpr int kRows = 4;
 // tile(a, R, p0, p1): R <= kRows rows of a.x against panels [p0, p1), into a.out.
 template <typename Args>
 using TileFn = void (*)(const Args&, int, int64_t, int64_t);
+
+// The tile calls of R rows (1..kRows) over panels [p0, p1): tile(R_, P_, p) for P = panels_at(R)
+// panels at a time from panel p, then single panels (R_ and P_ are std::integral_constant, so the tile
+// is a template instantiated per shape). The tiles run the CPU's path; this loop only calls them.
+template <int (*panels_at)(int), typename Tile>
+void over_panels(int R, int64_t p0, int64_t p1, Tile&& tile) {
+  auto run = [&](auto r) {
+    constexpr int P = panels_at(decltype(r)::value);
+    int64_t p = p0;
+    for (; p + P <= p1; p += P) tile(r, std::integral_constant<int, P>{}, p);
+    for (; p < p1; ++p) tile(r, std::integral_constant<int, 1>{}, p);
+  };
+  switch (R) {
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 3: return run(std::integral_constant<int, 3>{});
+    default: return run(std::integral_constant<int, 4>{});
+  }
+}
 
 inline void check_bias(const char* fn, const std::optional<at::Tensor>& bias, int64_t N, const at::Tensor& x) {
   if (bias.has_value())

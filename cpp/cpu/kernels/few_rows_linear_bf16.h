@@ -125,23 +125,14 @@ inline void tile512(const Args& a, int64_t p) {
   flush(c, out, a.ldo);
 }
 
-template <int R>
-void rows512(const Args& a, int64_t p0, int64_t p1) {
-  // 4 panels at every R: at one row, 8 panels (8 weight streams per thread) read 12-15% slower (43.8
-  // against 50.5 GB/s at InternLM-7B's shapes, 2 threads); 2 panels no faster than 4
-  constexpr int P = 4;
-  int64_t p = p0;
-  for (; p + P <= p1; p += P) tile512<R, P>(a, p);
-  for (; p < p1; ++p) tile512<R, 1>(a, p);
-}
+// 4 panels at every R: at one row, 8 panels (8 weight streams per thread) read 12-15% slower (43.8
+// against 50.5 GB/s at InternLM-7B's shapes, 2 threads); 2 panels no faster than 4
+constexpr int panels512(int) { return 4; }
 
 void tile_avx512(const Args& a, int R, int64_t p0, int64_t p1) {
-  switch (R) {
-    case 1: return rows512<1>(a, p0, p1);
-    case 2: return rows512<2>(a, p0, p1);
-    case 3: return rows512<3>(a, p0, p1);
-    default: return rows512<4>(a, p0, p1);
-  }
+  panels::over_panels<panels512>(R, p0, p1, [&](auto r, auto np, int64_t p) {
+    tile512<decltype(r)::value, decltype(np)::value>(a, p);
+  });
 }
 
 #endif
@@ -209,21 +200,13 @@ inline void tile256(const Args& a, int64_t p) {
   flush(c, out, a.ldo);
 }
 
-template <int R>
-void rows256(const Args& a, int64_t p0, int64_t p1) {
-  constexpr int P = R == 1 ? 4 : R == 2 ? 2 : 1;  // R * 2P accumulators + 3 + broadcasts <= 16
-  int64_t p = p0;
-  for (; p + P <= p1; p += P) tile256<R, P>(a, p);
-  for (; p < p1; ++p) tile256<R, 1>(a, p);
-}
+// R * 2P accumulators + 3 + broadcasts <= 16
+constexpr int panels256(int R) { return R == 1 ? 4 : R == 2 ? 2 : 1; }
 
 void tile_avx2(const Args& a, int R, int64_t p0, int64_t p1) {
-  switch (R) {
-    case 1: return rows256<1>(a, p0, p1);
-    case 2: return rows256<2>(a, p0, p1);
-    case 3: return rows256<3>(a, p0, p1);
-    default: return rows256<4>(a, p0, p1);
-  }
+  panels::over_panels<panels256>(R, p0, p1, [&](auto r, auto np, int64_t p) {
+    tile256<decltype(r)::value, decltype(np)::value>(a, p);
+  });
 }
 
 #endif
