@@ -10,6 +10,8 @@ Bars:
 - decode at batch 1, 32 heads, head_dim 128, cache 4096, one query token >= 1.5x SDPA over the
   valid cache slice, fp32 and bf16 (cache and SDPA in that dtype); the cache's read GB/s reported;
 - causal forward at 8192 tokens: peak memory <= 1.5x the bytes of q + k + v + out.
+At the avx512_bf16 level the bf16 cases also time bf16 attention's other product route (our tiles or
+oneDNN's brgemm, which runs AMX where the CPU has it), reported, not asserted.
 """
 
 from __future__ import annotations
@@ -45,15 +47,34 @@ def _path(dtype: str) -> str:
     return "avx512" if isa == "avx512_bf16" and dtype != "bf16" else isa
 
 
+def _other_bf16_route(dtype: str, fn) -> dict:
+    """At the avx512_bf16 level, bf16 attention's other product route (our tiles or oneDNN's brgemm,
+    AMX where the CPU has it) as an extra baseline, so one run on a new machine shows both; else none."""
+    cpu = backend.kernels("cpu")
+    if dtype != "bf16" or cpu.isa() != "avx512_bf16" or not hasattr(cpu, "attn_bf16_gemm"):
+        return {}
+    other = "tiles" if cpu.attn_bf16_gemm() == "brgemm" else "brgemm"
+
+    def run():
+        before = cpu.set_attn_bf16_gemm(other)
+        try:
+            return fn()
+        finally:
+            cpu.set_attn_bf16_gemm(before)
+
+    return {f"bf16_{other}": run}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_causal_forward_2048(side_by_side, dtype):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2048, 16, 128, generator=g).to(DTYPES[dtype]) for _ in range(3))
     with use_backend("cpu"), torch.no_grad():
+        ours = lambda: flash_attn_func(q, k, v, causal=True)  # noqa: E731
         ratios, med = side_by_side(
             f"flash_attn fwd causal (1, 2048, 16, 128) {dtype}, cpu path {_path(dtype)}",
-            lambda: flash_attn_func(q, k, v, causal=True),
-            {"sdpa": lambda: _sdpa(q, k, v, True)},
+            ours,
+            {"sdpa": lambda: _sdpa(q, k, v, True), **_other_bf16_route(dtype, ours)},
         )
     if dtype == "fp32":
         flops = 4 * 2048 * 2048 * 128 * 16 / 2
@@ -77,10 +98,11 @@ def test_causal_forward_backward_2048(side_by_side, dtype):
         fn(q, k, v).backward(dout)
 
     with use_backend("cpu"):
+        ours = lambda: step(lambda q, k, v: flash_attn_func(q, k, v, causal=True))  # noqa: E731
         ratios, _ = side_by_side(
             f"flash_attn fwd+bwd causal (1, 2048, 16, 128) {dtype}, cpu path {_path(dtype)}",
-            lambda: step(lambda q, k, v: flash_attn_func(q, k, v, causal=True)),
-            {"sdpa": lambda: step(lambda q, k, v: _sdpa(q, k, v, True))},
+            ours,
+            {"sdpa": lambda: step(lambda q, k, v: _sdpa(q, k, v, True)), **_other_bf16_route(dtype, ours)},
         )
     assert ratios["sdpa"] >= 1.1, f"causal forward+backward {dtype} only {ratios['sdpa']:.2f}x SDPA (bar 1.1x)"
 
