@@ -258,6 +258,33 @@ struct Backward {
 
 #include "flash_attn_bf16.h"
 
+// The blocked forward over the sequences s: q, k, v (tokens, heads, D) rows, out (total_q, Hq, D) and
+// lse (Hq, total_q). flash_attn_fwd and a KV-cache prefill (flash_attn_kvcache_fwd) both run it.
+template <typename T>
+void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Seqs& s, double softmax_scale,
+                 bool causal, at::Tensor& out, at::Tensor& lse) {
+  const int Hq = int(q.size(1)), Hk = int(k.size(1)), D = int(q.size(2));
+  const Rows qf = f32_rows(q), kf = f32_rows(k), vf = f32_rows(v);
+  const PackedKeys<float> kp = pack_keys(kf, s, Hk, D);
+  Forward<T> fwd{qf, vf, kp, s, D, Hq, Hq / Hk, float(softmax_scale) * kLog2e, causal,
+                 out.mutable_data_ptr<T>(), lse.mutable_data_ptr<float>(), q.size(0), plan_forward(s, Hq, Hq / Hk)};
+  run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
+}
+
+#if IFAST_ISA_LEVEL >= 2
+// run_forward on the bf16 products (use_bf16_products)
+void run_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Seqs& s,
+                      double softmax_scale, bool causal, at::Tensor& out, at::Tensor& lse) {
+  const int Hq = int(q.size(1)), Hk = int(k.size(1)), D = int(q.size(2));
+  const Rows16 q16 = bf16_rows(q), k16 = bf16_rows(k), v16 = bf16_rows(v);
+  const PackedKeys<uint32_t> kp = pack_pairs_along_d(k16, s, Hk, D), vp = pack_row_pair_blocks(v16, s, Hk, D);
+  ForwardBf16 fwd{q16, kp, vp, s, D, Hq, Hq / Hk, float(softmax_scale) * kLog2e, causal,
+                  out.mutable_data_ptr<at::BFloat16>(), lse.mutable_data_ptr<float>(), q.size(0),
+                  plan_forward(s, Hq, Hq / Hk), attn_bf16_brgemm()};
+  run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
+}
+#endif
+
 void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                 const at::Tensor& cu_k) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "flash_attn: q, k, v must be (tokens, heads, D)");
@@ -287,29 +314,18 @@ std::vector<at::Tensor> flash_attn_fwd(const at::Tensor& q, const at::Tensor& k,
                                        double softmax_scale, bool causal) {
   check_args(q, k, v, cu_seqlens_q, cu_seqlens_k);
   const int64_t total_q = q.size(0);
-  const int Hq = int(q.size(1)), Hk = int(k.size(1)), D = int(q.size(2));
+  const int Hq = int(q.size(1)), D = int(q.size(2));
   at::Tensor out = empty_output({total_q, Hq, D}, q.scalar_type());
   at::Tensor lse = at::empty({Hq, total_q}, q.options().dtype(at::kFloat));
   const Seqs s = Seqs::varlen(cu_seqlens_q, cu_seqlens_k);
 #if IFAST_ISA_LEVEL >= 2
-  if (use_bf16_tiles(q)) {
-    const Rows16 q16 = bf16_rows(q), k16 = bf16_rows(k), v16 = bf16_rows(v);
-    const PackedKeys<uint32_t> kp = pack_pairs_along_d(k16, s, Hk, D), vp = pack_row_pair_blocks(v16, s, Hk, D);
-    ForwardBf16 fwd{q16, kp, vp, s, D, Hq, Hq / Hk, float(softmax_scale) * kLog2e, causal,
-                    out.mutable_data_ptr<at::BFloat16>(), lse.mutable_data_ptr<float>(), total_q,
-                    plan_forward(s, Hq, Hq / Hk), attn_bf16_brgemm()};
-    run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
+  if (use_bf16_products(q)) {
+    run_forward_bf16(q, k, v, s, softmax_scale, causal, out, lse);
     return {out, lse};
   }
 #endif
-  const Rows qf = f32_rows(q), kf = f32_rows(k), vf = f32_rows(v);
-  const PackedKeys<float> kp = pack_keys(kf, s, Hk, D);
-  IFAST_DISPATCH_ATTN(q.scalar_type(), "flash_attn_fwd", [&] {
-    Forward<scalar_t> fwd{qf, vf, kp, s, D, Hq, Hq / Hk, float(softmax_scale) * kLog2e, causal,
-                          out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(), total_q,
-                          plan_forward(s, Hq, Hq / Hk)};
-    run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
-  });
+  IFAST_DISPATCH_ATTN(q.scalar_type(), "flash_attn_fwd",
+                      [&] { run_forward<scalar_t>(q, k, v, s, softmax_scale, causal, out, lse); });
   return {out, lse};
 }
 
@@ -332,7 +348,7 @@ std::vector<at::Tensor> flash_attn_bwd(const at::Tensor& dout, const at::Tensor&
   at::Tensor dk = empty_output(k.sizes(), k.scalar_type());
   at::Tensor dv = empty_output(v.sizes(), v.scalar_type());
 #if IFAST_ISA_LEVEL >= 2
-  if (use_bf16_tiles(q)) {
+  if (use_bf16_products(q)) {
     const Rows16 q16 = bf16_rows_head_major(q), d16 = bf16_rows_head_major(dout), k16 = bf16_rows(k),
                  v16 = bf16_rows(v);
     const PackedKeys<uint32_t> kp = pack_pairs_along_d(k16, s, Hk, D), vp = pack_pairs_along_d(v16, s, Hk, D),
@@ -409,35 +425,21 @@ std::vector<at::Tensor> flash_attn_kvcache_fwd(const at::Tensor& q, const at::Te
     return flash_attn_kvcache_fwd(q, gather(k_cache), gather(v_cache), cache_lens, std::nullopt, softmax_scale,
                                   causal);
   }
-  const int64_t Sc = k_cache.size(1), Hk = k_cache.size(2);
+  const int64_t Sc = k_cache.size(1);
   auto rows_view = [](const at::Tensor& t) {  // (B, S, H, D) -> (B*S, H, D), copying only if it must
     const at::Tensor c = t.stride(0) == t.size(1) * t.stride(1) ? t : t.contiguous();
     return c.as_strided({c.size(0) * c.size(1), c.size(2), c.size(3)}, {c.stride(1), c.stride(2), 1});
   };
   const Seqs s = Seqs::cache(int(B), int(Sq), Sc, cache_lens);
   at::Tensor lse_rows = at::empty({Hq, B * Sq}, q.options().dtype(at::kFloat));
+  const at::Tensor qr = rows_view(q), kr = rows_view(k_cache), vr = rows_view(v_cache);
 #if IFAST_ISA_LEVEL >= 2
-  if (use_bf16_tiles(q)) {
-    const Rows16 q16 = bf16_rows(rows_view(q)), k16 = bf16_rows(rows_view(k_cache)),
-                 v16 = bf16_rows(rows_view(v_cache));
-    const PackedKeys<uint32_t> kp = pack_pairs_along_d(k16, s, int(Hk), int(D)),
-                               vp = pack_row_pair_blocks(v16, s, int(Hk), int(D));
-    ForwardBf16 fwd{q16, kp, vp, s, int(D), int(Hq), int(Hq / Hk), float(softmax_scale) * kLog2e, causal,
-                    out.mutable_data_ptr<at::BFloat16>(), lse_rows.mutable_data_ptr<float>(), B * Sq,
-                    plan_forward(s, int(Hq), int(Hq / Hk)), attn_bf16_brgemm()};
-    run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
-    lse.copy_(lse_rows.view({Hq, B, Sq}).transpose(0, 1));
-    return {out, lse};
-  }
+  if (use_bf16_products(q))
+    run_forward_bf16(qr, kr, vr, s, softmax_scale, causal, out, lse_rows);
+  else
 #endif
-  const Rows qf = f32_rows(rows_view(q)), kf = f32_rows(rows_view(k_cache)), vf = f32_rows(rows_view(v_cache));
-  const PackedKeys<float> kp = pack_keys(kf, s, int(Hk), int(D));
-  IFAST_DISPATCH_ATTN(q.scalar_type(), "flash_attn_with_kvcache", [&] {
-    Forward<scalar_t> fwd{qf, vf, kp, s, int(D), int(Hq), int(Hq / Hk), float(softmax_scale) * kLog2e, causal,
-                          out.mutable_data_ptr<scalar_t>(), lse_rows.mutable_data_ptr<float>(), B * Sq,
-                          plan_forward(s, int(Hq), int(Hq / Hk))};
-    run_tasks(int64_t(fwd.tasks.size()), [&] { return fwd.make_state(); }, [&](int64_t t, auto& st) { fwd(t, st); });
-  });
+    IFAST_DISPATCH_ATTN(q.scalar_type(), "flash_attn_with_kvcache",
+                        [&] { run_forward<scalar_t>(qr, kr, vr, s, softmax_scale, causal, out, lse_rows); });
   lse.copy_(lse_rows.view({Hq, B, Sq}).transpose(0, 1));
   return {out, lse};
 }

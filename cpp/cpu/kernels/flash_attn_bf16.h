@@ -34,7 +34,7 @@ inline Rows16 bf16_rows_head_major(const at::Tensor& x) {
 }
 
 // The bf16 path runs where the CPU has the bf16 dot product and the cap allows it.
-inline bool use_bf16_tiles(const at::Tensor& q) {
+inline bool use_bf16_products(const at::Tensor& q) {
   return q.scalar_type() == at::kBFloat16 && cpu_isa() >= Isa::avx512_bf16;
 }
 
