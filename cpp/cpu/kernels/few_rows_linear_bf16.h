@@ -40,7 +40,7 @@ struct Args {
 inline int64_t pairs_of(int64_t K) { return (K + 1) / 2; }
 
 #if IFAST_ISA_LEVEL == 0
-void tile_scalar(const Args& a, int R, int64_t p0, int64_t p1) {
+void tile(const Args& a, int R, int64_t p0, int64_t p1) {
   const int64_t K = a.K, pairs = pairs_of(K);
   for (int64_t p = p0; p < p1; ++p) {
     const uint16_t* w = a.w + p * pairs * 2 * kCols;
@@ -129,7 +129,7 @@ inline void tile512(const Args& a, int64_t p) {
 // against 50.5 GB/s at InternLM-7B's shapes, 2 threads); 2 panels no faster than 4
 constexpr int panels512(int) { return 4; }
 
-void tile_avx512(const Args& a, int R, int64_t p0, int64_t p1) {
+void tile(const Args& a, int R, int64_t p0, int64_t p1) {
   panels::over_panels<panels512>(R, p0, p1, [&](auto r, auto np, int64_t p) {
     tile512<decltype(r)::value, decltype(np)::value>(a, p);
   });
@@ -203,7 +203,7 @@ inline void tile256(const Args& a, int64_t p) {
 // R * 2P accumulators + 3 + broadcasts <= 16
 constexpr int panels256(int R) { return R == 1 ? 4 : R == 2 ? 2 : 1; }
 
-void tile_avx2(const Args& a, int R, int64_t p0, int64_t p1) {
+void tile(const Args& a, int R, int64_t p0, int64_t p1) {
   panels::over_panels<panels256>(R, p0, p1, [&](auto r, auto np, int64_t p) {
     tile256<decltype(r)::value, decltype(np)::value>(a, p);
   });
@@ -223,13 +223,6 @@ at::Tensor few_rows_linear_bf16(const at::Tensor& x, const at::Tensor& panels_w,
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "few_rows_linear_bf16: x must be fp32 or bf16");
   panels::check_bias("few_rows_linear_bf16", bias, panels_w.size(0) * kCols, x);
-#if IFAST_ISA_LEVEL >= 2
-  const panels::TileFn<Args> tile = tile_avx512;
-#elif IFAST_ISA_LEVEL == 1
-  const panels::TileFn<Args> tile = tile_avx2;
-#else
-  const panels::TileFn<Args> tile = tile_scalar;
-#endif
   const Args weights{nullptr, 0, reinterpret_cast<const uint16_t*>(panels_w.data_ptr()), nullptr, nullptr, 0};
   return panels::run(x, bias, panels_w.size(0), weights, tile);
 }

@@ -38,7 +38,7 @@ struct Args {
 inline int64_t groups_of(int64_t K) { return (K + kGroup - 1) / kGroup; }
 
 #if IFAST_ISA_LEVEL == 0
-void tile_scalar(const Args& a, int R, int64_t p0, int64_t p1) {
+void tile(const Args& a, int R, int64_t p0, int64_t p1) {
   const int64_t K = a.K, G = groups_of(K);
   for (int64_t p = p0; p < p1; ++p) {
     const int8_t* w = a.w + p * K * kCols;
@@ -115,7 +115,7 @@ inline void tile512(const Args& a, int64_t p) {
 // against 42.5 GB/s at InternLM-7B's shapes, 2 threads, 47 GB/s DRAM read); 2 panels no faster
 constexpr int panels512(int) { return 4; }
 
-void tile_avx512(const Args& a, int R, int64_t p0, int64_t p1) {
+void tile(const Args& a, int R, int64_t p0, int64_t p1) {
   panels::over_panels<panels512>(R, p0, p1, [&](auto r, auto np, int64_t p) {
     tile512<decltype(r)::value, decltype(np)::value>(a, p);
   });
@@ -172,7 +172,7 @@ inline void tile256(const Args& a, int64_t p) {
 // panels at once on AVX2: R * 2P partial sums + 2 <= 16 ymm registers
 constexpr int panels256(int R) { return R == 1 ? 4 : R == 2 ? 2 : 1; }
 
-void tile_avx2(const Args& a, int R, int64_t p0, int64_t p1) {
+void tile(const Args& a, int R, int64_t p0, int64_t p1) {
   panels::over_panels<panels256>(R, p0, p1, [&](auto r, auto np, int64_t p) {
     tile256<decltype(r)::value, decltype(np)::value>(a, p);
   });
@@ -198,13 +198,6 @@ at::Tensor few_rows_linear_int8(const at::Tensor& x, const at::Tensor& panels_w,
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "few_rows_linear_int8: x must be fp32 or bf16");
   panels::check_bias("few_rows_linear_int8", bias, panels_w.size(0) * kCols, x);
-#if IFAST_ISA_LEVEL >= 2
-  const panels::TileFn<Args> tile = tile_avx512;
-#elif IFAST_ISA_LEVEL == 1
-  const panels::TileFn<Args> tile = tile_avx2;
-#else
-  const panels::TileFn<Args> tile = tile_scalar;
-#endif
   const Args weights{nullptr, 0, panels_w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, nullptr, 0};
   return panels::run(x, bias, panels_w.size(0), weights, tile);
 }
