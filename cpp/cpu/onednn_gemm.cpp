@@ -36,24 +36,54 @@ bool onednn_pays_here() {
   return pays;
 }
 
-// -1: follow the CPU; 0: aten; 1: oneDNN (IFAST_FP32_GEMM, or set_fp32_gemm)
-int from_env() {
-  const char* env = std::getenv("IFAST_FP32_GEMM");
-  if (env != nullptr && std::string(env) == "onednn") return linear_op().has_value() ? 1 : 0;
-  if (env != nullptr && std::string(env) == "aten") return 0;
-  return -1;
+// A choice between two routes, `on` and `off`, or "auto" (the machine decides) until the environment
+// variable, read at the first query, or set() names one.
+class Choice {
+ public:
+  Choice(const char* env, const char* on, const char* off) : env_(env), on_(on), off_(off) {}
+
+  // 1: on, 0: off, -1: auto
+  int setting() {
+    int v = v_.load(std::memory_order_relaxed);
+    if (v == -2) {
+      int expected = -2;
+      v_.compare_exchange_strong(expected, parse(std::getenv(env_)));  // an unknown value means auto
+      v = v_.load(std::memory_order_relaxed);
+    }
+    return v;
+  }
+
+  // Sets `name` (on, off or auto) and returns the setting it replaced; ValueError, naming `fn`, for
+  // another name.
+  std::string set(const std::string& name, const char* fn) {
+    const int v = parse(name.c_str());
+    TORCH_CHECK_VALUE(v >= 0 || name == "auto", fn, ": expected ", on_, ", ", off_, " or auto, got '", name, "'");
+    setting();  // reads the environment first, so it cannot overwrite this later
+    const int before = v_.exchange(v, std::memory_order_relaxed);
+    return before < 0 ? "auto" : before == 1 ? on_ : off_;
+  }
+
+  const char* name(bool on) const { return on ? on_ : off_; }
+
+ private:
+  int parse(const char* s) const {
+    if (s != nullptr && std::string(s) == on_) return 1;
+    if (s != nullptr && std::string(s) == off_) return 0;
+    return -1;
+  }
+
+  const char *env_, *on_, *off_;
+  std::atomic<int> v_{-2};  // -2 until the first query
+};
+
+Choice& fp32_choice() {
+  static Choice c("IFAST_FP32_GEMM", "onednn", "aten");
+  return c;
 }
 
-std::atomic<int> g_choice{-2};  // -2 until the first query reads the environment
-
-// bf16 attention: -1 auto, 0 tiles, 1 brgemm; -2 until the first query reads IFAST_ATTN_BF16_GEMM
-std::atomic<int> g_attn{-2};
-
-int attn_from_env() {
-  const char* env = std::getenv("IFAST_ATTN_BF16_GEMM");
-  if (env != nullptr && std::string(env) == "brgemm") return 1;
-  if (env != nullptr && std::string(env) == "tiles") return 0;
-  return -1;
+Choice& attn_choice() {
+  static Choice c("IFAST_ATTN_BF16_GEMM", "brgemm", "tiles");
+  return c;
 }
 
 bool has_amx_packing() {
@@ -64,15 +94,10 @@ bool has_amx_packing() {
 }  // namespace
 
 bool onednn_fp32_gemm() {
-  int v = g_choice.load(std::memory_order_relaxed);
-  if (v == -2) {
-    int expected = -2;
-    g_choice.compare_exchange_strong(expected, from_env());
-    v = g_choice.load(std::memory_order_relaxed);
-  }
+  const int v = fp32_choice().setting();
   // following the CPU, a cap below AVX-512 (IFAST_CPU_ISA) moves the GEMMs back too, as on a CPU
-  // without it
-  return v < 0 ? cpu_isa() >= Isa::avx512 && onednn_pays_here() : v == 1;
+  // without it; oneDNN named where torch has none is aten
+  return v < 0 ? cpu_isa() >= Isa::avx512 && onednn_pays_here() : v == 1 && linear_op().has_value();
 }
 
 at::Tensor linear_nt(const at::Tensor& a, const at::Tensor& b) {
@@ -84,35 +109,17 @@ at::Tensor linear_nt(const at::Tensor& a, const at::Tensor& b) {
   return stack[0].toTensor();
 }
 
-std::string fp32_gemm() { return onednn_fp32_gemm() ? "onednn" : "aten"; }
+std::string fp32_gemm() { return fp32_choice().name(onednn_fp32_gemm()); }
 
-std::string set_fp32_gemm(const std::string& name) {
-  TORCH_CHECK_VALUE(name == "onednn" || name == "aten" || name == "auto",
-                    "set_fp32_gemm: expected onednn, aten or auto, got '", name, "'");
-  onednn_fp32_gemm();  // reads the environment first, so it cannot overwrite this later
-  const int v = name == "auto" ? -1 : name == "onednn" && linear_op().has_value() ? 1 : 0;
-  const int before = g_choice.exchange(v, std::memory_order_relaxed);
-  return before < 0 ? "auto" : before == 1 ? "onednn" : "aten";
-}
+std::string set_fp32_gemm(const std::string& name) { return fp32_choice().set(name, "set_fp32_gemm"); }
 
 bool attn_bf16_brgemm() {
-  int v = g_attn.load(std::memory_order_relaxed);
-  if (v == -2) {
-    int expected = -2;
-    g_attn.compare_exchange_strong(expected, attn_from_env());
-    v = g_attn.load(std::memory_order_relaxed);
-  }
+  const int v = attn_choice().setting();
   return v < 0 ? has_amx_packing() : v == 1;
 }
 
-std::string attn_bf16_gemm() { return attn_bf16_brgemm() ? "brgemm" : "tiles"; }
+std::string attn_bf16_gemm() { return attn_choice().name(attn_bf16_brgemm()); }
 
-std::string set_attn_bf16_gemm(const std::string& name) {
-  TORCH_CHECK_VALUE(name == "brgemm" || name == "tiles" || name == "auto",
-                    "set_attn_bf16_gemm: expected brgemm, tiles or auto, got '", name, "'");
-  attn_bf16_brgemm();  // reads the environment first, so it cannot overwrite this later
-  const int before = g_attn.exchange(name == "auto" ? -1 : name == "brgemm" ? 1 : 0, std::memory_order_relaxed);
-  return before < 0 ? "auto" : before == 1 ? "brgemm" : "tiles";
-}
+std::string set_attn_bf16_gemm(const std::string& name) { return attn_choice().set(name, "set_attn_bf16_gemm"); }
 
 }  // namespace ifast::cpu
