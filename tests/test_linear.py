@@ -145,3 +145,58 @@ def test_flop_counter_and_the_ref_backend_see_plain_torch():
         with use_backend("ref"):
             y = linear(x, w)
     assert y.grad_fn.name() == F.linear(x, w).grad_fn.name()
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 17, 32, 33, 100])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_rows_go_in_buckets_and_match_f_linear(monkeypatch, rows, bias):
+    module = sys.modules["internlm_fast.ops.linear"]
+    seen = []
+    real = module._mm_nt
+
+    def spy(a, b, bias=None):
+        seen.append(a.shape[0])
+        return real(a, b, bias)
+
+    monkeypatch.setattr(module, "_mm_nt", spy)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 48, generator=g)
+    w = torch.randn(40, 48, generator=g, requires_grad=True)  # a parameter, but no autograd here
+    b = torch.randn(40, generator=g) if bias else None
+    with use_fp32_gemm("onednn"), torch.no_grad():
+        y = linear(x, w, b)
+    assert seen == [-(-rows // module.ROW_BUCKET) * module.ROW_BUCKET]
+    want = F.linear(x.double(), w.detach().double(), None if b is None else b.double())
+    assert y.shape == (rows, 40) and y.is_contiguous()
+    assert (y.double() - want).abs().max().item() <= 1e-4
+    seen.clear()
+    with use_fp32_gemm("onednn"):
+        linear(x, w, b).sum().backward()  # with autograd: the rows as they are
+    assert seen[0] == rows
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 33, 100])
+def test_a_prepacked_weight_gives_f_linear(rows):
+    from internlm_fast.ops import use_backend
+    from internlm_fast.ops.linear import linear_prepacked, prepack
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, rows, 64, generator=g)
+    w = torch.randn(96, 64, generator=g) / 8
+    b = torch.randn(96, generator=g)
+    with use_fp32_gemm("onednn"):
+        packed = prepack(w)
+        assert packed is not None
+        with torch.inference_mode():
+            y = linear_prepacked(x, packed, b)
+        assert linear_prepacked(torch.randn(3, 65), packed, b) is None  # not its shape
+        with use_backend("ref"):
+            assert linear_prepacked(x, packed, b) is None  # the caller multiplies by W itself
+    want = F.linear(x.double(), w.double(), b.double())
+    assert y.shape == (2, rows, 96) and (y.double() - want).abs().max().item() <= 1e-4
+    with use_fp32_gemm("aten"):
+        assert prepack(w) is None
+        assert linear_prepacked(x, packed, b) is None
+    assert prepack(w.double()) is None and prepack(w.bfloat16()) is None

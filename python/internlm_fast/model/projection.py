@@ -10,7 +10,9 @@ a transposed (in, out) copy of the linears side by side, and for the few rows of
 same laid out as column panels, which ops.inference's few_rows_linear streams once on every thread.
 
 Memory rule: fp32 models up to MAX_COPY_BYTES of linear weights keep both copies (the (in, out) one
-for prefill, the panels for decode steps), larger ones neither. bf16 models keep the bf16 panels
+for prefill, the panels for decode steps), larger ones neither. Where fp32 GEMMs run on oneDNN
+(ops.linear) the prefill's copy is the weight in oneDNN's blocked layout instead, which spares
+every prefill GEMM its reorder of the weight. bf16 models keep the bf16 panels
 (few_rows_linear_bf16) whatever their size: a bf16 decode step is bound by reading the weights, and
 F.linear reads the (out, in) parameters well below DRAM speed. Past MAX_COPY_BYTES the panels are the
 only copy (prefill reads the parameters through F.linear), so such a model holds its linear weights
@@ -39,7 +41,7 @@ from internlm_fast.ops.inference import (
     inference_kernels,
     quantize_int8,
 )
-from internlm_fast.ops.linear import linear
+from internlm_fast.ops.linear import fp32_gemm, linear, linear_prepacked, prepack
 
 if TYPE_CHECKING:
     from .modeling import ForwardContext
@@ -147,9 +149,13 @@ class Projection:
         c = self._copies
         if c is None or ctx.cu_seqlens is not None:
             c = self._refresh(ctx.kernels, ctx.copy_weights)
-        wt, bias, panels, few_rows = c
+        wt, bias, panels, few_rows, packed = c
         if panels is not None and x.shape[0] <= FEW_ROWS:
             return few_rows(x, panels, bias)
+        if packed is not None:
+            y = linear_prepacked(x, packed, bias)
+            if y is not None:
+                return y
         if wt is not None:  # (in, out): F.linear of its transpose is addmm(bias, x, wt)
             return linear(x, wt.t(), bias)
         if len(self.linears) == 1:
@@ -162,25 +168,31 @@ class Projection:
         )
 
     def _refresh(self, kernels: InferenceKernels, copy: bool) -> tuple:
-        """(wt, bias, panels, decode GEMM): the copies, remade unless they were made from these very
-        parameters for these kernels."""
-        key = (kernels, copy, self._versions())
+        """(wt, bias, panels, decode GEMM, packed): the copies, remade unless they were made from these
+        very parameters for these kernels and this fp32 GEMM library. Where fp32 GEMMs run on oneDNN
+        the prefill's copy is the weight in oneDNN's blocked layout (packed) instead of wt."""
+        key = (kernels, copy, fp32_gemm(), self._versions())
         if self._copies is not None and self._key == key:
             return self._copies
         self._copies = None  # the old copies go before the new ones are made, not after
-        wt = bias = panels = few_rows = None
+        wt = bias = panels = few_rows = packed = None
         bf16 = all(kernels.has_few_rows_linear_bf16(lin.weight) for lin in self.linears)
         with torch.no_grad():
             if (copy or bf16) and self.linears[0].bias is not None:
                 bias = torch.cat([lin.bias for lin in self.linears])
             if copy:
-                wt = torch.cat([lin.weight for lin in self.linears]).t().contiguous()
+                w = torch.cat([lin.weight for lin in self.linears]) if len(self.linears) > 1 else self.linears[0].weight
+                wt = w.t().contiguous()
                 if kernels.has_few_rows_linear(wt):
                     panels, few_rows = kernels.column_panels(wt), kernels.few_rows_linear
+                packed = prepack(w)
+                if packed is not None:
+                    wt = None
+                del w
             if bf16:
                 w = torch.cat([lin.weight for lin in self.linears]) if len(self.linears) > 1 else self.linears[0].weight
                 panels, few_rows = few_rows_linear_bf16_panels(w), kernels.few_rows_linear_bf16
-        self._key, self._copies = key, (wt, bias, panels, few_rows)
+        self._key, self._copies = key, (wt, bias, panels, few_rows, packed)
         return self._copies
 
     @property
