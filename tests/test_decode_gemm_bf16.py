@@ -100,7 +100,7 @@ def test_projection_decodes_through_the_bf16_panels(copy):
         ctx.cu_seqlens = torch.tensor([0, 20], dtype=torch.int32)
         proj(prefill, ctx)  # a prefill makes the copies
         ctx.cu_seqlens = None
-        wt, _, panels, few_rows = proj._copies
+        wt, _, panels, few_rows, _ = proj._copies
         assert (wt is not None) == copy  # past MAX_COPY_BYTES no (in, out) copy, the panels only
         assert panels.dtype == torch.bfloat16 and few_rows == kern.few_rows_linear_bf16
         x = torch.randn(3, 48).to(torch.bfloat16)
