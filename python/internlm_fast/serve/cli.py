@@ -15,9 +15,12 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 DTYPES = ("fp32", "bf16", "fp16")
+T = TypeVar("T")
 API_KEY_ENV = "INTERNLM_FAST_API_KEY"
 
 
@@ -94,7 +97,7 @@ async def _serve(server, host: str, api_key: str | None) -> None:
     await task
 
 
-def _on_passing_thread(fn):
+def _on_passing_thread(fn: Callable[[], T]) -> T:
     """fn()'s result (or its exception), computed on a thread that ends when fn returns.
 
     Loading a model runs torch ops whose parallel regions give the loading thread a pool of GNU

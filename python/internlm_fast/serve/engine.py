@@ -12,6 +12,9 @@ in the pool (block_pool.py), so a later prompt that starts with the same tokens 
 chat: the previous prompt and answer) reuses them instead of prefilling them again.
 
 Requests are submitted on the server's event loop; tokens flow back through each Request's queue.
+Its parallel regions are fastest when no other long-lived thread of the process has run torch ops on
+several threads (GNU OpenMP then stops spinning between regions): the server loads the model on a
+thread that ends (cli.py).
 """
 
 from __future__ import annotations
