@@ -200,3 +200,33 @@ def test_a_prepacked_weight_gives_f_linear(rows):
         assert prepack(w) is None
         assert linear_prepacked(x, packed, b) is None
     assert prepack(w.double()) is None and prepack(w.bfloat16()) is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("gemm", ["onednn", "aten"])
+def test_a_prefill_multiplies_by_the_prepacked_copy_where_gemms_run_on_onednn(gemm):
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from internlm_fast.model.projection import Projection
+    from internlm_fast.ops.inference import InferenceKernels
+
+    torch.manual_seed(0)
+    linears = [nn.Linear(48, n, bias=True) for n in (64, 32)]
+    proj = Projection(*linears)
+    kern = InferenceKernels(linears[0].weight)
+    ctx = SimpleNamespace(cache=object(), cu_seqlens=torch.tensor([0, 40], dtype=torch.int32), kernels=kern)
+    ctx.copy_weights = True
+    x = torch.randn(40, 48)
+    weight = torch.cat([lin.weight for lin in linears]).detach()
+    bias = torch.cat([lin.bias for lin in linears]).detach()
+    with use_fp32_gemm(gemm), torch.inference_mode():
+        y = proj(x, ctx)
+        wt, _, _, _, packed = proj._copies
+    if gemm == "onednn":
+        assert packed is not None and packed.is_mkldnn and wt is None  # the blocked copy replaces (in, out)
+    else:
+        assert packed is None and wt is not None
+    want = F.linear(x.double(), weight.double(), bias.double())
+    assert (y.double() - want).abs().max().item() <= 1e-4
