@@ -22,52 +22,62 @@ from .test_chat import _run_cli
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _dequantized(model: InternLMForCausalLM) -> InternLMForCausalLM:
-    """The float model with every projection's weights replaced by what int8 keeps of them."""
-    ref = copy.deepcopy(model)
+def _quantization_oracle(model: InternLMForCausalLM) -> InternLMForCausalLM:
+    """The float model with every projection's weights replaced by what int8 keeps of them, in fp64."""
+    oracle = copy.deepcopy(model).double()
     with torch.no_grad():
-        for proj in ref.projections():
+        for proj in oracle.projections():
             for lin in proj.linears:
-                lin.weight.copy_(dequantize_int8(*quantize_int8(lin.weight)))
-    return ref
+                lin.weight.copy_(dequantize_int8(*quantize_int8(lin.weight), lin.in_features))
+    oracle.rotary_cos, oracle.rotary_sin = (t.double() for t in rotary_tables(model.config))
+    return oracle
+
+
+def _last_logits(model: InternLMForCausalLM, seq: list[int]) -> torch.Tensor:
+    with use_backend("ref"), torch.no_grad():
+        return model(torch.tensor([seq])).logits[0, -1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logits_follow_the_quantization_oracle(dtype):
-    """Prefill and decode steps of the int8 model against the float model holding the dequantized
-    weights, in the same dtype and in fp64: the 2x rule on each step's logits."""
+    """Prefill and decode steps of the int8 model against the same int8 model in pure torch (the
+    dequantized weights, each linear's input rounded by int8_activations as the kernel rounds it) and
+    the float model holding the dequantized weights in fp64: the 2x rule on each step's logits."""
     assert inference_kernels(torch.empty(1)).has_few_rows_linear_int8()  # decode steps run the kernel
     model = small_model(std=0.1).to(dtype)
-    reference = _dequantized(model)
-    oracle = copy.deepcopy(reference).double()
-    oracle.rotary_cos, oracle.rotary_sin = (t.double() for t in rotary_tables(model.config))
+    oracle = _quantization_oracle(model)
     quantized = copy.deepcopy(model).quantize_("int8")
     prompts = [[5, 9, 2, 7, 30, 11], list(range(40, 77))]
     seqs = [list(p) for p in prompts]
-
-    def full(s):
-        with use_backend("ref"), torch.no_grad():
-            return oracle(torch.tensor([s])).logits[0, -1]
-
     with torch.inference_mode():
-        caches = [KVCache.for_model(m, 2, 64) for m in (quantized, reference)]
-        got, ref = (prefill(m, c, prompts) for m, c in zip((quantized, reference), caches))
+        caches = [KVCache.for_model(quantized, 2, 64) for _ in range(2)]
+        got = prefill(quantized, caches[0], prompts)
+        with use_backend("ref"):
+            ref = prefill(quantized, caches[1], prompts)
         for step in range(4):
             for b, seq in enumerate(seqs):
-                assert_matches_oracle(f"step {step} row {b}", got[b], ref[b], full(seq), ATOL[dtype])
+                assert_matches_oracle(f"step {step} row {b}", got[b], ref[b], _last_logits(oracle, seq), ATOL[dtype])
             tokens = torch.tensor([3 + step, 200 - step])
             for b, t in enumerate(tokens.tolist()):
                 seqs[b].append(t)
-            got, ref = (decode(m, c, tokens) for m, c in zip((quantized, reference), caches))
+            got = decode(quantized, caches[0], tokens)
+            with use_backend("ref"):
+                ref = decode(quantized, caches[1], tokens)
 
 
 def test_full_forward_of_a_quantized_model_follows_its_cached_one():
-    model = small_model().quantize_("int8")
+    """The cached prefill (six rows: the decode kernel) against the full forward (the dequantized
+    GEMMs), both against the quantization oracle: their activations are rounded alike, so each errs
+    by the rounding of its own."""
+    model = small_model()
+    oracle = _quantization_oracle(model)
+    model.quantize_("int8")
     seq = [5, 9, 2, 7, 30, 11]
     with torch.inference_mode():
         cached = prefill(model, KVCache.for_model(model, 1, 16), [seq])[0]
         full = model(torch.tensor([seq])).logits[0, -1]
-    torch.testing.assert_close(full, cached, atol=2e-5, rtol=1e-5)
+    assert_matches_oracle("cached prefill", cached, full, _last_logits(oracle, seq), ATOL[torch.float32])
+    assert_matches_oracle("full forward", full, cached, _last_logits(oracle, seq), ATOL[torch.float32])
 
 
 def test_greedy_generation_equals_fp32():

@@ -100,7 +100,7 @@ def test_file_holds_canonical_int8_weights_and_scales(tmp_path):
     q, s = tensors["lm_head.weight"], tensors["lm_head.weight_scale"]
     panels, scales, _ = quantized.head._int8
     dequantized = q.float() * s.repeat_interleave(INT8_GROUP, dim=1)[:, : q.shape[1]]
-    assert torch.equal(dequantized, dequantize_int8(panels, scales))
+    assert torch.equal(dequantized, dequantize_int8(panels, scales, q.shape[1]))
     for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
         assert torch.equal(tensors[name], state[name])
     tied = _float_model(tie_word_embeddings=True).quantize_("int8").save_pretrained(tmp_path / "tied")

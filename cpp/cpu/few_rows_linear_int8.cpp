@@ -8,7 +8,8 @@
 #include "ops_cpu.h"
 
 #include <algorithm>
-#include <vector>
+#include <cmath>
+#include <limits>
 
 #define IFAST_ISA_BODY "kernels/few_rows_linear_int8.h"
 #include "isa_compile.h"

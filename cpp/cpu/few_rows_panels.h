@@ -47,21 +47,21 @@ inline void check_bias(const char* fn, const std::optional<at::Tensor>& bias, in
                 fn, ": bias must be contiguous (N,) of x's dtype");
 }
 
-// out (M, N = 16 * panels) in x's dtype. `base` carries the weights; its x, K, bias, out and ldo are
-// filled here (fp32 copies of bf16 x and bias). Threads own whole panels, 8 (128 columns) a task at
-// least, and each group of 8 goes through every group of kRows rows, the later groups reading the
-// panels from L2.
+// out (M, N = 16 * panels) in x's dtype. `base` carries the weights; Args::bind(x) gives it x as its
+// tiles read it (an fp32 copy of bf16 x, or the int8 kernel's 16-bit pairs) and returns the tensor
+// that holds that, Args::from_row(r0) moves it to row r0; bias, out and ldo are filled here (an fp32
+// copy of a bf16 bias, an fp32 out converted at the end). Threads own whole panels, 8 (128 columns) a
+// task at least, and each group of 8 goes through every group of kRows rows, the later groups reading
+// the panels from L2.
 template <typename Args>
 at::Tensor run(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t panels, Args base,
                TileFn<Args> tile) {
-  const int64_t M = x.size(0), K = x.size(1), N = panels * kCols;
+  const int64_t M = x.size(0), N = panels * kCols;
   const bool low = x.scalar_type() == at::kBFloat16;
-  const at::Tensor xf = low ? x.to(at::kFloat) : x;
+  const at::Tensor held = base.bind(x);
   const at::Tensor bf = bias.has_value() && low ? bias->to(at::kFloat) : bias.value_or(at::Tensor());
   at::Tensor out = at::empty({M, N}, x.options());
   at::Tensor outf = low ? at::empty({M, N}, x.options().dtype(at::kFloat)) : out;
-  base.x = xf.data_ptr<float>();
-  base.K = K;
   base.bias = bf.defined() ? bf.data_ptr<float>() : nullptr;
   base.out = outf.data_ptr<float>();
   base.ldo = N;
@@ -69,12 +69,8 @@ at::Tensor run(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64
   at::parallel_for(0, panels, 8, [&](int64_t p0, int64_t p1) {
     for (int64_t q0 = p0; q0 < p1; q0 += 8) {
       const int64_t q1 = std::min<int64_t>(p1, q0 + 8);
-      for (int64_t r0 = 0; r0 < M; r0 += kRows) {
-        Args a = base;
-        a.x += r0 * K;
-        a.out += r0 * N;
-        tile(a, static_cast<int>(std::min<int64_t>(kRows, M - r0)), q0, q1);
-      }
+      for (int64_t r0 = 0; r0 < M; r0 += kRows)
+        tile(base.from_row(r0), static_cast<int>(std::min<int64_t>(kRows, M - r0)), q0, q1);
     }
     if (ob != nullptr) {
       const float* of = base.out;

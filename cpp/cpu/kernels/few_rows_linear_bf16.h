@@ -35,6 +35,20 @@ struct Args {
   const float* bias;
   float* out;
   int64_t ldo;
+
+  // x fp32 as it is, bf16 converted once
+  at::Tensor bind(const at::Tensor& x_in) {
+    at::Tensor xf = x_in.scalar_type() == at::kBFloat16 ? x_in.to(at::kFloat) : x_in;
+    x = xf.data_ptr<float>();
+    K = x_in.size(1);
+    return xf;
+  }
+  Args from_row(int64_t r0) const {
+    Args a = *this;
+    a.x += r0 * K;
+    a.out += r0 * ldo;
+    return a;
+  }
 };
 
 inline int64_t pairs_of(int64_t K) { return (K + 1) / 2; }

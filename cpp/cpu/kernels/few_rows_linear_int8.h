@@ -1,8 +1,7 @@
 // out (M, N) = x (M, K) @ W [+ bias] for the few rows of a decode step (M <= ~16) with int8
 // weight-only quantized weights: W[n, k] = q[n, k] * scale[n, k / G], q symmetric int8 in
 // [-127, 127], one fp32 scale per group of G = 64 consecutive input values of one output column.
-// Dequantized in registers (int8 -> int32 -> fp32; the group's scale applied to the group's partial
-// sum): the weights cross the memory bus as 1 byte each, half the bf16 kernel's traffic.
+// The weights cross the memory bus as 1 byte each, half the bf16 kernel's traffic.
 //
 // G = 64: the scales cost 4 / 64 = 6.25% of the int8 bytes (G = 128: 3.1%, G = 32: 12.5%), and a
 // group's step is absmax(group) / 127: the expected maximum of 64 Gaussian weights is ~2.4 sigma
@@ -10,11 +9,22 @@
 // fp32 scales rather than bf16: a bf16 scale is off by up to 2^-9 relative, a systematic error on
 // the whole group as large as half the int8 rounding step itself, to save 3% of the bytes.
 //
-// Layout (quantize_int8 in python/internlm_fast/ops/inference.py): panels (N / 16, K, 16) int8, panel
-// p row k = q[16p..16p+15, k] (16 bytes; 4 rows a cache line); scales (N / 16, ceil(K / 64), 16)
-// fp32, the last group shorter when 64 does not divide K. Accumulation in fp32; x fp32 or bf16,
-// out in x's dtype. Threads own whole panels, as in few_rows_linear.
-// Reference: few_rows_linear_int8_ref.
+// Integer products. Each group of 64 values of a row of x is held as 16-bit integers on a scale of
+// its own (absmax / 32767: block floating point with a 16-bit mantissa, finer than the 8 bits of the
+// bf16 activations a bf16 model computes with), so a group's sum is exact in int32: one sign
+// extension (int8 -> int16) and one vpmaddwd (16-bit pairs multiplied and added into int32) per 2
+// inputs x 8 or 16 columns, then one vpaddd. Widening every weight to fp32 instead costs a
+// sign extension, a conversion and an FMA per 8 or 16 weights: 4.4 cycles per 32 weights on a Zen 3
+// core (17 GB/s from L2, half its DRAM share) against 1.3-1.7 here. The group's int32 sum is
+// scaled once into out: out += float(sum) * (scale_w * scale_x). |sum| <= 64 * 127 * 32767 < 2^31.
+// A group of x holding inf or NaN gets a NaN scale, so the outputs it touches are NaN.
+//
+// Layout (int8_panels in python/internlm_fast/ops/inference.py): panels (N / 16, ceil(K / 2), 32)
+// int8, panel p row j = q[16p + c, 2j + t] at 2c + t (zero past an odd K): 32 bytes, 2 inputs x 16
+// columns, the 16-bit pairs vpmaddwd multiplies once sign-extended; scales (N / 16, ceil(K / 64), 16)
+// fp32, the last group shorter when 64 does not divide K. x fp32 or bf16, out in x's dtype. Threads
+// own whole panels, as in few_rows_linear.
+// Reference: few_rows_linear_int8_ref (x rounded by int8_activations, as here).
 // Compiled once per instruction set (isa_compile.h): no include guard; IFAST_ISA_LEVEL selects the
 // tiles of each path.
 
@@ -22,36 +32,96 @@ namespace ifast::cpu::IFAST_ISA {
 namespace {
 
 using panels::kCols;
-constexpr int kGroup = 64;          // input values per scale
-constexpr int kPrefetchRows = 64;  // panel rows prefetched ahead: 1 KiB per stream
+constexpr int kGroup = 64;                // input values per scale
+constexpr int kGroupPairs = kGroup / 2;   // panel rows per scale
+constexpr int kPrefetchPairs = 32;        // panel rows prefetched ahead: 1 KiB per stream
+constexpr float kXLevels = 32767.f;       // |x| / scale_x of a group's largest value
+
+inline int64_t groups_of(int64_t K) { return (K + kGroup - 1) / kGroup; }
+inline int64_t pairs_of(int64_t K) { return (K + 1) / 2; }
 
 struct Args {
-  const float* x;
+  const int32_t* x2;  // x as 16-bit pairs, (rows, pairs_of(K)): low half input 2j, high half 2j + 1
+  const float* xs;    // x's scale per group, (rows, groups_of(K))
   int64_t K;
   const int8_t* w;
   const float* scales;
   const float* bias;
   float* out;
   int64_t ldo;
-};
 
-inline int64_t groups_of(int64_t K) { return (K + kGroup - 1) / kGroup; }
+  // Rounds each group of x to 16-bit integers on its own scale; one int32 tensor holds the pairs
+  // and, after them, the scales.
+  at::Tensor bind(const at::Tensor& x) {
+    const int64_t M = x.size(0), pairs = pairs_of(x.size(1)), G = groups_of(x.size(1));
+    K = x.size(1);
+    at::Tensor held = at::empty({M * (pairs + G)}, x.options().dtype(at::kInt));
+    int32_t* pairs_out = held.data_ptr<int32_t>();
+    float* scales_out = reinterpret_cast<float*>(pairs_out + M * pairs);
+    AT_DISPATCH_SWITCH(x.scalar_type(), "few_rows_linear_int8",
+                       AT_DISPATCH_CASE(at::kFloat, [&] { round_x(x.data_ptr<float>(), M, pairs_out, scales_out); })
+                           AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                             round_x(x.data_ptr<c10::BFloat16>(), M, pairs_out, scales_out);
+                           }));
+    x2 = pairs_out;
+    xs = scales_out;
+    return held;
+  }
+
+  template <typename T>
+  void round_x(const T* x, int64_t M, int32_t* pairs_out, float* scales_out) const {
+    const int64_t pairs = pairs_of(K), G = groups_of(K);
+    for (int64_t r = 0; r < M; ++r) {
+      const T* xr = x + r * K;
+      uint16_t* q = reinterpret_cast<uint16_t*>(pairs_out + r * pairs);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t k0 = g * kGroup, k1 = std::min<int64_t>(K, k0 + kGroup);
+        float absmax = 0.f;
+        bool finite = true;
+        for (int64_t k = k0; k < k1; ++k) {
+          const float v = load(xr, k);
+          absmax = std::max(absmax, std::fabs(v));
+          finite &= std::isfinite(v);
+        }
+        // the same fp32 operations as int8_activations: scale = absmax / 32767, q = round(x / scale)
+        const float scale = finite ? absmax / kXLevels : std::numeric_limits<float>::quiet_NaN();
+        for (int64_t k = k0; k < k1; ++k) {
+          const float v = absmax > 0.f && finite ? std::nearbyint(load(xr, k) / scale) : 0.f;
+          q[k] = static_cast<uint16_t>(static_cast<int16_t>(std::clamp(v, -kXLevels, kXLevels)));
+        }
+        scales_out[r * G + g] = scale;
+      }
+      if (K & 1) q[K] = 0;
+    }
+  }
+
+  Args from_row(int64_t r0) const {
+    Args a = *this;
+    a.x2 += r0 * pairs_of(K);
+    a.xs += r0 * groups_of(K);
+    a.out += r0 * ldo;
+    return a;
+  }
+};
 
 #if IFAST_ISA_LEVEL == 0
 void tile(const Args& a, int R, int64_t p0, int64_t p1) {
-  const int64_t K = a.K, G = groups_of(K);
+  const int64_t pairs = pairs_of(a.K), G = groups_of(a.K);
   for (int64_t p = p0; p < p1; ++p) {
-    const int8_t* w = a.w + p * K * kCols;
+    const int8_t* w = a.w + p * pairs * 2 * kCols;
     const float* s = a.scales + p * G * kCols;
     for (int r = 0; r < R; ++r) {
       float acc[kCols];
       for (int c = 0; c < kCols; ++c) acc[c] = a.bias ? a.bias[p * kCols + c] : 0.f;
-      const float* xr = a.x + r * K;
+      const int32_t* xr = a.x2 + r * pairs;
       for (int64_t g = 0; g < G; ++g) {
-        float part[kCols] = {};
-        for (int64_t k = g * kGroup; k < std::min<int64_t>(K, (g + 1) * kGroup); ++k)
-          for (int c = 0; c < kCols; ++c) part[c] += xr[k] * static_cast<float>(w[k * kCols + c]);
-        for (int c = 0; c < kCols; ++c) acc[c] += part[c] * s[g * kCols + c];
+        int32_t part[kCols] = {};
+        for (int64_t j = g * kGroupPairs; j < std::min<int64_t>(pairs, (g + 1) * kGroupPairs); ++j) {
+          const int32_t x0 = static_cast<int16_t>(xr[j] & 0xffff), x1 = static_cast<int16_t>(xr[j] >> 16);
+          for (int c = 0; c < kCols; ++c) part[c] += w[j * 2 * kCols + 2 * c] * x0 + w[j * 2 * kCols + 2 * c + 1] * x1;
+        }
+        const float sx = a.xs[r * G + g];
+        for (int c = 0; c < kCols; ++c) acc[c] += static_cast<float>(part[c]) * (s[g * kCols + c] * sx);
       }
       for (int c = 0; c < kCols; ++c) a.out[r * a.ldo + p * kCols + c] = acc[c];
     }
@@ -61,13 +131,12 @@ void tile(const Args& a, int R, int64_t p0, int64_t p1) {
 
 #if IFAST_ISA_LEVEL >= 2
 
-// R rows x P adjacent panels. A group's products sum in registers, t[r][q] = sum_k x[r][k] q[k][..]
-// (one zmm per (row, panel): R * P + P + 1 <= 32), and go into out scaled once: out += t * scale.
-// The scale multiplies once per group instead of once per weight, and the sum has two levels (64
-// terms, then K / 64), as accurate as a blocked GEMM's where one chain over K would not be.
+// R rows x P adjacent panels: per panel row, one 32-byte load sign-extended to 32 int16 (2 inputs x
+// 16 columns), one vpmaddwd and one vpaddd per row of x. t[r][q] sums a group in int32 (one zmm per
+// (row, panel): R * P + R + 2 <= 32), then goes into out: out += float(t) * (scale_w * scale_x).
 template <int R, int P>
 inline void tile512(const Args& a, int64_t p) {
-  const int64_t K = a.K, G = groups_of(K), ldp = K * kCols, lds = G * kCols;
+  const int64_t pairs = pairs_of(a.K), G = groups_of(a.K), ldp = pairs * 2 * kCols, lds = G * kCols;
   const int8_t* w = a.w + p * ldp;
   const float* sp = a.scales + p * lds;
   float* out = a.out + p * kCols;
@@ -78,25 +147,23 @@ inline void tile512(const Args& a, int64_t p) {
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * a.ldo + q * kCols, z);
   }
   for (int64_t g = 0; g < G; ++g) {
-    __m512 t[R][P];
+    __m512i t[R][P];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-      for (int q = 0; q < P; ++q) t[r][q] = _mm512_setzero_ps();
-    const int64_t k1 = std::min<int64_t>(K, (g + 1) * kGroup);
-    for (int64_t k = g * kGroup; k < k1; ++k) {
-      __m512 v[P];
+      for (int q = 0; q < P; ++q) t[r][q] = _mm512_setzero_si512();
+    const int64_t j1 = std::min<int64_t>(pairs, (g + 1) * kGroupPairs);
+    for (int64_t j = g * kGroupPairs; j < j1; ++j) {
+      __m512i xj[R];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) xj[r] = _mm512_set1_epi32(a.x2[r * pairs + j]);
 #pragma GCC unroll 16
       for (int q = 0; q < P; ++q) {
-        const int8_t* src = w + q * ldp + k * kCols;
-        if ((k & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * kCols), _MM_HINT_T0);
-        v[q] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
-      }
+        const int8_t* src = w + q * ldp + j * 2 * kCols;
+        if ((j & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchPairs * 2 * kCols), _MM_HINT_T0);
+        const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const __m512 xk = _mm512_set1_ps(a.x[r * K + k]);
-#pragma GCC unroll 16
-        for (int q = 0; q < P; ++q) t[r][q] = _mm512_fmadd_ps(xk, v[q], t[r][q]);
+        for (int r = 0; r < R; ++r) t[r][q] = _mm512_add_epi32(t[r][q], _mm512_madd_epi16(v, xj[r]));
       }
     }
 #pragma GCC unroll 16
@@ -105,14 +172,14 @@ inline void tile512(const Args& a, int64_t p) {
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         float* o = out + r * a.ldo + q * kCols;
-        _mm512_storeu_ps(o, _mm512_fmadd_ps(t[r][q], s, _mm512_loadu_ps(o)));
+        const __m512 sc = _mm512_mul_ps(s, _mm512_set1_ps(a.xs[r * G + g]));
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[r][q]), sc, _mm512_loadu_ps(o)));
       }
     }
   }
 }
 
-// 4 panels at every R: at one row, 8 panels (8 weight streams per thread) read 13% slower (37.6
-// against 42.5 GB/s at InternLM-7B's shapes, 2 threads, 47 GB/s DRAM read); 2 panels no faster
+// 4 panels at every R (4 weight streams per thread; 8 read slower with the fp32-widening tiles)
 constexpr int panels512(int) { return 4; }
 
 void tile(const Args& a, int R, int64_t p0, int64_t p1) {
@@ -125,10 +192,11 @@ void tile(const Args& a, int R, int64_t p0, int64_t p1) {
 
 #if IFAST_ISA_LEVEL == 1
 
-// AVX2: a panel row is two halves of 8 columns, two ymm partial sums per (row, panel); as tile512.
+// AVX2: a panel row is two halves of 16 bytes (columns 0..7 and 8..15), each sign-extended to 16
+// int16; two ymm int32 sums per (row, panel), as tile512.
 template <int R, int P>
 inline void tile256(const Args& a, int64_t p) {
-  const int64_t K = a.K, G = groups_of(K), ldp = K * kCols, lds = G * kCols;
+  const int64_t pairs = pairs_of(a.K), G = groups_of(a.K), ldp = pairs * 2 * kCols, lds = G * kCols;
   const int8_t* w = a.w + p * ldp;
   const float* sp = a.scales + p * lds;
   float* out = a.out + p * kCols;
@@ -139,22 +207,24 @@ inline void tile256(const Args& a, int64_t p) {
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * a.ldo + h * 8, z);
   }
   for (int64_t g = 0; g < G; ++g) {
-    __m256 t[R][2 * P];
+    __m256i t[R][2 * P];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-      for (int h = 0; h < 2 * P; ++h) t[r][h] = _mm256_setzero_ps();
-    const int64_t k1 = std::min<int64_t>(K, (g + 1) * kGroup);
-    for (int64_t k = g * kGroup; k < k1; ++k) {
+      for (int h = 0; h < 2 * P; ++h) t[r][h] = _mm256_setzero_si256();
+    const int64_t j1 = std::min<int64_t>(pairs, (g + 1) * kGroupPairs);
+    for (int64_t j = g * kGroupPairs; j < j1; ++j) {
+      __m256i xj[R];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) xj[r] = _mm256_set1_epi32(a.x2[r * pairs + j]);
 #pragma GCC unroll 16
       for (int h = 0; h < 2 * P; ++h) {
-        const int8_t* src = w + (h / 2) * ldp + k * kCols + (h % 2) * 8;
-        if (h % 2 == 0 && (k & 3) == 0)
-          _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * kCols), _MM_HINT_T0);
-        const __m256 v =
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
+        const int8_t* src = w + (h / 2) * ldp + j * 2 * kCols + (h % 2) * kCols;
+        if (h % 2 == 0 && (j & 1) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchPairs * 2 * kCols), _MM_HINT_T0);
+        const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) t[r][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(a.x + r * K + k), v, t[r][h]);
+        for (int r = 0; r < R; ++r) t[r][h] = _mm256_add_epi32(t[r][h], _mm256_madd_epi16(v, xj[r]));
       }
     }
 #pragma GCC unroll 16
@@ -163,13 +233,14 @@ inline void tile256(const Args& a, int64_t p) {
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         float* o = out + r * a.ldo + h * 8;
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(t[r][h], s, _mm256_loadu_ps(o)));
+        const __m256 sc = _mm256_mul_ps(s, _mm256_set1_ps(a.xs[r * G + g]));
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[r][h]), sc, _mm256_loadu_ps(o)));
       }
     }
   }
 }
 
-// panels at once on AVX2: R * 2P partial sums + 2 <= 16 ymm registers
+// panels at once on AVX2: R * 2P int32 sums + R broadcasts + 2 <= 16 ymm registers
 constexpr int panels256(int R) { return R == 1 ? 4 : R == 2 ? 2 : 1; }
 
 void tile(const Args& a, int R, int64_t p0, int64_t p1) {
@@ -184,8 +255,9 @@ void tile(const Args& a, int R, int64_t p0, int64_t p1) {
 
 at::Tensor few_rows_linear_int8(const at::Tensor& x, const at::Tensor& panels_w, const at::Tensor& scales,
                                 const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && panels_w.dim() == 3 && panels_w.size(2) == kCols && panels_w.size(1) == x.size(1),
-              "few_rows_linear_int8: x (M, K) and the weight panels (N / 16, K, 16) must agree on K");
+  TORCH_CHECK(x.dim() == 2 && panels_w.dim() == 3 && panels_w.size(2) == 2 * kCols &&
+                  panels_w.size(1) == pairs_of(x.size(1)),
+              "few_rows_linear_int8: x (M, K) and the weight panels (N / 16, ceil(K / 2), 32) must agree on K");
   TORCH_CHECK(scales.dim() == 3 && scales.size(0) == panels_w.size(0) && scales.size(1) == groups_of(x.size(1)) &&
                   scales.size(2) == kCols,
               "few_rows_linear_int8: scales must be (N / 16, ceil(K / 64), 16)");
@@ -198,7 +270,7 @@ at::Tensor few_rows_linear_int8(const at::Tensor& x, const at::Tensor& panels_w,
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "few_rows_linear_int8: x must be fp32 or bf16");
   panels::check_bias("few_rows_linear_int8", bias, panels_w.size(0) * kCols, x);
-  const Args weights{nullptr, 0, panels_w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, nullptr, 0};
+  const Args weights{nullptr, nullptr, 0, panels_w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, nullptr, 0};
   return panels::run(x, bias, panels_w.size(0), weights, tile);
 }
 

@@ -39,7 +39,9 @@ from internlm_fast.ops.inference import (
     dequantize_int8,
     few_rows_linear_bf16_panels,
     inference_kernels,
+    int8_activations,
     quantize_int8,
+    unpair_panels,
 )
 from internlm_fast.ops.linear import fp32_gemm, linear, linear_prepacked, prepack
 
@@ -95,14 +97,6 @@ def fill_bf16_panels(dst: Tensor, weight: Tensor) -> None:
     else:
         src = weight.view(blocks, PANEL_COLUMNS, pairs, 2)
         dst.view(blocks, pairs, PANEL_COLUMNS, 2).copy_(src.transpose(1, 2))
-
-
-def unpanel_bf16(panels: Tensor, in_features: int) -> Tensor:
-    """The (out, in) bf16 weight that few_rows_linear_bf16_panels laid out as `panels`: a new tensor."""
-    blocks, pairs, _ = panels.shape
-    w = panels.view(torch.int32).transpose(1, 2).contiguous().view(torch.bfloat16)
-    w = w.view(blocks * PANEL_COLUMNS, 2 * pairs)
-    return w if in_features == 2 * pairs else w[:, :in_features]
 
 
 def packed_linear(x: Tensor, linears: tuple[nn.Linear, ...]) -> Tensor:
@@ -263,7 +257,7 @@ class Projection:
         ):
             out = kernels.few_rows_linear_bf16(rows.contiguous(), panels, None if bias is None else bias.to(x.dtype))
             return out.view(*x.shape[:-1], out.shape[-1])
-        w = unpanel_bf16(panels, k).to(x.dtype)
+        w = unpair_panels(panels, k).to(x.dtype)
         y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
         del w
         return y
@@ -272,7 +266,7 @@ class Projection:
         """The linears' (out, in) weights side by side, from whatever this projection holds them in
         (a new tensor but for a single linear's parameter)."""
         if self._bf16 is not None:
-            return unpanel_bf16(self._bf16[0], self._bf16[2])
+            return unpair_panels(self._bf16[0], self._bf16[2])
         if len(self.linears) == 1:
             return self.linears[0].weight
         return torch.cat([lin.weight for lin in self.linears])
@@ -298,9 +292,10 @@ class Projection:
                 lin.weight.requires_grad_(False)
 
     def int8_linear(self, x: Tensor, kernels: object = None) -> Tensor:
-        """x W^T + b with the int8 weights: a decode step's few rows through few_rows_linear_int8,
-        which dequantizes in registers; longer inputs against the weight dequantized to x's dtype,
-        freed as soon as the GEMM is done so one projection at a time is ever held in float."""
+        """x W^T + b with the int8 weights, x rounded by int8_activations: a decode step's few rows
+        through few_rows_linear_int8, which dequantizes in registers; longer inputs against the weight
+        dequantized to x's dtype, freed as soon as the GEMM is done so one projection at a time is
+        ever held in float."""
         panels, scales, bias = self._int8
         if (
             x.dim() == 2
@@ -311,7 +306,7 @@ class Projection:
             and x.is_contiguous()
         ):
             return kernels.few_rows_linear_int8(x, panels, scales, bias)
-        w = dequantize_int8(panels, scales).to(x.dtype)
-        y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        w = dequantize_int8(panels, scales, x.shape[-1]).to(x.dtype)
+        y = F.linear(int8_activations(x).to(x.dtype), w, None if bias is None else bias.to(x.dtype))
         del w
         return y

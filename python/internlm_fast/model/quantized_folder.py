@@ -19,9 +19,9 @@ A lm_head tied to the embedding is not stored: the embedding stays float, and th
 made from it at load exactly as quantize_ makes it.
 
 Each linear is stored under its own Hugging Face name in the plain (out, in) row-major layout, not as
-the few_rows_linear_int8 kernel's panels (q/k/v side by side, 16 columns interleaved): the file then
-says what the weights are to any reader (one line of numpy dequantizes a tensor), and it outlives
-changes of the kernel's layout. Laying the panels out again at load is one int8 copy per projection.
+the few_rows_linear_int8 kernel's panels (q/k/v side by side, 16 columns and 2 inputs interleaved):
+the file then says what the weights are to any reader (one line of numpy dequantizes a tensor), and
+it outlives changes of the kernel's layout. Laying the panels out again at load is one int8 copy per projection.
 
 quant_method names this format and no other: the tensors are neither compressed-tensors' nor GPTQ's
 nor bitsandbytes', and claiming one of those names would send other loaders down a path that misreads
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from internlm_fast.ops.inference import INT8_GROUP, PANEL_COLUMNS
+from internlm_fast.ops.inference import INT8_GROUP, PANEL_COLUMNS, int8_panels, int8_weights
 
 from .hf_config import read_json
 from .weight_files import UnmappedReader, check_names_and_shapes
@@ -114,9 +114,7 @@ def quantized_state(
     stored = {}
     for proj in _stored_projections(model):
         panels, scales, _ = proj._int8
-        blocks, k, cols = panels.shape
-        q = panels.transpose(1, 2).reshape(blocks * cols, k)
-        s = scales.transpose(1, 2).reshape(blocks * cols, -1)
+        q, s = int8_weights(panels, scales, proj.linears[0].in_features)
         row = 0
         for lin in proj.linears:
             out = lin.out_features
@@ -209,7 +207,7 @@ def load_quantized(
 
     for proj in stored:
         lins = [names[id(lin)] for lin in proj.linears]
-        n, k = sum(lin.out_features for lin in proj.linears), proj.linears[0].in_features
+        n = sum(lin.out_features for lin in proj.linears)
         if n % PANEL_COLUMNS:
             raise ValueError(
                 f"int8 folder: {' + '.join(lins)} have {n} output features together, not whole panels of "
@@ -224,10 +222,8 @@ def load_quantized(
                 for name in lins
             ]
         )
-        g = s.shape[1]
-        panels = q.view(n // PANEL_COLUMNS, PANEL_COLUMNS, k).transpose(1, 2).to(device).contiguous()
+        panels, scales = int8_panels(q.to(device), s.to(device))
         del q
-        scales = s.view(n // PANEL_COLUMNS, PANEL_COLUMNS, g).transpose(1, 2).to(device).contiguous()
         bias = torch.cat([lin.bias for lin in proj.linears]).detach() if proj.linears[0].bias is not None else None
         proj._key = proj._copies = None
         proj._int8 = (panels, scales, bias)

@@ -68,20 +68,39 @@ def few_rows_linear_ref(x: Tensor, wt: Tensor, bias: Tensor | None) -> Tensor:
     return x @ wt if bias is None else torch.addmm(bias, x, wt)
 
 
-def few_rows_linear_bf16_panels(weight: Tensor) -> Tensor:
-    """An (out, in) weight, out a multiple of 16, as few_rows_linear_bf16 reads it: bf16 panels
-    (out / 16, ceil(in / 2), 32), element [p, j, 2c + t] = weight[16p + c, 2j + t] (zero past an odd
-    in): each 64-byte line holds two input rows of 16 columns, split into fp32 by two integer ops."""
+def pair_panels(weight: Tensor) -> Tensor:
+    """An (out, in) weight of any dtype, out a multiple of 16, in the layout of the bf16 and int8
+    decode GEMMs: (out / 16, ceil(in / 2), 32), element [p, j, 2c + t] = weight[16p + c, 2j + t] (zero
+    past an odd in): a panel's row j holds input rows 2j and 2j + 1 of its 16 columns interleaved."""
     n, k = weight.shape
-    if n % PANEL_COLUMNS:
-        raise ValueError(f"few_rows_linear_bf16: {n} output features are not whole panels of {PANEL_COLUMNS}")
-    w = weight.detach().to(torch.bfloat16)
     if k % 2:
-        w = F.pad(w, (0, 1))
+        weight = F.pad(weight, (0, 1))
     pairs = (k + 1) // 2
     return (
-        w.view(n // PANEL_COLUMNS, PANEL_COLUMNS, pairs, 2).permute(0, 2, 1, 3).reshape(n // PANEL_COLUMNS, pairs, 32)
+        weight.reshape(n // PANEL_COLUMNS, PANEL_COLUMNS, pairs, 2)
+        .permute(0, 2, 1, 3)
+        .reshape(n // PANEL_COLUMNS, pairs, 2 * PANEL_COLUMNS)
     )
+
+
+def unpair_panels(panels: Tensor, in_features: int) -> Tensor:
+    """The (out, in) weight that pair_panels laid out as `panels`: a new tensor. The pairs move as
+    single elements of twice the width, half the strided copies of moving each value."""
+    blocks, pairs, _ = panels.shape
+    wide = {1: torch.int16, 2: torch.int32, 4: torch.int64}[panels.element_size()]
+    w = panels.view(wide).transpose(1, 2).contiguous().view(panels.dtype)
+    w = w.view(blocks * PANEL_COLUMNS, 2 * pairs)
+    return w if in_features == 2 * pairs else w[:, :in_features]
+
+
+def few_rows_linear_bf16_panels(weight: Tensor) -> Tensor:
+    """An (out, in) weight, out a multiple of 16, as few_rows_linear_bf16 reads it: pair_panels of it in
+    bf16, (out / 16, ceil(in / 2), 32): each 64-byte line holds two input rows of 16 columns, split
+    into fp32 by two integer ops."""
+    n, _ = weight.shape
+    if n % PANEL_COLUMNS:
+        raise ValueError(f"few_rows_linear_bf16: {n} output features are not whole panels of {PANEL_COLUMNS}")
+    return pair_panels(weight.detach().to(torch.bfloat16))
 
 
 def few_rows_linear_bf16_ref(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -95,8 +114,8 @@ def few_rows_linear_bf16_ref(x: Tensor, weight: Tensor, bias: Tensor | None) -> 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """An (out, in) float weight, out a multiple of 16, as few_rows_linear_int8 reads it: symmetric
     int8 with one fp32 scale per INT8_GROUP consecutive inputs of an output feature (scale =
-    absmax / 127, q = round(w / scale)), laid out as (panels (out / 16, in, 16) int8, scales
-    (out / 16, ceil(in / INT8_GROUP), 16) fp32). Each weight is off by at most scale / 2."""
+    absmax / 127, q = round(w / scale)), laid out by int8_panels. Each weight is off by at most
+    scale / 2."""
     n, k = weight.shape
     if n % PANEL_COLUMNS:
         raise ValueError(f"few_rows_linear_int8: {n} output features are not whole panels of {PANEL_COLUMNS}")
@@ -104,24 +123,50 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     w = F.pad(weight.detach().float(), (0, g * INT8_GROUP - k)).view(n, g, INT8_GROUP)
     scale = w.abs().amax(-1) / 127
     q = torch.round(w / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp_(-127, 127)
-    q = q.to(torch.int8).view(n, g * INT8_GROUP)[:, :k]
-    panels = q.reshape(n // PANEL_COLUMNS, PANEL_COLUMNS, k).transpose(1, 2).contiguous()
-    scales = scale.view(n // PANEL_COLUMNS, PANEL_COLUMNS, g).transpose(1, 2).contiguous()
-    return panels, scales
+    return int8_panels(q.to(torch.int8).view(n, g * INT8_GROUP)[:, :k], scale)
 
 
-def dequantize_int8(panels: Tensor, scales: Tensor) -> Tensor:
+def int8_panels(q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, in) int8 weights and their (out, ceil(in / INT8_GROUP)) fp32 scales in few_rows_linear_int8's
+    layout: the weights as pair_panels, (out / 16, ceil(in / 2), 32) int8 (a 32-byte row of a panel
+    holds 2 inputs x 16 columns, which one sign extension turns into the 16-bit pairs the kernel
+    multiplies), the scales (out / 16, ceil(in / INT8_GROUP), 16)."""
+    n, g = scale.shape
+    scales = scale.reshape(n // PANEL_COLUMNS, PANEL_COLUMNS, g).transpose(1, 2).contiguous()
+    return pair_panels(q).contiguous(), scales
+
+
+def int8_weights(panels: Tensor, scales: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
+    """The (out, in) int8 weights and (out, groups) fp32 scales that int8_panels laid out: new tensors."""
+    blocks, groups, cols = scales.shape
+    return unpair_panels(panels, in_features), scales.transpose(1, 2).reshape(blocks * cols, groups)
+
+
+def dequantize_int8(panels: Tensor, scales: Tensor, in_features: int) -> Tensor:
     """The (out, in) fp32 weight that quantize_int8's (panels, scales) stand for."""
-    blocks, k, cols = panels.shape
-    q = panels.transpose(1, 2).reshape(blocks * cols, k).float()
-    s = scales.transpose(1, 2).reshape(blocks * cols, -1).repeat_interleave(INT8_GROUP, dim=1)[:, :k]
-    return q * s
+    q, s = int8_weights(panels, scales, in_features)
+    return q.float() * s.repeat_interleave(INT8_GROUP, dim=1)[:, :in_features]
+
+
+def int8_activations(x: Tensor) -> Tensor:
+    """x (..., in) as few_rows_linear_int8 multiplies it, in fp32: each group of INT8_GROUP inputs of
+    a row rounded to 16-bit integers on a scale of its own, absmax / 32767 (block floating point with
+    a 16-bit mantissa, finer than bf16's 8 bits; each value off by at most half a step); a group
+    holding inf or NaN turns to NaN. An int8 model's linears all take their input so, decode kernel
+    and dequantized GEMM alike."""
+    k = x.shape[-1]
+    g = -(-k // INT8_GROUP)
+    xg = F.pad(x.float().reshape(-1, k), (0, g * INT8_GROUP - k)).view(-1, g, INT8_GROUP)
+    absmax = xg.abs().amax(-1, keepdim=True)
+    scale = torch.where(absmax.isfinite(), absmax / 32767, float("nan"))
+    q = torch.where(absmax > 0, torch.round(xg / scale).clamp(-32767, 32767), 0.0)
+    return (q * scale).view(-1, g * INT8_GROUP)[:, :k].reshape(x.shape)
 
 
 def few_rows_linear_int8_ref(x: Tensor, panels: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
-    """The reference of the kernel few_rows_linear_int8: x (rows, in) @ W^T + bias with fp32
-    accumulation, in x's dtype, W = dequantize_int8(panels, scales)."""
-    y = x.float() @ dequantize_int8(panels, scales).t()
+    """The reference of the kernel few_rows_linear_int8: int8_activations(x) (rows, in) @ W^T + bias
+    with fp32 accumulation, in x's dtype, W = dequantize_int8(panels, scales)."""
+    y = int8_activations(x) @ dequantize_int8(panels, scales, x.shape[-1]).t()
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
