@@ -157,10 +157,11 @@ def int8_activations(x: Tensor) -> Tensor:
     k = x.shape[-1]
     g = -(-k // INT8_GROUP)
     xg = F.pad(x.float().reshape(-1, k), (0, g * INT8_GROUP - k)).view(-1, g, INT8_GROUP)
-    absmax = xg.abs().amax(-1, keepdim=True)
-    scale = torch.where(absmax.isfinite(), absmax / 32767, float("nan"))
-    q = torch.where(absmax > 0, torch.round(xg / scale).clamp(-32767, 32767), 0.0)
-    return (q * scale).view(-1, g * INT8_GROUP)[:, :k].reshape(x.shape)
+    absmax = torch.linalg.vector_norm(xg, float("inf"), dim=-1, keepdim=True)
+    # an all-zero group divides by 1 (its values stay 0); one holding inf or NaN by NaN
+    scale = torch.where(absmax > 0, absmax / 32767, 1.0).masked_fill_(~absmax.isfinite(), float("nan"))
+    q = (xg / scale).round_().clamp_(-32767, 32767).mul_(scale)  # one tensor the size of x beside it
+    return q.view(-1, g * INT8_GROUP)[:, :k].reshape(x.shape)
 
 
 def few_rows_linear_int8_ref(x: Tensor, panels: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
