@@ -10,6 +10,7 @@ from internlm_fast.ops import (
     use_backend,
 )
 from internlm_fast.ops.cross_entropy import CHUNK_ENV_VAR
+from internlm_fast.ops.linear import use_bf16_gemm
 
 from .conftest import ATOL, assert_matches_oracle
 
@@ -104,7 +105,19 @@ FLCE_SHAPES = [((1,), 16, 1), ((1023,), 64, 97), ((2, 37), 48, 1001), ((40,), 32
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("chunk_size", [None, 29])
 def test_fused_matches_oracle(impl_device, shape, dtype, reduction, chunk_size):
-    impl, device = impl_device
+    _check_fused(*impl_device, shape, dtype, reduction, chunk_size)
+
+
+@pytest.mark.skipif(not backend.available("cpu"), reason="the cpu backend is not built")
+@pytest.mark.parametrize("shape", FLCE_SHAPES, ids=str)
+@pytest.mark.parametrize("route", ["widen", "native"])
+def test_fused_bf16_on_either_gemm_route(shape, route):
+    """bf16 GEMMs widened to fp32 (the default where the CPU lacks AVX-512) or ATen's own."""
+    with use_bf16_gemm(route):
+        _check_fused("cpu", "cpu", shape, torch.bfloat16, "mean", 29)
+
+
+def _check_fused(impl, device, shape, dtype, reduction, chunk_size):
     tokens, H, V = shape
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(*tokens, H, generator=g).to(device=device, dtype=dtype)

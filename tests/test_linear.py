@@ -1,6 +1,7 @@
-"""ops.linear: F.linear with fp32 GEMMs on oneDNN where torch's BLAS leaves AVX-512 unused. Forward
-and both gradients match F.linear under either GEMM library, the choice follows the CPU and the
-environment, and everything outside fp32 CPU tensors is F.linear itself."""
+"""ops.linear: F.linear with fp32 GEMMs on oneDNN where torch's BLAS leaves AVX-512 unused, and bf16
+GEMMs widened to fp32 where ATen's bf16 GEMM is a slow loop. Forward and both gradients match
+F.linear under either GEMM library and either bf16 route, the choices follow the CPU and the
+environment, and everything else is F.linear itself."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from internlm_fast.ops import available, backend
-from internlm_fast.ops.linear import fp32_gemm, linear, use_fp32_gemm
+from internlm_fast.ops.linear import bf16_gemm, fp32_gemm, linear, use_bf16_gemm, use_fp32_gemm
+
+from .conftest import ATOL, assert_matches_oracle
 
 needs_onednn = pytest.mark.skipif(
     not (available("cpu") and hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()),
@@ -83,7 +86,7 @@ def test_the_onednn_path_is_taken_and_other_dtypes_are_f_linear(monkeypatch):
 
     monkeypatch.setattr(module, "_mm_nt", spy)
     x, w = torch.randn(4, 16), torch.randn(8, 16)
-    with use_fp32_gemm("onednn"):
+    with use_fp32_gemm("onednn"), use_bf16_gemm("native"):
         linear(x, w)
         linear(x.bfloat16(), w.bfloat16())
         linear(x.double(), w.double())
@@ -128,6 +131,57 @@ def test_the_choice_follows_the_cpu_and_the_environment():
     assert fp32_gemm() == backend.kernels("cpu").fp32_gemm()
     with pytest.raises(ValueError, match="onednn, aten or auto"):
         backend.kernels("cpu").set_fp32_gemm("mkl")
+
+
+@pytest.mark.skipif(not available("cpu"), reason="the cpu backend is not built")
+@pytest.mark.parametrize("route", ["widen", "native"])
+@pytest.mark.parametrize("lead, fin, fout, bias", SHAPES)
+def test_bf16_forward_and_grads_follow_the_oracle(route, lead, fin, fout, bias):
+    """Either route is at least about as close to the fp64 product of the bf16 values as ATen's bf16
+    F.linear (the flash-attn rule); widened, the tensors autograd saves stay bf16."""
+    g = torch.Generator().manual_seed(fin + fout)
+    x = torch.randn(*lead, fin, generator=g).bfloat16()
+    w = (torch.randn(fout, fin, generator=g) / fin**0.5).bfloat16()
+    b = torch.randn(fout, generator=g).bfloat16() if bias else None
+    dy = torch.randn(*lead, fout, generator=g).bfloat16()
+    saved = []
+    with (
+        use_bf16_gemm(route),
+        torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t),
+    ):
+        ours = _grads(linear, x, w, b, dy)
+    assert saved and all(dtype == torch.bfloat16 for dtype in saved)
+    ref = _grads(F.linear, x, w, b, dy)
+    want = _grads(F.linear, x.double(), w.double(), None if b is None else b.double(), dy.double())
+    for name, a, lo, hi in zip(("y", "dx", "dw", "db"), ours, ref, want):
+        assert a.dtype == torch.bfloat16, name
+        assert_matches_oracle(f"{route} {name}", a, lo, hi, ATOL[torch.bfloat16])
+
+
+@pytest.mark.skipif(not available("cpu"), reason="the cpu backend is not built")
+def test_the_bf16_route_follows_the_cpu_and_the_environment():
+    code = "import torch; from internlm_fast.ops.linear import bf16_gemm; print(bf16_gemm())"
+
+    def route(value: str | None, isa: str | None = None) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("IFAST_BF16_GEMM", "IFAST_CPU_ISA")}
+        if value is not None:
+            env["IFAST_BF16_GEMM"] = value
+        if isa is not None:
+            env["IFAST_CPU_ISA"] = isa
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    avx512 = all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+    assert route(None) == ("native" if avx512 else "widen")
+    assert route(None, isa="avx2") == route(None)  # torch's bf16 GEMMs ignore the kernels' cap
+    assert route("widen") == "widen" and route("native") == "native"
+    assert bf16_gemm() == backend.kernels("cpu").bf16_gemm()
+    with pytest.raises(ValueError, match="widen, native or auto"):
+        backend.kernels("cpu").set_bf16_gemm("fp32")
+    with pytest.raises(ValueError, match="'widen' or 'native'"):
+        with use_bf16_gemm("fp32"):
+            pass
 
 
 @needs_onednn

@@ -86,6 +86,11 @@ Choice& attn_choice() {
   return c;
 }
 
+Choice& bf16_choice() {
+  static Choice c("IFAST_BF16_GEMM", "widen", "native");
+  return c;
+}
+
 bool has_amx_packing() {
   static const bool amx = at::native::cpublas::could_pack(at::kBFloat16);
   return amx;
@@ -119,6 +124,19 @@ bool attn_bf16_brgemm() {
 }
 
 std::string attn_bf16_gemm() { return attn_choice().name(attn_bf16_brgemm()); }
+
+bool bf16_gemm_widened() {
+  const int v = bf16_choice().setting();
+#ifdef IFAST_X86_DISPATCH
+  return v < 0 ? detected_isa() < Isa::avx512 : v == 1;
+#else
+  return v == 1;
+#endif
+}
+
+std::string bf16_gemm() { return bf16_choice().name(bf16_gemm_widened()); }
+
+std::string set_bf16_gemm(const std::string& name) { return bf16_choice().set(name, "set_bf16_gemm"); }
 
 std::string set_attn_bf16_gemm(const std::string& name) { return attn_choice().set(name, "set_attn_bf16_gemm"); }
 

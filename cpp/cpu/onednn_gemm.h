@@ -30,6 +30,20 @@ std::string fp32_gemm();
 // the CPU and the cap); returns the setting it replaced, for restoring. ValueError for another name.
 std::string set_fp32_gemm(const std::string& name);
 
+// bf16 GEMMs widened to fp32: where the CPU lacks AVX-512 (F/BW/VL/DQ: oneDNN's bf16 GEMMs need it),
+// ATen multiplies bf16 matrices with a plain loop, 7-400x slower than its fp32 GEMM on the same
+// operands (2 cores of a Zen 3: a (2048, 256) x (256, 688) product 58 ms against 8 ms; the tiny
+// model's bf16 training step 25 s, nearly all of it in aten::mm). There the library's bf16 linear
+// layers (internlm_fast.ops.linear) and the fused lm-head cross-entropy convert their operands to
+// fp32 (exact), multiply in fp32 and round the results to bf16 once: the products and fp32 sums
+// of a bf16 GEMM, without the rounding of its partial results. Follows the CPU itself, not the
+// IFAST_CPU_ISA cap (torch's own kernels ignore that cap). IFAST_BF16_GEMM=widen|native overrides.
+bool bf16_gemm_widened();
+// _C.cpu.bf16_gemm(): "widen" or "native", the route bf16 GEMMs take now.
+std::string bf16_gemm();
+// _C.cpu.set_bf16_gemm(name): "widen", "native" or "auto"; returns the setting it replaced.
+std::string set_bf16_gemm(const std::string& name);
+
 // bf16 attention's products (kernels/flash_attn_bf16.h) through oneDNN's batch-reduce GEMM kernel
 // (ATen's cpublas::brgemm, what ATen's own flash attention uses), which runs AMX tiles on CPUs that
 // have them (Intel Sapphire Rapids on), instead of our AVX512-BF16 tiles. "auto" (the default, or

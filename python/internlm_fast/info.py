@@ -62,6 +62,12 @@ def _build() -> dict[str, object]:
             f"{_C.cpu.fp32_gemm()}: the library fp32 linear layers and the fused cross-entropy multiply "
             f"on (IFAST_FP32_GEMM={os.environ.get('IFAST_FP32_GEMM', 'unset')}: onednn or aten)"
         )
+    if hasattr(_C.cpu, "bf16_gemm"):  # fp32 GEMMs on widened operands where ATen's bf16 GEMM is a slow loop
+        info["bf16 gemm"] = (
+            f"{_C.cpu.bf16_gemm()}: the route of the library bf16 linear layers and the fused cross-entropy "
+            f"(IFAST_BF16_GEMM={os.environ.get('IFAST_BF16_GEMM', 'unset')}: widen to fp32 or native, "
+            "widen where the CPU lacks AVX-512)"
+        )
     if not info["with_cuda"]:
         info["cuda_archs"] = "none (built without CUDA)"
     return info

@@ -223,6 +223,16 @@ std::vector<at::Tensor> fused_linear_cross_entropy_fwd(const at::Tensor& hidden,
   TORCH_CHECK(chunk_size >= 0, "fused_linear_cross_entropy_fwd: chunk_size must be >= 0");
   const Reduction red = parse_reduction(reduction, "fused_linear_cross_entropy_fwd");
   c10::NoGradGuard no_grad;  // the GEMMs below are internal; autograd sees only the custom op
+  if (hidden.scalar_type() == at::kBFloat16 && bf16_gemm_widened()) {
+    // the whole op on fp32 copies (onednn_gemm.h says why), the gradients rounded to bf16 once (the
+    // loss is fp32 either way)
+    std::vector<at::Tensor> out = fused_linear_cross_entropy_fwd(hidden.to(at::kFloat), weight.to(at::kFloat), labels,
+                                                                 ignore_index, reduction, chunk_size, need_dhidden,
+                                                                 need_dweight);
+    out[1] = out[1].to(at::kBFloat16);
+    out[2] = out[2].to(at::kBFloat16);
+    return out;
+  }
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto dtype = hidden.scalar_type();
   const auto acc = acc_type(dtype);

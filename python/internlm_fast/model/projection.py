@@ -258,7 +258,7 @@ class Projection:
             out = kernels.few_rows_linear_bf16(rows.contiguous(), panels, None if bias is None else bias.to(x.dtype))
             return out.view(*x.shape[:-1], out.shape[-1])
         w = unpair_panels(panels, k).to(x.dtype)
-        y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        y = linear(x, w, None if bias is None else bias.to(x.dtype))
         del w
         return y
 
@@ -307,6 +307,6 @@ class Projection:
         ):
             return kernels.few_rows_linear_int8(x, panels, scales, bias)
         w = dequantize_int8(panels, scales, x.shape[-1]).to(x.dtype)
-        y = F.linear(int8_activations(x).to(x.dtype), w, None if bias is None else bias.to(x.dtype))
+        y = linear(int8_activations(x).to(x.dtype), w, None if bias is None else bias.to(x.dtype))
         del w
         return y

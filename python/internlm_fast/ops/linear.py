@@ -11,6 +11,12 @@ linear on CPU tensors runs its forward and both backward GEMMs there. Everything
 it is: Intel CPUs, where MKL runs AVX-512 itself; AVX2-only CPUs; bf16, whose GEMMs ATen already
 sends to oneDNN; CUDA.
 
+bf16 linears widen to fp32 where ATen has no fast bf16 GEMM (`_C.cpu.bf16_gemm()` is "widen": a CPU
+without AVX-512, where oneDNN cannot take bf16 and ATen's fallback loop is 7-400x slower than its
+fp32 GEMM): the operands are converted to fp32 (exact), multiplied as fp32 linears are, and the
+results rounded to bf16 once; the backward keeps the bf16 input and weight and widens them again,
+so the saved tensors stay bf16. IFAST_BF16_GEMM=widen|native overrides the choice.
+
 Without autograd (a prefill), the rows go to oneDNN in buckets of ROW_BUCKET: oneDNN builds a GEMM
 for each shape it meets (about 0.4 ms for each of a layer's projections on 2 cores) and keeps it
 in its primitive cache, so a server whose prompts all differ in length would otherwise build them
@@ -37,25 +43,51 @@ def fp32_gemm() -> str:
     return cpu.fp32_gemm() if hasattr(cpu, "fp32_gemm") else "aten"
 
 
+def bf16_gemm() -> str:
+    """The route the library bf16 GEMMs on CPU tensors take: "widen" (fp32 GEMMs on widened operands)
+    or "native" (ATen's bf16 GEMM)."""
+    if not backend.available("cpu"):
+        return "native"
+    cpu = backend.kernels("cpu")
+    return cpu.bf16_gemm() if hasattr(cpu, "bf16_gemm") else "native"
+
+
 @contextlib.contextmanager
 def use_fp32_gemm(name: str) -> Iterator[None]:
     """Runs the body with fp32 GEMMs on `name` ("onednn" or "aten"); the previous setting afterwards.
     ValueError for another name or where the choice cannot be made (no native module, no oneDNN)."""
     if name not in ("onednn", "aten"):
         raise ValueError(f"fp32 GEMM library must be 'onednn' or 'aten', got {name!r}")
-    if not backend.available("cpu"):
-        if name == "aten":
-            yield
-            return
-        raise ValueError("fp32 GEMMs can move to oneDNN only with the native cpu module built")
-    cpu = backend.kernels("cpu")
-    before = cpu.set_fp32_gemm(name)
-    try:
-        if cpu.fp32_gemm() != name:
+    with _setting("fp32_gemm", name, "aten", "fp32 GEMMs can move to oneDNN only with the native cpu module built"):
+        if fp32_gemm() != name:
             raise ValueError(f"fp32 GEMMs cannot run on {name} here: this torch build has no oneDNN")
         yield
+
+
+@contextlib.contextmanager
+def use_bf16_gemm(name: str) -> Iterator[None]:
+    """Runs the body with bf16 GEMMs taking the route `name` ("widen" or "native"); the previous
+    setting afterwards. ValueError for another name, or "widen" without the native cpu module."""
+    if name not in ("widen", "native"):
+        raise ValueError(f"bf16 GEMM route must be 'widen' or 'native', got {name!r}")
+    with _setting("bf16_gemm", name, "native", "bf16 GEMMs widen only with the native cpu module built"):
+        yield
+
+
+@contextlib.contextmanager
+def _setting(what: str, name: str, without_module: str, refusal: str) -> Iterator[None]:
+    """The native module's setting `what` (fp32_gemm, bf16_gemm) at `name` for the body."""
+    if not backend.available("cpu"):
+        if name == without_module:
+            yield
+            return
+        raise ValueError(refusal)
+    cpu = backend.kernels("cpu")
+    before = getattr(cpu, f"set_{what}")(name)
+    try:
+        yield
     finally:
-        cpu.set_fp32_gemm(before)
+        getattr(cpu, f"set_{what}")(before)
 
 
 ROW_BUCKET = 32
@@ -105,28 +137,64 @@ class _OneDnnLinear(torch.autograd.Function):
         return dx, dw, db
 
 
-def _on_onednn(x: Tensor, weight_dtype: torch.dtype) -> bool:
-    """Whether an F.linear of x by a weight of this dtype runs its GEMMs on oneDNN now."""
+class _WidenedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1]).float()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = (dy2 @ weight.float()).to(x.dtype).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            dw = (dy2.t() @ x.reshape(-1, x.shape[-1]).float()).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            db = dy2.sum(0).to(ctx.bias_dtype)
+        return dx, dw, db
+
+
+def _library_gemm(x: Tensor) -> bool:
+    """Whether a linear of x may leave F.linear for this module's routes: a CPU tensor outside
+    use_backend("ref") (plain torch) and outside any torch dispatch mode (FlopCounterMode, fake
+    tensors), which knows aten's matmuls and not oneDNN's op."""
     return (
         x.device.type == "cpu"
         and backend.forced_backend() != "ref"
         and torch._C._len_torch_dispatch_stack() == 0
-        and x.dtype == torch.float32
-        and weight_dtype == torch.float32
         and x.numel() > 0
-        and fp32_gemm() == "onednn"
     )
 
 
+def _on_onednn(x: Tensor, weight_dtype: torch.dtype) -> bool:
+    """Whether an F.linear of x by a weight of this dtype runs its GEMMs on oneDNN now."""
+    return (
+        x.dtype == torch.float32 and weight_dtype == torch.float32 and _library_gemm(x) and fp32_gemm() == "onednn"
+    )
+
+
+def _widened(x: Tensor, weight_dtype: torch.dtype) -> bool:
+    """Whether an F.linear of bf16 x by a bf16 weight widens to fp32 now."""
+    return x.dtype == torch.bfloat16 and weight_dtype == torch.bfloat16 and _library_gemm(x) and bf16_gemm() == "widen"
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias), its fp32 GEMMs on oneDNN where fp32_gemm() says so. Never under
-    use_backend("ref"), which runs plain torch, nor under a torch dispatch mode (FlopCounterMode,
-    fake tensors), which knows aten's matmuls and not oneDNN's op."""
-    if _on_onednn(x, weight.dtype) and x.shape[-1] == weight.shape[-1]:
+    """F.linear(x, weight, bias), its fp32 GEMMs on oneDNN where fp32_gemm() says so and its bf16 GEMMs
+    widened to fp32 where bf16_gemm() says so. Never under use_backend("ref"), which runs plain
+    torch, nor under a torch dispatch mode."""
+    if x.shape[-1] == weight.shape[-1] and (bias is None or bias.dtype == x.dtype):
         tracked = (x, weight) if bias is None else (x, weight, bias)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-            return _OneDnnLinear.apply(x, weight, bias)
-        return _mm_nt_bucketed(x, weight, bias)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
+        if _on_onednn(x, weight.dtype):
+            return _OneDnnLinear.apply(x, weight, bias) if grad else _mm_nt_bucketed(x, weight, bias)
+        if _widened(x, weight.dtype):
+            if grad:
+                return _WidenedLinear.apply(x, weight, bias)
+            return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
 
