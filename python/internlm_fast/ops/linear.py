@@ -172,9 +172,7 @@ def _library_gemm(x: Tensor) -> bool:
 
 def _on_onednn(x: Tensor, weight_dtype: torch.dtype) -> bool:
     """Whether an F.linear of x by a weight of this dtype runs its GEMMs on oneDNN now."""
-    return (
-        x.dtype == torch.float32 and weight_dtype == torch.float32 and _library_gemm(x) and fp32_gemm() == "onednn"
-    )
+    return x.dtype == torch.float32 and weight_dtype == torch.float32 and _library_gemm(x) and fp32_gemm() == "onednn"
 
 
 def _widened(x: Tensor, weight_dtype: torch.dtype) -> bool:
