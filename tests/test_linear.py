@@ -40,6 +40,19 @@ def _grads(fn, x, w, b, dy):
     return [y, x.grad, w.grad] + ([b.grad] if b is not None else [])
 
 
+def _fresh_choice(fn: str, env_var: str, value: str | None, isa: str | None) -> str:
+    """ops.linear.<fn>() in a fresh process, with env_var and IFAST_CPU_ISA set or unset."""
+    env = {k: v for k, v in os.environ.items() if k not in (env_var, "IFAST_CPU_ISA")}
+    env.update({k: v for k, v in ((env_var, value), ("IFAST_CPU_ISA", isa)) if v is not None})
+    code = f"import torch; from internlm_fast.ops.linear import {fn}; print({fn}())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def _cpu_flags() -> str:
+    return open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+
+
 @needs_onednn
 @pytest.mark.parametrize("gemm", ["onednn", "aten"])
 @pytest.mark.parametrize("lead, fin, fout, bias", SHAPES)
@@ -108,18 +121,10 @@ def test_use_fp32_gemm_names_the_choices():
 
 @pytest.mark.skipif(not available("cpu"), reason="the cpu backend is not built")
 def test_the_choice_follows_the_cpu_and_the_environment():
-    code = "import torch; from internlm_fast.ops import fp32_gemm; print(fp32_gemm())"
-
     def choice(value: str | None, isa: str | None = None) -> str:
-        env = {k: v for k, v in os.environ.items() if k not in ("IFAST_FP32_GEMM", "IFAST_CPU_ISA")}
-        if value is not None:
-            env["IFAST_FP32_GEMM"] = value
-        if isa is not None:
-            env["IFAST_CPU_ISA"] = isa
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        return out.stdout.strip()
+        return _fresh_choice("fp32_gemm", "IFAST_FP32_GEMM", value, isa)
 
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = _cpu_flags()
     has_onednn = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
     avx512 = all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
     intel = "GenuineIntel" in flags
@@ -160,18 +165,10 @@ def test_bf16_forward_and_grads_follow_the_oracle(route, lead, fin, fout, bias):
 
 @pytest.mark.skipif(not available("cpu"), reason="the cpu backend is not built")
 def test_the_bf16_route_follows_the_cpu_and_the_environment():
-    code = "import torch; from internlm_fast.ops.linear import bf16_gemm; print(bf16_gemm())"
-
     def route(value: str | None, isa: str | None = None) -> str:
-        env = {k: v for k, v in os.environ.items() if k not in ("IFAST_BF16_GEMM", "IFAST_CPU_ISA")}
-        if value is not None:
-            env["IFAST_BF16_GEMM"] = value
-        if isa is not None:
-            env["IFAST_CPU_ISA"] = isa
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        return out.stdout.strip()
+        return _fresh_choice("bf16_gemm", "IFAST_BF16_GEMM", value, isa)
 
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = _cpu_flags()
     avx512 = all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
     assert route(None) == ("native" if avx512 else "widen")
     assert route(None, isa="avx2") == route(None)  # torch's bf16 GEMMs ignore the kernels' cap
