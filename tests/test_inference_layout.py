@@ -22,7 +22,7 @@ from internlm_fast.model import InternLMForCausalLM, projection
 from internlm_fast.model.modeling import rotary_tables
 from internlm_fast.model.weight_files import UnmappedReader, write_safetensors
 from internlm_fast.ops import use_backend
-from internlm_fast.ops.inference import few_rows_linear_bf16_panels, inference_kernels
+from internlm_fast.ops.inference import few_rows_linear_bf16_panels, inference_kernels, unpair_panels
 
 from .conftest import ATOL, assert_matches_oracle
 from .generate_helpers import one_thread, small_model, train_small_tokenizer  # noqa: F401 (fixture)
@@ -115,7 +115,7 @@ def test_linear_weights_are_released_and_held_once_as_panels():
     assert _held_bytes(model) == before + biases
     for proj in model.projections():
         panels, _, k = proj._bf16
-        assert torch.equal(projection.unpanel_bf16(panels, k), proj.dense_weight())
+        assert torch.equal(unpair_panels(panels, k), proj.dense_weight())
 
 
 def test_a_tied_head_keeps_the_embedding():
