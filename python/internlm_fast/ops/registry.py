@@ -71,8 +71,9 @@ OPS: dict[str, Op] = {
 
 # Functions of a backend module that are not kernels of an op: the CPU output allocator's controls, the
 # run-time instruction-set choice of the kernels that dispatch (isa, and set_isa_cap for tests), and the
-# library fp32 GEMMs run on (fp32_gemm, set_fp32_gemm: oneDNN where torch's BLAS leaves AVX-512 idle), and
-# what bf16 attention multiplies with (attn_bf16_gemm, set_attn_bf16_gemm: our tiles, or oneDNN's AMX brgemm).
+# library fp32 GEMMs run on (fp32_gemm, set_fp32_gemm: oneDNN where torch's BLAS leaves AVX-512 idle), the
+# route of its bf16 GEMMs (bf16_gemm, set_bf16_gemm: widened to fp32 where ATen's bf16 GEMM is a slow loop),
+# and what bf16 attention multiplies with (attn_bf16_gemm, set_attn_bf16_gemm: our tiles, or oneDNN's AMX brgemm).
 UTILITIES = frozenset(
     {
         "output_cache_clear",
@@ -81,6 +82,8 @@ UTILITIES = frozenset(
         "set_isa_cap",
         "fp32_gemm",
         "set_fp32_gemm",
+        "bf16_gemm",
+        "set_bf16_gemm",
         "attn_bf16_gemm",
         "set_attn_bf16_gemm",
     }
