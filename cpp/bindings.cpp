@@ -42,9 +42,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the library that runs fp32 GEMMs: oneDNN where torch's BLAS leaves AVX-512 unused (cpu/onednn_gemm.h)
   cpu.def("fp32_gemm", &ifast::cpu::fp32_gemm);
   cpu.def("set_fp32_gemm", &ifast::cpu::set_fp32_gemm, py::arg("name"));
-  // bf16 attention's products: our AVX512-BF16 tiles, or oneDNN's brgemm (AMX) (cpu/onednn_gemm.h)
+  // bf16 GEMMs of the library: widened to fp32 where ATen's bf16 GEMM is a slow loop (cpu/onednn_gemm.h)
   cpu.def("bf16_gemm", &ifast::cpu::bf16_gemm);
   cpu.def("set_bf16_gemm", &ifast::cpu::set_bf16_gemm, py::arg("name"));
+  // bf16 attention's products: our AVX512-BF16 tiles, or oneDNN's brgemm (AMX) (cpu/onednn_gemm.h)
   cpu.def("attn_bf16_gemm", &ifast::cpu::attn_bf16_gemm);
   cpu.def("set_attn_bf16_gemm", &ifast::cpu::set_attn_bf16_gemm, py::arg("name"));
   cpu.def("rms_norm_fwd", &ifast::cpu::rms_norm_fwd, nogil, py::arg("x"), py::arg("weight"),

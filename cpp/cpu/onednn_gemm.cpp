@@ -118,13 +118,6 @@ std::string fp32_gemm() { return fp32_choice().name(onednn_fp32_gemm()); }
 
 std::string set_fp32_gemm(const std::string& name) { return fp32_choice().set(name, "set_fp32_gemm"); }
 
-bool attn_bf16_brgemm() {
-  const int v = attn_choice().setting();
-  return v < 0 ? has_amx_packing() : v == 1;
-}
-
-std::string attn_bf16_gemm() { return attn_choice().name(attn_bf16_brgemm()); }
-
 bool bf16_gemm_widened() {
   const int v = bf16_choice().setting();
 #ifdef IFAST_X86_DISPATCH
@@ -137,6 +130,13 @@ bool bf16_gemm_widened() {
 std::string bf16_gemm() { return bf16_choice().name(bf16_gemm_widened()); }
 
 std::string set_bf16_gemm(const std::string& name) { return bf16_choice().set(name, "set_bf16_gemm"); }
+
+bool attn_bf16_brgemm() {
+  const int v = attn_choice().setting();
+  return v < 0 ? has_amx_packing() : v == 1;
+}
+
+std::string attn_bf16_gemm() { return attn_choice().name(attn_bf16_brgemm()); }
 
 std::string set_attn_bf16_gemm(const std::string& name) { return attn_choice().set(name, "set_attn_bf16_gemm"); }
 

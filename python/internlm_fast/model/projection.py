@@ -293,7 +293,7 @@ class Projection:
 
     def int8_linear(self, x: Tensor, kernels: object = None) -> Tensor:
         """x W^T + b with the int8 weights, x rounded by int8_activations: a decode step's few rows
-        through few_rows_linear_int8, which dequantizes in registers; longer inputs against the weight
+        through few_rows_linear_int8, which multiplies in integers; longer inputs against the weight
         dequantized to x's dtype, freed as soon as the GEMM is done so one projection at a time is
         ever held in float."""
         panels, scales, bias = self._int8

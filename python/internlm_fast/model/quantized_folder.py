@@ -21,7 +21,8 @@ made from it at load exactly as quantize_ makes it.
 Each linear is stored under its own Hugging Face name in the plain (out, in) row-major layout, not as
 the few_rows_linear_int8 kernel's panels (q/k/v side by side, 16 columns and 2 inputs interleaved):
 the file then says what the weights are to any reader (one line of numpy dequantizes a tensor), and
-it outlives changes of the kernel's layout. Laying the panels out again at load is one int8 copy per projection.
+it outlives changes of the kernel's layout. Laying the panels out again at load is one int8 copy per
+projection.
 
 quant_method names this format and no other: the tensors are neither compressed-tensors' nor GPTQ's
 nor bitsandbytes', and claiming one of those names would send other loaders down a path that misreads

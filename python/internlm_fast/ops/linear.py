@@ -137,12 +137,17 @@ class _OneDnnLinear(torch.autograd.Function):
         return dx, dw, db
 
 
+def _widened_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The linear on fp32 copies of its operands, rounded back to x's dtype once."""
+    return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
 class _WidenedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+        return _widened_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -190,9 +195,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if _on_onednn(x, weight.dtype):
             return _OneDnnLinear.apply(x, weight, bias) if grad else _mm_nt_bucketed(x, weight, bias)
         if _widened(x, weight.dtype):
-            if grad:
-                return _WidenedLinear.apply(x, weight, bias)
-            return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+            return _WidenedLinear.apply(x, weight, bias) if grad else _widened_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
