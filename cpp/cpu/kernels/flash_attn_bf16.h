@@ -64,9 +64,96 @@ inline void bf16_brgemm(int M, int N, int K, const void* A, int64_t lda, const u
 
 inline int even(int n) { return (n + 1) / 2 * 2; }
 
-inline void scale_row(float* x, int n, float c) {
+// (GCC 12 takes the _mm512_undefined_ps() operand inside its unmasked AVX-512 intrinsics for an
+// uninitialised variable.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline __mmask16 lanes(int n) { return n <= 0 ? __mmask16(0) : bf16::first_lanes(n); }
+
+// horizontal max and sum of 16 lanes (GCC 12's _mm512_reduce_* warn of an uninitialised temporary)
+inline __m128 halve_to_128(__m512 v, __m256 (*op)(__m256, __m256), __m128 (*op4)(__m128, __m128)) {
+  const __m256 a = op(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 b = op4(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = op4(b, _mm_movehl_ps(b, b));
+  return op4(b, _mm_movehdup_ps(b));
+}
+inline float hmax(__m512 v) { return _mm_cvtss_f32(halve_to_128(v, _mm256_max_ps, _mm_max_ps)); }
+inline float hsum(__m512 v) { return _mm_cvtss_f32(halve_to_128(v, _mm256_add_ps, _mm_add_ps)); }
+
+// 2^x on 16 lanes for x <= 0 (a score less the row's max), to the precision bf16 probabilities need:
+// 2^round(x) times a degree-4 polynomial in the remainder, relative error 5.2e-6 (bf16 rounds at
+// 3.9e-3). Below -126 the result underflows towards 0 through scalef; NaN stays NaN (max returns its
+// second operand when either is NaN).
+inline __m512 exp2_nonpositive_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(9.627114423652851e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.598684558650195e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402331796970809e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931088582133003e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// online_softmax_row for the bf16 products, in one pass over a row of scores held in registers: the
+// scores in log2 units are s[j] * c, and the probabilities go out rounded to bf16 into p[0, even(n))
+// (zero past `valid`), the A operand of O += P V, instead of back into s. n <= kBlockK.
+inline void softmax_row_bf16(const float* s, int valid, int n, float c, float& m, float& l, float* o, int D,
+                             uint16_t* p) {
+  constexpr int kVecs = kBlockK / 16;
+  static_assert(kBlockK % 32 == 0);
+  __m512 x[kVecs];
+  __m512 mx = _mm512_set1_ps(m);
+#pragma GCC unroll 8
+  for (int i = 0; i < kVecs; ++i) {
+    const __mmask16 k = lanes(valid - 16 * i);
+    x[i] = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + 16 * i), _mm512_set1_ps(c));
+    mx = _mm512_mask_max_ps(mx, k, x[i], mx);  // a NaN score is skipped, as row_max does
+  }
+  const float m_new = hmax(mx);
+  const int words = (n + 1) / 2;
+  if (m_new == kNegInf) {
+    for (int w = 0; w < words; w += 16)
+      _mm512_mask_storeu_epi32(p + 2 * w, lanes(words - w), _mm512_setzero_si512());
+    return;
+  }
+  const __m512 neg_m = _mm512_set1_ps(-m_new);
+  __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 4
+  for (int i = 0; i < kVecs; i += 2) {
+    if (16 * i >= n) break;
+    const __m512 a = _mm512_maskz_mov_ps(lanes(valid - 16 * i), exp2_nonpositive_ps(_mm512_add_ps(x[i], neg_m)));
+    const __m512 b = _mm512_maskz_mov_ps(lanes(valid - 16 * i - 16), exp2_nonpositive_ps(_mm512_add_ps(x[i + 1], neg_m)));
+    sum = _mm512_add_ps(sum, _mm512_add_ps(a, b));
+    _mm512_mask_storeu_epi32(p + 16 * i, lanes(words - 8 * i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+  }
+  const float alpha = exp2_approx(m - m_new);  // 0 when m = -inf
+  if (alpha != 1.f) {
 #pragma omp simd
-  for (int j = 0; j < n; ++j) x[j] *= c;
+    for (int d = 0; d < D; ++d) o[d] *= alpha;
+  }
+  l = l * alpha + hsum(sum);
+  m = m_new;
+}
+#pragma GCC diagnostic pop
+
+// finish_forward_rows for bf16 outputs, rounded 16 at a time (vcvtneps2bf16: to nearest even, as
+// the scalar store, but a denormal result flushes to zero)
+inline void finish_forward_rows_bf16(const float* Ob, const float* m, const float* l, int rows, int D, int64_t row0,
+                                     int h, int Hq, int64_t total_q, at::BFloat16* out, float* lse) {
+  for (int r = 0; r < rows; ++r) {
+    const int64_t row = row0 + r;
+    auto* o = reinterpret_cast<uint16_t*>(out + (row * Hq + h) * D);
+    const __m512 inv = _mm512_set1_ps(l[r] > 0.f ? 1.f / l[r] : 0.f);
+    for (int d = 0; d < D; d += 16) {
+      const __mmask16 k = lanes(D - d);
+      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, Ob + r * D + d), inv);
+      _mm256_mask_storeu_epi16(o + d, k, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+    }
+    lse[h * total_q + row] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kInf;
+  }
 }
 
 struct ForwardBf16 {
@@ -112,22 +199,20 @@ struct ForwardBf16 {
       const int n = std::min(kBlockK, kv_end - j0);
       const int off = causal ? q0 + diag - j0 : kNoMask;
       const int64_t blk = blk0 + j0 / kBlockK;
-      if (brgemm) {
+      if (brgemm)
         bf16_brgemm(rows, n, D, Qb, D, kp.block(hk, blk), kBlockK, S, kBlockK, false);
-        for (int r = 0; r < rows; ++r) scale_row(S + r * kBlockK, n, qscale);
-      } else {
-        bf16::qk_block(Qw, D / 2, rows, kp.block(hk, blk), kBlockK, n, D, S, kBlockK, qscale, off);
-      }
+      else
+        bf16::qk_block(Qw, D / 2, rows, kp.block(hk, blk), kBlockK, n, D, S, kBlockK, 1.f, off);
       for (int r = 0; r < rows; ++r)
-        online_softmax_row(S + r * kBlockK, visible(causal, q0 + r, diag, j0, n), n, m[r], l[r], Ob + r * D, D);
-      bf16::to_pairs_rows(S, kBlockK, rows, n, Pw, kBlockK / 2);
+        softmax_row_bf16(S + r * kBlockK, visible(causal, q0 + r, diag, j0, n), n, qscale, m[r], l[r], Ob + r * D, D,
+                         reinterpret_cast<uint16_t*>(Pw) + r * kBlockK);
       if (brgemm)
         bf16_brgemm(rows, D, even(n), Pw, kBlockK, vp.block(hk, blk), D, Ob, D, true);
       else
         bf16::pv_block(Pw, kBlockK / 2, 1, rows, vp.block(hk, blk), n, D, Ob, D, off);
     }
     if (brgemm) at::native::cpublas::brgemm_release(true);
-    finish_forward_rows(Ob, m, l, rows, D, s.q0[b] + q0, h, Hq, total_q, out, lse);
+    finish_forward_rows_bf16(Ob, m, l, rows, D, s.q0[b] + q0, h, Hq, total_q, out, lse);
   }
 };
 

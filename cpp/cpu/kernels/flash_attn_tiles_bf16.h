@@ -83,15 +83,49 @@ inline void dp_tile(const uint32_t* A, int64_t ars, int64_t acs, const uint32_t*
 #undef IFAST_STORE
 }
 
+// Transposes a 16 x 16 block of 32-bit words held as 16 rows: r[i] lane j becomes r[j] lane i.
+// (GCC 12 takes the unpacks' _mm512_undefined_epi32() operand for an uninitialised variable.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline void transpose16_epi32(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int p = 0; p < 8; ++p) {  // lanes of rows 2p, 2p + 1 interleaved
+    a[2 * p] = _mm512_unpacklo_epi32(r[2 * p], r[2 * p + 1]);
+    a[2 * p + 1] = _mm512_unpackhi_epi32(r[2 * p], r[2 * p + 1]);
+  }
+  for (int q = 0; q < 4; ++q) {  // b[4q + j], 128-bit lane L: column 4L + j of rows 4q..4q+3
+    b[4 * q] = _mm512_unpacklo_epi64(a[4 * q], a[4 * q + 2]);
+    b[4 * q + 1] = _mm512_unpackhi_epi64(a[4 * q], a[4 * q + 2]);
+    b[4 * q + 2] = _mm512_unpacklo_epi64(a[4 * q + 1], a[4 * q + 3]);
+    b[4 * q + 3] = _mm512_unpackhi_epi64(a[4 * q + 1], a[4 * q + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // gather lane L of b[j], b[4 + j], b[8 + j], b[12 + j] into row 4L + j
+    const __m512i t0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88), u0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xdd);
+    const __m512i t1 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88), u1 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xdd);
+    r[j] = _mm512_shuffle_i32x4(t0, t1, 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t0, t1, 0xdd);
+    r[4 + j] = _mm512_shuffle_i32x4(u0, u1, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(u0, u1, 0xdd);
+  }
+}
+
 // Packs keys [0, n) of K (bf16 rows ldk apart, D each) as pairs along D, `width` keys to a row:
 // out[d / 2][c] = (K[c][d], K[c][d + 1]), zero for c >= n. This is B of S = Q K^T in the pair-word
 // layout below, and oneDNN's VNNI layout for the same product (brgemm); the tiles read it 32 keys
-// (one panel) at a time.
+// (one panel) at a time. A transpose of words, 16 x 16 blocks at a time (width is a multiple of 16).
 inline void pack_k_pairs(const uint16_t* K, int64_t ldk, int n, int D, int width, uint32_t* out) {
   const int words = D / 2;
-  for (int c = 0; c < width; ++c)
-    for (int w = 0; w < words; ++w) out[int64_t(w) * width + c] = c < n ? load_word(K + c * ldk + 2 * w) : 0u;
+  __m512i r[16];
+  for (int c0 = 0; c0 < width; c0 += 16)
+    for (int w0 = 0; w0 < words; w0 += 16) {
+      const __mmask16 m = first_lanes(words - w0);
+      for (int i = 0; i < 16; ++i)
+        r[i] = c0 + i < n ? _mm512_maskz_loadu_epi32(m, K + (c0 + i) * ldk + 2 * w0) : _mm512_setzero_si512();
+      transpose16_epi32(r);
+      for (int i = 0; i < std::min(16, words - w0); ++i) _mm512_storeu_si512(out + int64_t(w0 + i) * width + c0, r[i]);
+    }
 }
+#pragma GCC diagnostic pop
 
 // Interleaves rows [0, n) of X (bf16 rows ldx apart, D each) two by two:
 // out[p][d] = (X[2p][d], X[2p + 1][d]) for p < ceil(n / 2), a missing last row read as zero.
