@@ -264,6 +264,7 @@ struct Decode {
         for (int u = 0; u < nruns; ++u) {
           const Run& run = runs[u];
           const T* kh = k + run.page * k_b + run.row * k_t + hk * k_h;
+          const T* vh = v + run.page * v_b + run.row * v_t + hk * v_h;
           for (int t = 0; t < Sq; ++t)
             for (int g = 0; g < group; ++g) {
               const int r = t * nq + (hk - hk0) * group + g;
@@ -271,7 +272,11 @@ struct Decode {
               float* s = S + r * kDecodeBlock + run.first;
               int j = 0;
               for (; j + 8 <= run.n; j += 8) {
-                if (t == 0 && g == 0) prefetch_rows(kh + (j + kPrefetchKeys) * k_t, k_t, 8, D * int(sizeof(T)));
+                if (t == 0 && g == 0) {
+                  prefetch_rows(kh + (j + kPrefetchKeys) * k_t, k_t, 8, D * int(sizeof(T)));
+                  // and the values these keys weigh, in flight before P V of the block reads them
+                  prefetch_rows(vh + j * v_t, v_t, 8, D * int(sizeof(T)));
+                }
                 dot8(qr, kh + j * k_t, k_t, D, s + j);
               }
               for (; j < run.n; ++j) s[j] = dot1(qr, kh + j * k_t, D);
