@@ -69,23 +69,11 @@ inline int even(int n) { return (n + 1) / 2 * 2; }
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-inline __mmask16 lanes(int n) { return n <= 0 ? __mmask16(0) : bf16::first_lanes(n); }
-
-// horizontal max and sum of 16 lanes (GCC 12's _mm512_reduce_* warn of an uninitialised temporary)
-inline __m128 halve_to_128(__m512 v, __m256 (*op)(__m256, __m256), __m128 (*op4)(__m128, __m128)) {
-  const __m256 a = op(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-  __m128 b = op4(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  b = op4(b, _mm_movehl_ps(b, b));
-  return op4(b, _mm_movehdup_ps(b));
-}
-inline float hmax(__m512 v) { return _mm_cvtss_f32(halve_to_128(v, _mm256_max_ps, _mm_max_ps)); }
-inline float hsum(__m512 v) { return _mm_cvtss_f32(halve_to_128(v, _mm256_add_ps, _mm_add_ps)); }
-
 // 2^x on 16 lanes for x <= 0 (a score less the row's max), to the precision bf16 probabilities need:
 // 2^round(x) times a degree-4 polynomial in the remainder, relative error 5.2e-6 (bf16 rounds at
 // 3.9e-3). Below -126 the result underflows towards 0 through scalef; NaN stays NaN (max returns its
 // second operand when either is NaN).
-inline __m512 exp2_nonpositive_ps(__m512 x) {
+inline __m512 exp2_nonpositive_bf16(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
@@ -124,8 +112,8 @@ inline void softmax_row_bf16(const float* s, int valid, int n, float c, float& m
 #pragma GCC unroll 4
   for (int i = 0; i < kVecs; i += 2) {
     if (16 * i >= n) break;
-    const __m512 a = _mm512_maskz_mov_ps(lanes(valid - 16 * i), exp2_nonpositive_ps(_mm512_add_ps(x[i], neg_m)));
-    const __m512 b = _mm512_maskz_mov_ps(lanes(valid - 16 * i - 16), exp2_nonpositive_ps(_mm512_add_ps(x[i + 1], neg_m)));
+    const __m512 a = _mm512_maskz_mov_ps(lanes(valid - 16 * i), exp2_nonpositive_bf16(_mm512_add_ps(x[i], neg_m)));
+    const __m512 b = _mm512_maskz_mov_ps(lanes(valid - 16 * i - 16), exp2_nonpositive_bf16(_mm512_add_ps(x[i + 1], neg_m)));
     sum = _mm512_add_ps(sum, _mm512_add_ps(a, b));
     _mm512_mask_storeu_epi32(p + 16 * i, lanes(words - 8 * i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
   }

@@ -102,7 +102,84 @@ inline int visible(bool causal, int i, int diag, int j0, int n) {
 // the first `valid` are visible: s becomes the unnormalised probabilities (zero past `valid`), the
 // running max m and sum l advance, and the row's output accumulator o (D floats) is rescaled to the
 // new max. A row that has seen no visible score yet is left at m = -inf, l = 0.
+#if IFAST_ISA_LEVEL >= 2
+// (GCC 12 takes the _mm512_undefined_ps() operand inside its unmasked AVX-512 intrinsics for an
+// uninitialised variable.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline __mmask16 lanes(int n) { return n <= 0 ? __mmask16(0) : n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
+
+// horizontal max and sum of 16 lanes (GCC 12's _mm512_reduce_* warn as above)
+inline __m128 halve_to_128(__m512 v, __m256 (*op)(__m256, __m256), __m128 (*op4)(__m128, __m128)) {
+  const __m256 a = op(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 b = op4(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = op4(b, _mm_movehl_ps(b, b));
+  return op4(b, _mm_movehdup_ps(b));
+}
+inline float hmax(__m512 v) { return _mm_cvtss_f32(halve_to_128(v, _mm256_max_ps, _mm_max_ps)); }
+inline float hsum(__m512 v) { return _mm_cvtss_f32(halve_to_128(v, _mm256_add_ps, _mm_add_ps)); }
+
+// exp2_approx on 16 lanes for x <= 0 (a score less its row's max): the same polynomial, 2^n applied
+// by scalef, which underflows to 0 below -149 by itself. NaN stays NaN (max returns its second
+// operand when either is NaN).
+inline __m512 exp2_nonpositive_f32(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// online_softmax_row below for a row of at most kBlockK scores, held in zmm registers between the
+// pass that finds the max and the one that exponentiates (GCC vectorises the plain loops at ymm
+// width, and in two passes over memory).
+inline void online_softmax_row_zmm(float* s, int valid, int n, float& m, float& l, float* o, int D) {
+  constexpr int kVecs = kBlockK / 16;
+  __m512 x[kVecs];
+  __m512 mx = _mm512_set1_ps(m);
+#pragma GCC unroll 8
+  for (int i = 0; i < kVecs; ++i) {
+    const __mmask16 k = lanes(valid - 16 * i);
+    x[i] = _mm512_maskz_loadu_ps(k, s + 16 * i);
+    mx = _mm512_mask_max_ps(mx, k, x[i], mx);  // a NaN score is skipped, as row_max does
+  }
+  const float m_new = hmax(mx);
+  if (m_new == kNegInf) {
+    std::fill(s, s + n, 0.f);
+    return;
+  }
+  const __m512 neg_m = _mm512_set1_ps(-m_new);
+  __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int i = 0; i < kVecs; ++i) {
+    if (16 * i >= n) break;
+    const __m512 p = _mm512_maskz_mov_ps(lanes(valid - 16 * i), exp2_nonpositive_f32(_mm512_add_ps(x[i], neg_m)));
+    sum = _mm512_add_ps(sum, p);
+    _mm512_mask_storeu_ps(s + 16 * i, lanes(n - 16 * i), p);
+  }
+  const float alpha = exp2_approx(m - m_new);  // 0 when m = -inf
+  if (alpha != 1.f) {
+    const __m512 a = _mm512_set1_ps(alpha);
+    for (int d = 0; d < D; d += 16)
+      _mm512_mask_storeu_ps(o + d, lanes(D - d), _mm512_mul_ps(a, _mm512_maskz_loadu_ps(lanes(D - d), o + d)));
+  }
+  l = l * alpha + hsum(sum);
+  m = m_new;
+}
+#pragma GCC diagnostic pop
+#endif
+
 inline void online_softmax_row(float* s, int valid, int n, float& m, float& l, float* o, int D) {
+#if IFAST_ISA_LEVEL >= 2
+  if (n <= kBlockK) return online_softmax_row_zmm(s, valid, n, m, l, o, D);
+#endif
   const float m_new = row_max(s, valid, m);
   if (m_new == kNegInf) {
     std::fill(s, s + n, 0.f);

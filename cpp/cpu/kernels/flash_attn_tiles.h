@@ -34,8 +34,53 @@ inline void with_rows_left(int left, F&& f) {
 // Packs rows [0, n) of K (row stride ldk, D floats each) into panels of kPanel columns:
 // out[p][d][c] = K[p*kPanel + c][d], zero for c beyond n. Reading K once per block and the
 // panel being contiguous in the inner loop is what lets the QK^T tile stream at full FMA rate.
+#if IFAST_ISA_LEVEL >= 2
+// (GCC 12 takes the unpacks' _mm512_undefined_epi32() operand for an uninitialised variable.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// Transposes a 16 x 16 block of 32-bit words held as 16 rows: r[i] lane j becomes r[j] lane i.
+inline void transpose16_epi32(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int p = 0; p < 8; ++p) {  // lanes of rows 2p, 2p + 1 interleaved
+    a[2 * p] = _mm512_unpacklo_epi32(r[2 * p], r[2 * p + 1]);
+    a[2 * p + 1] = _mm512_unpackhi_epi32(r[2 * p], r[2 * p + 1]);
+  }
+  for (int q = 0; q < 4; ++q) {  // b[4q + j], 128-bit lane L: column 4L + j of rows 4q..4q+3
+    b[4 * q] = _mm512_unpacklo_epi64(a[4 * q], a[4 * q + 2]);
+    b[4 * q + 1] = _mm512_unpackhi_epi64(a[4 * q], a[4 * q + 2]);
+    b[4 * q + 2] = _mm512_unpacklo_epi64(a[4 * q + 1], a[4 * q + 3]);
+    b[4 * q + 3] = _mm512_unpackhi_epi64(a[4 * q + 1], a[4 * q + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // gather lane L of b[j], b[4 + j], b[8 + j], b[12 + j] into row 4L + j
+    const __m512i t0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88), u0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xdd);
+    const __m512i t1 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88), u1 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xdd);
+    r[j] = _mm512_shuffle_i32x4(t0, t1, 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t0, t1, 0xdd);
+    r[4 + j] = _mm512_shuffle_i32x4(u0, u1, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(u0, u1, 0xdd);
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 inline void pack_k(const float* K, int64_t ldk, int n, int D, float* out) {
   const int panels = (n + kPanel - 1) / kPanel;
+#if IFAST_ISA_LEVEL >= 2
+  if (D % 16 == 0) {  // 16 x 16 transposes
+    __m512i r[16];
+    for (int p = 0; p < panels; ++p)
+      for (int c0 = 0; c0 < kPanel; c0 += 16)
+        for (int d0 = 0; d0 < D; d0 += 16) {
+          for (int i = 0; i < 16; ++i) {
+            const int j = p * kPanel + c0 + i;
+            r[i] = j < n ? _mm512_loadu_si512(K + j * ldk + d0) : _mm512_setzero_si512();
+          }
+          transpose16_epi32(r);
+          for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (int64_t(p) * D + d0 + i) * kPanel + c0, r[i]);
+        }
+    return;
+  }
+#endif
   for (int p = 0; p < panels; ++p) {
     float* dst = out + static_cast<int64_t>(p) * D * kPanel;
     for (int c = 0; c < kPanel; ++c) {

@@ -83,32 +83,9 @@ inline void dp_tile(const uint32_t* A, int64_t ars, int64_t acs, const uint32_t*
 #undef IFAST_STORE
 }
 
-// Transposes a 16 x 16 block of 32-bit words held as 16 rows: r[i] lane j becomes r[j] lane i.
 // (GCC 12 takes the unpacks' _mm512_undefined_epi32() operand for an uninitialised variable.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-inline void transpose16_epi32(__m512i r[16]) {
-  __m512i a[16], b[16];
-  for (int p = 0; p < 8; ++p) {  // lanes of rows 2p, 2p + 1 interleaved
-    a[2 * p] = _mm512_unpacklo_epi32(r[2 * p], r[2 * p + 1]);
-    a[2 * p + 1] = _mm512_unpackhi_epi32(r[2 * p], r[2 * p + 1]);
-  }
-  for (int q = 0; q < 4; ++q) {  // b[4q + j], 128-bit lane L: column 4L + j of rows 4q..4q+3
-    b[4 * q] = _mm512_unpacklo_epi64(a[4 * q], a[4 * q + 2]);
-    b[4 * q + 1] = _mm512_unpackhi_epi64(a[4 * q], a[4 * q + 2]);
-    b[4 * q + 2] = _mm512_unpacklo_epi64(a[4 * q + 1], a[4 * q + 3]);
-    b[4 * q + 3] = _mm512_unpackhi_epi64(a[4 * q + 1], a[4 * q + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {  // gather lane L of b[j], b[4 + j], b[8 + j], b[12 + j] into row 4L + j
-    const __m512i t0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88), u0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xdd);
-    const __m512i t1 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88), u1 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xdd);
-    r[j] = _mm512_shuffle_i32x4(t0, t1, 0x88);
-    r[8 + j] = _mm512_shuffle_i32x4(t0, t1, 0xdd);
-    r[4 + j] = _mm512_shuffle_i32x4(u0, u1, 0x88);
-    r[12 + j] = _mm512_shuffle_i32x4(u0, u1, 0xdd);
-  }
-}
-
 // Packs keys [0, n) of K (bf16 rows ldk apart, D each) as pairs along D, `width` keys to a row:
 // out[d / 2][c] = (K[c][d], K[c][d + 1]), zero for c >= n. This is B of S = Q K^T in the pair-word
 // layout below, and oneDNN's VNNI layout for the same product (brgemm); the tiles read it 32 keys
