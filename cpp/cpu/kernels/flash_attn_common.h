@@ -98,10 +98,6 @@ inline int visible(bool causal, int i, int diag, int j0, int n) {
   return causal ? std::clamp(i + diag - j0 + 1, 0, n) : n;
 }
 
-// One online-softmax step of one query row over a block of scores s[0..n) in log2 units, of which
-// the first `valid` are visible: s becomes the unnormalised probabilities (zero past `valid`), the
-// running max m and sum l advance, and the row's output accumulator o (D floats) is rescaled to the
-// new max. A row that has seen no visible score yet is left at m = -inf, l = 0.
 #if IFAST_ISA_LEVEL >= 2
 // (GCC 12 takes the _mm512_undefined_ps() operand inside its unmasked AVX-512 intrinsics for an
 // uninitialised variable.)
@@ -176,6 +172,10 @@ inline void online_softmax_row_zmm(float* s, int valid, int n, float& m, float& 
 #pragma GCC diagnostic pop
 #endif
 
+// One online-softmax step of one query row over a block of scores s[0..n) in log2 units, of which
+// the first `valid` are visible: s becomes the unnormalised probabilities (zero past `valid`), the
+// running max m and sum l advance, and the row's output accumulator o (D floats) is rescaled to the
+// new max. A row that has seen no visible score yet is left at m = -inf, l = 0.
 inline void online_softmax_row(float* s, int valid, int n, float& m, float& l, float* o, int D) {
 #if IFAST_ISA_LEVEL >= 2
   if (n <= kBlockK) return online_softmax_row_zmm(s, valid, n, m, l, o, D);
