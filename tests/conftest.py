@@ -37,7 +37,7 @@ def pytest_generate_tests(metafunc):
     """`impl_device` runs a test on every (backend, device) pair of the module's OP (all the GPU
     backends when the module names none), the cpu backend once per instruction set this CPU runs
     that changes the op's code (its kernels carry a scalar, an AVX2 and an AVX-512 path, chosen at run
-    time; attention on bf16 also an AVX512-BF16 one)."""
+    time; attention on bf16 and the int8 decode GEMM also an AVX512-BF16 + VNNI one)."""
     if "impl_device" in metafunc.fixturenames:
         params, ids = [], []
         op = getattr(metafunc.module, "OP", None)

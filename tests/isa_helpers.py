@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from internlm_fast.info import BF16_DOT_OPS
+from internlm_fast.info import AVX512_BF16_OPS
 from internlm_fast.ops import available, backend
 
 # lowest first, as cpu_isa.h orders them
@@ -27,10 +27,10 @@ def runnable_levels() -> tuple[str, ...]:
 
 
 def distinct_levels(op: str | None = None) -> tuple[str, ...]:
-    """The levels this CPU runs that run different code for `op` (None: for kernels without a bf16
-    dot-product path): avx512 is dropped where avx512_bf16 runs the same body."""
+    """The levels this CPU runs that run different code for `op` (None: for kernels without a path of
+    their own at avx512_bf16): avx512 is dropped where avx512_bf16 runs the same body."""
     levels = runnable_levels()
-    if "avx512_bf16" in levels and op not in BF16_DOT_OPS:
+    if "avx512_bf16" in levels and op not in AVX512_BF16_OPS:
         levels = tuple(level for level in levels if level != "avx512")
     return levels
 

@@ -29,7 +29,7 @@ def _expanded_scales(scales: torch.Tensor, k: int) -> torch.Tensor:
     return scales.transpose(1, 2).reshape(blocks * cols, -1).repeat_interleave(INT8_GROUP, dim=1)[:, :k]
 
 
-@pytest.mark.parametrize("level", distinct_levels())
+@pytest.mark.parametrize("level", distinct_levels("few_rows_linear_int8"))
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 16])
 @pytest.mark.parametrize(("k", "n"), [(256, 768), (37, 80), (64, 16), (130, 144), (1000, 48), (4100, 32)])
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -96,7 +96,7 @@ def test_activations_are_rounded_to_half_a_16_bit_step():
     assert int8_activations(x.to(torch.bfloat16)).dtype == torch.float32
 
 
-@pytest.mark.parametrize("level", distinct_levels())
+@pytest.mark.parametrize("level", distinct_levels("few_rows_linear_int8"))
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_input_reaches_the_outputs(level, bad):
     """A group of x holding inf or NaN makes every output it touches NaN, never a finite number."""

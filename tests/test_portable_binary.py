@@ -75,3 +75,32 @@ def test_every_level_is_in_the_binary():
             "few_rows_linear_int8",
         ):
             assert f"ifast::cpu::{level}::{entry}(" in names, f"{entry} has no {level} path in {_C.__file__}"
+
+
+def test_vnni_only_in_the_int8_tiles_of_the_avx512_bf16_level():
+    """The int8 decode tiles are compiled with AVX512-VNNI enabled for both of their instantiations
+    (kernels/few_rows_linear_int8.h); vpdpwssd must sit in the kVnni ones alone, which only the
+    avx512_bf16 level (whose CPUs have VNNI) calls, and in every one of them."""
+    from internlm_fast import _C
+
+    if platform.machine() != "x86_64" or shutil.which("objdump") is None:
+        pytest.skip("x86-64 with objdump only")
+    dump = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True)
+    vnni: Counter = Counter()
+    tiles = set()
+    fn = None
+    for line in dump.stdout.splitlines():
+        m = FUNCTION.match(line)
+        if m:
+            fn = m.group(1)
+            if "tile512<" in fn and "avx512::" in fn:
+                tiles.add(fn)
+            continue
+        fields = line.split("\t")
+        if fn is not None and len(fields) >= 2 and fields[1].split()[:1] == ["vpdpwssd"]:
+            vnni[fn] += 1
+    int8_tiles = {t for t in tiles if re.search(r"tile512<\d+, \d+, (true|false)>", t)}
+    assert int8_tiles, "no int8 tile512 instantiations found in the disassembly"
+    assert all(", true>" in f for f in vnni), f"vpdpwssd outside the VNNI tiles: {sorted(vnni)[:5]}"
+    missing = [t for t in int8_tiles if ", true>" in t and t not in vnni]
+    assert not missing, f"VNNI tiles without vpdpwssd: {missing[:5]}"

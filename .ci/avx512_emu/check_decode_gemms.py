@@ -65,9 +65,13 @@ def main() -> int:
             panels, scales = quantize_int8(w)
             oracle = x.double() @ dequantize_int8(panels, scales, k).double().t() + plus
             want = few_rows_linear_int8_ref(x, panels, scales, bias)
+            emu.set_vnni(False)
             got = emu.few_rows_linear_int8(x, panels, scales, bias)
             if msg := worse_than_reference(got, want, oracle, ATOL[dtype]):
                 failures.append(f"int8 {rows}x{k}x{n} bias={with_bias} {dtype}: {msg}")
+            emu.set_vnni(True)  # vpdpwssd: the same int32 sums, so the same outputs exactly
+            if not torch.equal(emu.few_rows_linear_int8(x, panels, scales, bias), got):
+                failures.append(f"int8 VNNI {rows}x{k}x{n} bias={with_bias} {dtype}: differs from vpmaddwd + vpaddd")
             wb = w.to(torch.bfloat16)
             oracle = x.double() @ wb.double().t() + plus
             want = few_rows_linear_bf16_ref(x, wb, bias)
@@ -79,7 +83,7 @@ def main() -> int:
         y = emu.few_rows_linear_int8(x, *quantize_int8(torch.randn(32, 200)), None)
         if not (y[0].isfinite().all() and y[1].isnan().all()):
             failures.append("int8: a NaN in x did not turn exactly its row's outputs to NaN")
-    cases = 2 * len(ROWS) * len(SHAPES) * 2 * len(ATOL) + 1
+    cases = 3 * len(ROWS) * len(SHAPES) * 2 * len(ATOL) + 1
     for f in failures:
         print(f"avx512_emu: FAIL {f}", file=sys.stderr)
     print(f"avx512_emu: decode GEMM AVX-512 tiles under SIMDe: {cases - len(failures)} of {cases} cases pass")

@@ -33,6 +33,15 @@ static inline simde__m512 emu_mm512_cvtepi32_ps(simde__m512i a) {
 #define __m512i simde__m512i
 #include "simde_names.h"
 
+// The int8 tiles pick vpdpwssd (AVX512-VNNI) at the avx512_bf16 level through cpu_isa(), here the
+// harness's own setting so both tiles run; their target pragmas do nothing under SIMDe.
+#include "cpu_isa.h"
+namespace ifast::cpu {
+static Isa g_emu_isa = Isa::avx512;
+Isa cpu_isa() { return g_emu_isa; }
+}  // namespace ifast::cpu
+#define IFAST_PRAGMA(x)
+
 #define IFAST_ISA emu_int8
 #define IFAST_ISA_LEVEL 2
 #include "kernels/few_rows_linear_int8.h"
@@ -42,5 +51,6 @@ static inline simde__m512 emu_mm512_cvtepi32_ps(simde__m512i a) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear_int8", &ifast::cpu::emu_int8::few_rows_linear_int8);
+  m.def("set_vnni", [](bool on) { ifast::cpu::g_emu_isa = on ? ifast::cpu::Isa::avx512_bf16 : ifast::cpu::Isa::avx512; });
   m.def("few_rows_linear_bf16", &ifast::cpu::emu_bf16::few_rows_linear_bf16);
 }

@@ -1,7 +1,9 @@
 // Run-time choice of the vector instruction set: every CPU kernel carries a scalar, an AVX2 and an
 // AVX-512 path, and the one that runs is picked here. One level more, avx512_bf16 (AVX-512 plus the
-// AVX512-BF16 dot product), runs the AVX-512 body everywhere and lets attention on bf16 inputs
-// multiply in bf16 (kernels/flash_attn_bf16.h); capping at avx512 turns that off alone.
+// AVX512-BF16 dot product and AVX512-VNNI, which every CPU with the first has: Intel Cooper Lake and
+// Sapphire Rapids on, AMD Zen 4 on), runs the AVX-512 body everywhere and lets attention on bf16
+// inputs multiply in bf16 (kernels/flash_attn_bf16.h) and the int8 decode GEMM multiply-add in one
+// instruction (kernels/few_rows_linear_int8.h); capping at avx512 turns those off alone.
 //
 // The module is compiled with -march=$INTERNLM_FAST_CPU_ARCH (x86-64-v2 by default, so a wheel runs
 // on any x86-64 machine of the last fifteen years). The paths exist in the binary whatever -march
@@ -20,7 +22,7 @@ enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
 
 // The level the dispatching kernels run now: min(detected, cap). A relaxed atomic load.
 Isa cpu_isa();
-// The best level this CPU runs (avx512_bf16 = avx512 + avx512bf16; avx512 = avx512f + bw + vl + dq;
+// The best level this CPU runs (avx512_bf16 = avx512 + avx512bf16 + avx512vnni; avx512 = avx512f + bw + vl + dq;
 // avx2 = avx2 + fma + f16c).
 Isa detected_isa();
 const char* isa_name(Isa isa);
@@ -39,7 +41,7 @@ std::string set_isa_cap(const std::string& level);
 // isa_compile.h compiles (and the bf16 tiles' own push of avx512bf16).
 #define IFAST_AVX512_FEATURES "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
 #define IFAST_AVX2_FEATURES "avx2,fma,f16c"
-#define IFAST_AVX512_BF16_FEATURES IFAST_AVX512_FEATURES ",avx512bf16"
+#define IFAST_AVX512_BF16_FEATURES IFAST_AVX512_FEATURES ",avx512bf16,avx512vnni"
 #endif
 
 // return <level>::fn(args...) for the level cpu_isa() picks: the entry point of a kernel compiled

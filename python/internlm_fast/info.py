@@ -111,14 +111,15 @@ def collect() -> dict[str, object]:
     }
 
 
-# The ops whose cpu kernels have a path of their own at the avx512_bf16 level: attention on bf16
-# inputs multiplies with the AVX512-BF16 dot product. The other kernels run their AVX-512 path there.
-BF16_DOT_OPS = frozenset({"flash_attn", "flash_attn_kvcache"})
+# The ops whose cpu kernels have a path of their own at the avx512_bf16 level (AVX512-BF16 and
+# AVX512-VNNI): attention on bf16 inputs multiplies with the bf16 dot product, the int8 decode GEMM
+# multiply-adds with vpdpwssd. The other kernels run their AVX-512 path there.
+AVX512_BF16_OPS = frozenset({"flash_attn", "flash_attn_kvcache", "few_rows_linear_int8"})
 
 
 def cpu_path(op: str, isa: str) -> str:
     """The cpu backend's path for `op` at run-time level `isa`, as the table prints it."""
-    if isa == "avx512_bf16" and op not in BF16_DOT_OPS:
+    if isa == "avx512_bf16" and op not in AVX512_BF16_OPS:
         return "cpu/avx512"
     return f"cpu/{isa}"
 

@@ -132,10 +132,16 @@ void tile(const Args& a, int R, int64_t p0, int64_t p1) {
 #if IFAST_ISA_LEVEL >= 2
 
 // R rows x P adjacent panels: per panel row, one 32-byte load sign-extended to 32 int16 (2 inputs x
-// 16 columns), one vpmaddwd and one vpaddd per row of x. t[r][q] sums a group in int32 (one zmm per
-// (row, panel): R * P + R + 2 <= 32), then goes into out: out += float(t) * (scale_w * scale_x).
-template <int R, int P>
-inline void tile512(const Args& a, int64_t p) {
+// 16 columns), one vpmaddwd and one vpaddd per row of x, or with kVnni (the avx512_bf16 level, whose
+// CPUs all have AVX512-VNNI) one vpdpwssd doing both: the same int32 sums, a third fewer instructions
+// (1.5x the weights per cycle from L2 on a Sapphire Rapids core, so more of the time DRAM is busy).
+// t[r][q] sums a group in int32 (one zmm per (row, panel): R * P + R + 2 <= 32), then goes into out:
+// out += float(t) * (scale_w * scale_x). Compiled with VNNI enabled for both instantiations; only
+// kVnni's holds a VNNI instruction (intrinsics map one to one; test_portable_binary checks).
+#pragma GCC push_options
+IFAST_PRAGMA(GCC target(IFAST_AVX512_BF16_FEATURES))
+template <int R, int P, bool kVnni>
+void tile512(const Args& a, int64_t p) {
   const int64_t pairs = pairs_of(a.K), G = groups_of(a.K), ldp = pairs * 2 * kCols, lds = G * kCols;
   const int8_t* w = a.w + p * ldp;
   const float* sp = a.scales + p * lds;
@@ -163,7 +169,12 @@ inline void tile512(const Args& a, int64_t p) {
         if ((j & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchPairs * 2 * kCols), _MM_HINT_T0);
         const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) t[r][q] = _mm512_add_epi32(t[r][q], _mm512_madd_epi16(v, xj[r]));
+        for (int r = 0; r < R; ++r) {
+          if constexpr (kVnni)
+            t[r][q] = _mm512_dpwssd_epi32(t[r][q], v, xj[r]);
+          else
+            t[r][q] = _mm512_add_epi32(t[r][q], _mm512_madd_epi16(v, xj[r]));
+        }
       }
     }
 #pragma GCC unroll 16
@@ -178,13 +189,18 @@ inline void tile512(const Args& a, int64_t p) {
     }
   }
 }
+#pragma GCC pop_options
 
 // 4 panels at every R (4 weight streams per thread; 8 read slower with the fp32-widening tiles)
 constexpr int panels512(int) { return 4; }
 
 void tile(const Args& a, int R, int64_t p0, int64_t p1) {
+  const bool vnni = cpu_isa() >= Isa::avx512_bf16;
   panels::over_panels<panels512>(R, p0, p1, [&](auto r, auto np, int64_t p) {
-    tile512<decltype(r)::value, decltype(np)::value>(a, p);
+    if (vnni)
+      tile512<decltype(r)::value, decltype(np)::value, true>(a, p);
+    else
+      tile512<decltype(r)::value, decltype(np)::value, false>(a, p);
   });
 }
 
