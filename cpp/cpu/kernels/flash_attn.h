@@ -66,10 +66,10 @@ struct ForwardTask {
 inline std::vector<ForwardTask> plan_forward(const Seqs& s, int Hq, int group) {
   std::vector<ForwardTask> tasks;
   for (int b = 0; b < s.batch; ++b) {
-    const int nq = (s.lq(b) + kBlockQ - 1) / kBlockQ;
+    const int nq = (s.lq(b) + kForwardRows - 1) / kForwardRows;
     for (int hk = 0; hk < Hq / group; ++hk)
       for (int i = nq - 1; i >= 0; --i)
-        for (int g = 0; g < group; ++g) tasks.push_back({b, hk * group + g, i * kBlockQ});
+        for (int g = 0; g < group; ++g) tasks.push_back({b, hk * group + g, i * kForwardRows});
   }
   return tasks;
 }
@@ -155,14 +155,15 @@ struct Forward {
     std::vector<float> Qb, Ob, S, m, l, Vb;
   };
   State make_state() const {
-    return {std::vector<float>(kBlockQ * D), std::vector<float>(kBlockQ * D), std::vector<float>(kBlockQ * kBlockK),
-            std::vector<float>(kBlockQ), std::vector<float>(kBlockQ), std::vector<float>(kBlockK * D)};
+    return {std::vector<float>(kForwardRows * D), std::vector<float>(kForwardRows * D),
+            std::vector<float>(kForwardRows * kBlockK), std::vector<float>(kForwardRows),
+            std::vector<float>(kForwardRows), std::vector<float>(kBlockK * D)};
   }
 
   void operator()(int64_t t, State& st) const {
     const auto [b, h, q0] = tasks[t];
     const int hk = h / group, lq = s.lq(b), lk = s.lk(b), diag = lk - lq;
-    const int rows = std::min(kBlockQ, lq - q0);
+    const int rows = std::min(kForwardRows, lq - q0);
     const int kv_end = causal ? std::clamp(q0 + rows + diag, 0, lk) : lk;
     float *Qb = st.Qb.data(), *Ob = st.Ob.data(), *S = st.S.data(), *m = st.m.data(), *l = st.l.data();
     const float qs = qscale;  // a local: through `this` it would be reloaded after every store

@@ -163,15 +163,15 @@ struct ForwardBf16 {
     std::vector<float> Ob, S, m, l;
   };
   State make_state() const {
-    return {std::vector<uint16_t>(kBlockQ * D), std::vector<uint32_t>(kBlockQ * kBlockK / 2),
-            std::vector<float>(kBlockQ * D), std::vector<float>(kBlockQ * kBlockK), std::vector<float>(kBlockQ),
-            std::vector<float>(kBlockQ)};
+    return {std::vector<uint16_t>(kForwardRows * D), std::vector<uint32_t>(kForwardRows * kBlockK / 2),
+            std::vector<float>(kForwardRows * D), std::vector<float>(kForwardRows * kBlockK),
+            std::vector<float>(kForwardRows), std::vector<float>(kForwardRows)};
   }
 
   void operator()(int64_t t, State& st) const {
     const auto [b, h, q0] = tasks[t];
     const int hk = h / group, lq = s.lq(b), lk = s.lk(b), diag = lk - lq;
-    const int rows = std::min(kBlockQ, lq - q0);
+    const int rows = std::min(kForwardRows, lq - q0);
     const int kv_end = causal ? std::clamp(q0 + rows + diag, 0, lk) : lk;
     float *Ob = st.Ob.data(), *S = st.S.data(), *m = st.m.data(), *l = st.l.data();
     uint32_t* Pw = st.Pw.data();
