@@ -64,27 +64,9 @@ inline void bf16_brgemm(int M, int N, int K, const void* A, int64_t lda, const u
 
 inline int even(int n) { return (n + 1) / 2 * 2; }
 
-// (GCC 12 takes the _mm512_undefined_ps() operand inside its unmasked AVX-512 intrinsics for an
-// uninitialised variable.)
-#pragma GCC diagnostic push
+#pragma GCC diagnostic push  // GCC 12's unmasked AVX-512 intrinsics (flash_attn_common.h says why)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// 2^x on 16 lanes for x <= 0 (a score less the row's max), to the precision bf16 probabilities need:
-// 2^round(x) times a degree-4 polynomial in the remainder, relative error 5.2e-6 (bf16 rounds at
-// 3.9e-3). Below -126 the result underflows towards 0 through scalef; NaN stays NaN (max returns its
-// second operand when either is NaN).
-inline __m512 exp2_nonpositive_bf16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(9.627114423652851e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.598684558650195e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402331796970809e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931088582133003e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // online_softmax_row for the bf16 products, in one pass over a row of scores held in registers: the
 // scores in log2 units are s[j] * c, and the probabilities go out rounded to bf16 into p[0, even(n))
 // (zero past `valid`), the A operand of O += P V, instead of back into s. n <= kBlockK.
@@ -112,8 +94,8 @@ inline void softmax_row_bf16(const float* s, int valid, int n, float c, float& m
 #pragma GCC unroll 4
   for (int i = 0; i < kVecs; i += 2) {
     if (16 * i >= n) break;
-    const __m512 a = _mm512_maskz_mov_ps(lanes(valid - 16 * i), exp2_nonpositive_bf16(_mm512_add_ps(x[i], neg_m)));
-    const __m512 b = _mm512_maskz_mov_ps(lanes(valid - 16 * i - 16), exp2_nonpositive_bf16(_mm512_add_ps(x[i + 1], neg_m)));
+    const __m512 a = _mm512_maskz_mov_ps(lanes(valid - 16 * i), exp2_nonpositive<4>(_mm512_add_ps(x[i], neg_m)));
+    const __m512 b = _mm512_maskz_mov_ps(lanes(valid - 16 * i - 16), exp2_nonpositive<4>(_mm512_add_ps(x[i + 1], neg_m)));
     sum = _mm512_add_ps(sum, _mm512_add_ps(a, b));
     _mm512_mask_storeu_epi32(p + 16 * i, lanes(words - 8 * i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
   }

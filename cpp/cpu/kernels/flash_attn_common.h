@@ -120,20 +120,25 @@ inline __m128 halve_to_128(__m512 v, __m256 (*op)(__m256, __m256), __m128 (*op4)
 inline float hmax(__m512 v) { return _mm_cvtss_f32(halve_to_128(v, _mm256_max_ps, _mm_max_ps)); }
 inline float hsum(__m512 v) { return _mm_cvtss_f32(halve_to_128(v, _mm256_add_ps, _mm_add_ps)); }
 
-// exp2_approx on 16 lanes for x <= 0 (a score less its row's max): the same polynomial, 2^n applied
-// by scalef, which underflows to 0 below -149 by itself. NaN stays NaN (max returns its second
-// operand when either is NaN).
-inline __m512 exp2_nonpositive_f32(__m512 x) {
+// 2^x on 16 lanes for x <= 0 (a score less its row's max): 2^round(x) by scalef (which underflows to
+// 0 below -149 by itself) times a polynomial in the remainder, of degree 6 (exp2_approx's, for fp32
+// probabilities) or 4 (relative error 5.2e-6, for probabilities rounded to bf16 at 3.9e-3). NaN stays
+// NaN (max returns its second operand when either is NaN).
+template <int kDegree>
+inline __m512 exp2_nonpositive(__m512 x) {
+  static_assert(kDegree == 4 || kDegree == 6);
+  // highest power first, down to the constant 1
+  constexpr float c6[] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f,
+                          2.402264791363012e-1f, 6.931472028550421e-1f, 1.f};
+  constexpr float c4[] = {9.627114423652851e-3f, 5.598684558650195e-2f, 2.402331796970809e-1f, 6.931088582133003e-1f,
+                          1.f};
+  const float* c = kDegree == 6 ? c6 : c4;
   x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(c[0]);
+#pragma GCC unroll 6
+  for (int i = 1; i <= kDegree; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -160,7 +165,7 @@ inline void online_softmax_row_zmm(float* s, int valid, int n, float& m, float& 
 #pragma GCC unroll 8
   for (int i = 0; i < kVecs; ++i) {
     if (16 * i >= n) break;
-    const __m512 p = _mm512_maskz_mov_ps(lanes(valid - 16 * i), exp2_nonpositive_f32(_mm512_add_ps(x[i], neg_m)));
+    const __m512 p = _mm512_maskz_mov_ps(lanes(valid - 16 * i), exp2_nonpositive<6>(_mm512_add_ps(x[i], neg_m)));
     sum = _mm512_add_ps(sum, p);
     _mm512_mask_storeu_ps(s + 16 * i, lanes(n - 16 * i), p);
   }
