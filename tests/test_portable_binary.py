@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 
@@ -25,9 +26,9 @@ DISPATCHED = re.compile(r"ifast::cpu::(avx2|avx512)::")
 FUNCTION = re.compile(r"^[0-9a-f]+ <(.*)>:$")
 
 
-def _wide_code_outside_dispatch(so: str) -> Counter:
+def _instructions(so: str) -> Iterator[tuple[str, str, str]]:
+    """(function, mnemonic, line) of every instruction in the disassembly of `so`."""
     dump = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", so], capture_output=True, text=True, check=True)
-    found: Counter = Counter()
     fn = None
     for line in dump.stdout.splitlines():
         m = FUNCTION.match(line)
@@ -37,7 +38,12 @@ def _wide_code_outside_dispatch(so: str) -> Counter:
         fields = line.split("\t")
         if fn is None or len(fields) < 2 or not fields[1].strip():
             continue
-        mnemonic = fields[1].split()[0]
+        yield fn, fields[1].split()[0], line
+
+
+def _wide_code_outside_dispatch(so: str) -> Counter:
+    found: Counter = Counter()
+    for fn, mnemonic, line in _instructions(so):
         if (mnemonic.startswith("v") or "ymm" in line or "zmm" in line) and not DISPATCHED.search(fn):
             found[fn] += 1
     return found
@@ -85,21 +91,14 @@ def test_vnni_only_in_the_int8_tiles_of_the_avx512_bf16_level():
 
     if platform.machine() != "x86_64" or shutil.which("objdump") is None:
         pytest.skip("x86-64 with objdump only")
-    dump = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True)
+    int8_tile = re.compile(r"avx512::.*tile512<\d+, \d+, (true|false)>")
     vnni: Counter = Counter()
-    tiles = set()
-    fn = None
-    for line in dump.stdout.splitlines():
-        m = FUNCTION.match(line)
-        if m:
-            fn = m.group(1)
-            if "tile512<" in fn and "avx512::" in fn:
-                tiles.add(fn)
-            continue
-        fields = line.split("\t")
-        if fn is not None and len(fields) >= 2 and fields[1].split()[:1] == ["vpdpwssd"]:
+    int8_tiles = set()
+    for fn, mnemonic, _ in _instructions(_C.__file__):
+        if int8_tile.search(fn):
+            int8_tiles.add(fn)
+        if mnemonic == "vpdpwssd":
             vnni[fn] += 1
-    int8_tiles = {t for t in tiles if re.search(r"tile512<\d+, \d+, (true|false)>", t)}
     assert int8_tiles, "no int8 tile512 instantiations found in the disassembly"
     assert all(", true>" in f for f in vnni), f"vpdpwssd outside the VNNI tiles: {sorted(vnni)[:5]}"
     missing = [t for t in int8_tiles if ", true>" in t and t not in vnni]

@@ -85,7 +85,7 @@ void finish_forward_rows(const float* Ob, const float* m, const float* l, int ro
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
 #pragma omp simd
     for (int d = 0; d < D; ++d) store(o, d, Ob[r * D + d] * inv);
-    lse[h * total_q + row] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kInf;
+    lse[h * total_q + row] = row_lse(m[r], l[r]);
   }
 }
 

@@ -99,13 +99,7 @@ inline void softmax_row_bf16(const float* s, int valid, int n, float c, float& m
     sum = _mm512_add_ps(sum, _mm512_add_ps(a, b));
     _mm512_mask_storeu_epi32(p + 16 * i, lanes(words - 8 * i), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
   }
-  const float alpha = exp2_approx(m - m_new);  // 0 when m = -inf
-  if (alpha != 1.f) {
-#pragma omp simd
-    for (int d = 0; d < D; ++d) o[d] *= alpha;
-  }
-  l = l * alpha + hsum(sum);
-  m = m_new;
+  advance_row(m, l, m_new, hsum(sum), o, D);
 }
 #pragma GCC diagnostic pop
 
@@ -122,7 +116,7 @@ inline void finish_forward_rows_bf16(const float* Ob, const float* m, const floa
       const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, Ob + r * D + d), inv);
       _mm256_mask_storeu_epi16(o + d, k, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
     }
-    lse[h * total_q + row] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kInf;
+    lse[h * total_q + row] = row_lse(m[r], l[r]);
   }
 }
 

@@ -102,6 +102,23 @@ inline int visible(bool causal, int i, int diag, int j0, int n) {
   return causal ? std::clamp(i + diag - j0 + 1, 0, n) : n;
 }
 
+// The end of an online-softmax step of one row: the running max m moves to m_new, the output
+// accumulator o (D floats) is rescaled to it, and the sum l takes the block's `sum` (of probabilities
+// against m_new).
+inline void advance_row(float& m, float& l, float m_new, float sum, float* o, int D) {
+  const float alpha = exp2_approx(m - m_new);  // 0 when m = -inf
+  if (alpha != 1.f) {
+#pragma omp simd
+    for (int d = 0; d < D; ++d) o[d] *= alpha;
+  }
+  l = l * alpha + sum;
+  m = m_new;
+}
+
+// A row's log-sum-exp in natural-log units from its max m and sum l in log2 units; +inf for a row
+// that saw no key (l = 0), as flash-attn reports it.
+inline float row_lse(float m, float l) { return l > 0.f ? (m + std::log2(l)) * kLn2 : kInf; }
+
 #if IFAST_ISA_LEVEL >= 2
 // (GCC 12 takes the _mm512_undefined_ps() operand inside its unmasked AVX-512 intrinsics for an
 // uninitialised variable.)
@@ -169,14 +186,7 @@ inline void online_softmax_row_zmm(float* s, int valid, int n, float& m, float& 
     sum = _mm512_add_ps(sum, p);
     _mm512_mask_storeu_ps(s + 16 * i, lanes(n - 16 * i), p);
   }
-  const float alpha = exp2_approx(m - m_new);  // 0 when m = -inf
-  if (alpha != 1.f) {
-    const __m512 a = _mm512_set1_ps(alpha);
-    for (int d = 0; d < D; d += 16)
-      _mm512_mask_storeu_ps(o + d, lanes(D - d), _mm512_mul_ps(a, _mm512_maskz_loadu_ps(lanes(D - d), o + d)));
-  }
-  l = l * alpha + hsum(sum);
-  m = m_new;
+  advance_row(m, l, m_new, hsum(sum), o, D);
 }
 #pragma GCC diagnostic pop
 #endif
@@ -202,13 +212,7 @@ inline void online_softmax_row(float* s, int valid, int n, float& m, float& l, f
     sum += p;
   }
   std::fill(s + valid, s + n, 0.f);
-  const float alpha = exp2_approx(m - m_new);  // 0 when m = -inf
-  if (alpha != 1.f) {
-#pragma omp simd
-    for (int d = 0; d < D; ++d) o[d] *= alpha;
-  }
-  l = l * alpha + sum;
-  m = m_new;
+  advance_row(m, l, m_new, sum, o, D);
 }
 
 // Decoding path (flash_attn_kvcache.cpp): q (B, Sq, Hq, D) against caches (B, cache_len, Hk, D), or

@@ -211,7 +211,7 @@ struct Decode {
     T* dst = out + ((int64_t(b) * Sq + t) * Hq + h) * D;
 #pragma omp simd
     for (int d = 0; d < D; ++d) store(dst, d, o[d] * inv);
-    lse[(int64_t(b) * Hq + h) * Sq + t] = sum > 0.f ? (mx + std::log2(sum)) * kLn2 : kInf;
+    lse[(int64_t(b) * Hq + h) * Sq + t] = row_lse(mx, sum);
   }
 
   // Keys [j0, j0 + n) of sequence b as runs within one page each: run u covers keys
