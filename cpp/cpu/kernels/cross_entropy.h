@@ -139,12 +139,16 @@ at::Tensor scalar_loss(double v, at::ScalarType t) {
 // holds much more than its inputs. Clamped below at 512 tokens because dweight += dlogits^T @
 // hidden re-reads and rewrites all of dweight once per chunk: with K = 512 that GEMM does 128
 // flops per byte of dweight traffic and stays compute-bound (at 4096 x 1024 x 32000, 128-token
-// chunks, Liger's value there, are slower than 512-1024).
+// chunks, Liger's value there, are slower than 512-1024). Below 32 MB of logits (a small vocabulary)
+// the chunk grows to that: fewer dweight passes and longer GEMMs, for memory that small a model has
+// to spare (tiny preset, 2044 tokens x 8192: 1024-token chunks 4-6% faster than 512 on 2 Zen 1 cores).
 int64_t auto_chunk(int64_t rows, int64_t V, int64_t H) {
+  constexpr int64_t kSmallLogits = int64_t(32) << 20;  // bytes of fp32 logits
   const int64_t ratio = std::max<int64_t>(1, (V + H - 1) / H);
   const int64_t want = std::max<int64_t>(1, (rows + ratio - 1) / ratio);
   int64_t c = 1;
   while (c < want) c <<= 1;
+  while (c * 2 * 4 * V <= kSmallLogits) c <<= 1;  // still within the small-vocabulary budget
   return std::clamp<int64_t>(c, 512, 4096);
 }
 

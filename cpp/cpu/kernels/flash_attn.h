@@ -99,11 +99,32 @@ inline void softmax_grad_rows(float* P, float* dS, int rows, int n, bool causal,
     const float di = delta[(row0 + r) * Hq + h];
     float* pr = P + r * kBlockK;
     float* dsr = dS + r * kBlockK;
+    int j = 0;
+#if IFAST_ISA_LEVEL == 1
+    const __m256 vc = _mm256_set1_ps(c), neg_l2 = _mm256_set1_ps(-l2), vdi = _mm256_set1_ps(di);
+    for (; j + 32 <= valid; j += 32) {
+      __m256 p[4];
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) p[k] = _mm256_fmadd_ps(_mm256_loadu_ps(pr + j + 8 * k), vc, neg_l2);
+      exp2_nonpositive_ymm(p);
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        _mm256_storeu_ps(pr + j + 8 * k, p[k]);
+        _mm256_storeu_ps(dsr + j + 8 * k, _mm256_mul_ps(p[k], _mm256_sub_ps(_mm256_loadu_ps(dsr + j + 8 * k), vdi)));
+      }
+    }
+    for (; j + 8 <= valid; j += 8) {
+      __m256 p[1] = {_mm256_fmadd_ps(_mm256_loadu_ps(pr + j), vc, neg_l2)};
+      exp2_nonpositive_ymm(p);
+      _mm256_storeu_ps(pr + j, p[0]);
+      _mm256_storeu_ps(dsr + j, _mm256_mul_ps(p[0], _mm256_sub_ps(_mm256_loadu_ps(dsr + j), vdi)));
+    }
+#endif
 #pragma omp simd
-    for (int j = 0; j < valid; ++j) {
-      const float p = exp2_approx(pr[j] * c - l2);
-      pr[j] = p;
-      dsr[j] = p * (dsr[j] - di);
+    for (int jj = j; jj < valid; ++jj) {
+      const float p = exp2_approx(pr[jj] * c - l2);
+      pr[jj] = p;
+      dsr[jj] = p * (dsr[jj] - di);
     }
     std::fill(pr + valid, pr + n, 0.f);
     std::fill(dsr + valid, dsr + n, 0.f);

@@ -204,6 +204,36 @@ inline void online_softmax_row(float* s, int valid, int n, float& m, float& l, f
     std::fill(s, s + n, 0.f);
     return;
   }
+#if IFAST_ISA_LEVEL == 1
+  const __m256 neg_m = _mm256_set1_ps(-m_new);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  int j = 0;
+  for (; j + 32 <= valid; j += 32) {
+    __m256 p[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) p[k] = _mm256_add_ps(_mm256_loadu_ps(s + j + 8 * k), neg_m);
+    exp2_nonpositive_ymm(p);
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      _mm256_storeu_ps(s + j + 8 * k, p[k]);
+      acc[k & 1] = _mm256_add_ps(acc[k & 1], p[k]);
+    }
+  }
+  for (; j < valid; j += 8) {  // the rest a vector at a time, lanes past `valid` zero
+    const __m256 keep = _mm256_castsi256_ps(first_lanes_ymm(valid - j));
+    __m256 p[1] = {_mm256_add_ps(_mm256_maskload_ps(s + j, _mm256_castps_si256(keep)), neg_m)};
+    exp2_nonpositive_ymm(p);
+    p[0] = _mm256_and_ps(p[0], keep);
+    _mm256_storeu_ps(s + j, p[0]);  // j < valid <= n <= the row's length, and rows are padded to 8
+    acc[0] = _mm256_add_ps(acc[0], p[0]);
+  }
+  if (j < n) std::fill(s + j, s + n, 0.f);
+  const __m256 t = _mm256_add_ps(acc[0], acc[1]);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  advance_row(m, l, m_new, _mm_cvtss_f32(h), o, D);
+#else
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int j = 0; j < valid; ++j) {
@@ -213,6 +243,7 @@ inline void online_softmax_row(float* s, int valid, int n, float& m, float& l, f
   }
   std::fill(s + valid, s + n, 0.f);
   advance_row(m, l, m_new, sum, o, D);
+#endif
 }
 
 // Decoding path (flash_attn_kvcache.cpp): q (B, Sq, Hq, D) against caches (B, cache_len, Hk, D), or
