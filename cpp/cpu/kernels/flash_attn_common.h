@@ -145,8 +145,7 @@ template <int kDegree>
 inline __m512 exp2_nonpositive(__m512 x) {
   static_assert(kDegree == 4 || kDegree == 6);
   // highest power first, down to the constant 1
-  constexpr float c6[] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f,
-                          2.402264791363012e-1f, 6.931472028550421e-1f, 1.f};
+  const float* c6 = kExp2Poly6;
   constexpr float c4[] = {9.627114423652851e-3f, 5.598684558650195e-2f, 2.402331796970809e-1f, 6.931088582133003e-1f,
                           1.f};
   const float* c = kDegree == 6 ? c6 : c4;

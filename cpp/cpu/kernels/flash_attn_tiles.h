@@ -326,6 +326,12 @@ inline float row_max(const float* x, int n, float init) {
   return m;
 }
 
+// The degree-6 polynomial of 2^f on |f| <= 1/2, highest power first, down to the constant 1: every
+// fp32 exp2 of the attention kernels (scalar, ymm and zmm) evaluates this one.
+constexpr float kExp2Poly6[] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
+                                5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f,
+                                1.f};
+
 // 2^x, branch-free and vectorisable: x = n + f, |f| <= 1/2, 2^f by a degree-6 polynomial.
 // Inputs below -126 give ~0 (exactly what a masked score needs), NaN stays NaN.
 inline float exp2_approx(float x) {
@@ -333,13 +339,9 @@ inline float exp2_approx(float x) {
   x = x > 127.f ? 127.f : x;
   const float n = __builtin_nearbyintf(x);
   const float f = x - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
+  float p = kExp2Poly6[0];
+#pragma GCC unroll 6
+  for (int i = 1; i <= 6; ++i) p = p * f + kExp2Poly6[i];
   const int32_t e = static_cast<int32_t>(n) + 127;
   uint32_t bits = static_cast<uint32_t>(e) << 23;
   float scale;
@@ -355,8 +357,7 @@ inline float exp2_approx(float x) {
 // where its op count says 12%).
 template <int K>
 inline void exp2_nonpositive_ymm(__m256 (&x)[K]) {
-  constexpr float c[] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f,
-                         2.402264791363012e-1f, 6.931472028550421e-1f, 1.f};
+  const float* c = kExp2Poly6;
   __m256 f[K], p[K];
   __m256i e[K];
 #pragma GCC unroll 4
