@@ -49,6 +49,11 @@ def _check_all(name, ours, lowp, fp64, dtype):
 def test_dense_forward_backward_match_oracle(impl_device, shape, causal, dtype):
     impl, device = impl_device
     b, sq, sk, hq, hk, d = shape
+    if impl == "triton" and device == "cpu" and hq >= 16:
+        # the Triton interpreter runs every program of the grid in Python: the same group ratio on
+        # a quarter of the heads runs the same kernel code in a third of the time (2 Zen 1 cores: 28-56
+        # s a case at 32 heads, 8-19 s at 8)
+        hq, hk = hq // 4, hk // 4
     g = torch.Generator().manual_seed(sum(shape))
     q = torch.randn(b, sq, hq, d, generator=g).to(device, dtype)
     k = torch.randn(b, sk, hk, d, generator=g).to(device, dtype)
