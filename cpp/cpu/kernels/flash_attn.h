@@ -102,23 +102,21 @@ inline void softmax_grad_rows(float* P, float* dS, int rows, int n, bool causal,
     int j = 0;
 #if IFAST_ISA_LEVEL == 1
     const __m256 vc = _mm256_set1_ps(c), neg_l2 = _mm256_set1_ps(-l2), vdi = _mm256_set1_ps(di);
-    for (; j + 32 <= valid; j += 32) {
-      __m256 p[4];
+    // K vectors of the row from column col: four at a time, then one
+    const auto grad = [&](int col, auto vectors) {
+      constexpr int K = decltype(vectors)::value;
+      __m256 p[K];
 #pragma GCC unroll 4
-      for (int k = 0; k < 4; ++k) p[k] = _mm256_fmadd_ps(_mm256_loadu_ps(pr + j + 8 * k), vc, neg_l2);
+      for (int k = 0; k < K; ++k) p[k] = _mm256_fmadd_ps(_mm256_loadu_ps(pr + col + 8 * k), vc, neg_l2);
       exp2_nonpositive_ymm(p);
 #pragma GCC unroll 4
-      for (int k = 0; k < 4; ++k) {
-        _mm256_storeu_ps(pr + j + 8 * k, p[k]);
-        _mm256_storeu_ps(dsr + j + 8 * k, _mm256_mul_ps(p[k], _mm256_sub_ps(_mm256_loadu_ps(dsr + j + 8 * k), vdi)));
+      for (int k = 0; k < K; ++k) {
+        _mm256_storeu_ps(pr + col + 8 * k, p[k]);
+        _mm256_storeu_ps(dsr + col + 8 * k, _mm256_mul_ps(p[k], _mm256_sub_ps(_mm256_loadu_ps(dsr + col + 8 * k), vdi)));
       }
-    }
-    for (; j + 8 <= valid; j += 8) {
-      __m256 p[1] = {_mm256_fmadd_ps(_mm256_loadu_ps(pr + j), vc, neg_l2)};
-      exp2_nonpositive_ymm(p);
-      _mm256_storeu_ps(pr + j, p[0]);
-      _mm256_storeu_ps(dsr + j, _mm256_mul_ps(p[0], _mm256_sub_ps(_mm256_loadu_ps(dsr + j), vdi)));
-    }
+    };
+    for (; j + 32 <= valid; j += 32) grad(j, std::integral_constant<int, 4>{});
+    for (; j + 8 <= valid; j += 8) grad(j, std::integral_constant<int, 1>{});
 #endif
 #pragma omp simd
     for (int jj = j; jj < valid; ++jj) {
