@@ -12,7 +12,12 @@ from torch import nn
 
 from internlm_fast.model.projection import Projection
 from internlm_fast.ops import available
-from internlm_fast.ops.inference import InferenceKernels, few_rows_linear_bf16_panels, few_rows_linear_bf16_ref
+from internlm_fast.ops.inference import (
+    InferenceKernels,
+    few_rows_linear_bf16_panels,
+    few_rows_linear_bf16_ref,
+    unpair_panels,
+)
 
 from .conftest import ATOL, assert_matches_oracle
 from .isa_helpers import distinct_levels, forced_isa
@@ -61,12 +66,20 @@ def test_reference_matches_the_oracle():
 
 
 def test_layout():
-    weight = torch.arange(32 * 5, dtype=torch.float32).view(32, 5).to(torch.bfloat16)
+    # 6 panels: a group of 4 and a last group of 2; 5 inputs: 3 pairs, the last padded
+    weight = torch.randn(96, 5).to(torch.bfloat16)
     panels = few_rows_linear_bf16_panels(weight)
-    assert panels.shape == (2, 3, 32) and panels.dtype == torch.bfloat16 and panels.is_contiguous()
-    for p, j, c, t in [(0, 0, 0, 0), (0, 0, 0, 1), (1, 1, 7, 1), (1, 2, 15, 0)]:
-        assert panels[p, j, 2 * c + t] == weight[16 * p + c, 2 * j + t]
-    assert (panels[:, 2, 1::2] == 0).all()  # the pad past an odd in
+    assert panels.shape == (6, 3, 32) and panels.dtype == torch.bfloat16 and panels.is_contiguous()
+    lines = panels.view(-1, 32)
+
+    def line(p: int, j: int) -> torch.Tensor:
+        first, size = (0, 4) if p < 4 else (4, 2)
+        return lines[first * 3 + j * size + p - first]
+
+    for p, j, c, t in [(0, 0, 0, 0), (0, 0, 0, 1), (1, 1, 7, 1), (3, 2, 15, 0), (4, 0, 3, 1), (5, 2, 9, 0)]:
+        assert line(p, j)[2 * c + t] == weight[16 * p + c, 2 * j + t]
+    assert all((line(p, 2)[1::2] == 0).all() for p in range(6))  # the pad past an odd in
+    assert torch.equal(unpair_panels(panels, 5), weight)
 
 
 def test_refuses_what_it_cannot_serve():

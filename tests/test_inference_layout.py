@@ -22,7 +22,7 @@ from internlm_fast.model import InternLMForCausalLM, projection
 from internlm_fast.model.modeling import rotary_tables
 from internlm_fast.model.weight_files import UnmappedReader, write_safetensors
 from internlm_fast.ops import use_backend
-from internlm_fast.ops.inference import few_rows_linear_bf16_panels, inference_kernels, unpair_panels
+from internlm_fast.ops.inference import few_rows_linear_bf16_panels, inference_kernels, unpair_panels, write_panels
 
 from .conftest import ATOL, assert_matches_oracle
 from .generate_helpers import one_thread, small_model, train_small_tokenizer  # noqa: F401 (fixture)
@@ -201,7 +201,8 @@ def test_file_rows_read_what_the_file_holds(tmp_path):
     assert torch.equal(rows[:], t) and torch.equal(rows[16:40], t[16:40]) and rows[47:60].shape == (1, 10)
     assert UnmappedReader().rows(tmp_path / "a.safetensors", "missing") is None
     panels = torch.empty(3, 5, 32, dtype=torch.bfloat16)
-    projection.fill_bf16_panels(panels, rows[:])
+    write_panels(panels, 0, rows[:16])  # written in pieces, as lay_out_bf16_ does
+    write_panels(panels, 1, rows[16:48])
     assert torch.equal(panels, few_rows_linear_bf16_panels(t))
 
 

@@ -91,7 +91,7 @@ def test_vnni_only_in_the_int8_tiles_of_the_avx512_bf16_level():
 
     if platform.machine() != "x86_64" or shutil.which("objdump") is None:
         pytest.skip("x86-64 with objdump only")
-    int8_tile = re.compile(r"avx512::.*tile512<\d+, \d+, (true|false)>")
+    int8_tile = re.compile(r"avx512::.*block512<\d+, \d+, (true|false)>")
     vnni: Counter = Counter()
     int8_tiles = set()
     for fn, mnemonic, _ in _instructions(_C.__file__):
@@ -99,7 +99,7 @@ def test_vnni_only_in_the_int8_tiles_of_the_avx512_bf16_level():
             int8_tiles.add(fn)
         if mnemonic == "vpdpwssd":
             vnni[fn] += 1
-    assert int8_tiles, "no int8 tile512 instantiations found in the disassembly"
+    assert int8_tiles, "no int8 block512 instantiations found in the disassembly"
     assert all(", true>" in f for f in vnni), f"vpdpwssd outside the VNNI tiles: {sorted(vnni)[:5]}"
     missing = [t for t in int8_tiles if ", true>" in t and t not in vnni]
     assert not missing, f"VNNI tiles without vpdpwssd: {missing[:5]}"

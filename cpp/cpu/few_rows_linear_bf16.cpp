@@ -7,6 +7,8 @@
 #include "few_rows_panels.h"
 #include "ops_cpu.h"
 
+#include <ATen/ops/constant_pad_nd.h>
+
 #include <algorithm>
 #include <vector>
 

@@ -1,7 +1,9 @@
 // The entry point of few_rows_linear_int8: runs kernels/few_rows_linear_int8.h compiled for the
 // instruction set cpu_isa() picks. The headers the body uses come first (isa_compile.h says why).
-// GCC 12 flags the _mm512_undefined_* idiom inside its own intrinsics as -Wmaybe-uninitialized
+// GCC 12 flags the _mm512_undefined_* idiom inside its own intrinsics as -Wmaybe-uninitialized (or,
+// inlined into a template, -Wuninitialized)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "common.h"
 #include "few_rows_panels.h"

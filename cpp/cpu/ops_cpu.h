@@ -93,14 +93,15 @@ void flatten_scale_fwd(const std::vector<at::Tensor>& tensors, const at::Tensor&
 // panels (N / 16, K, 16) made once; panels split across the threads (MKL repacks the weights per
 // call and uses one thread at small M). fp32, contiguous.
 at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& panels_w, const std::optional<at::Tensor>& bias);
-// few_rows_linear with bf16 weights: panels (N / 16, ceil(K / 2), 32) bf16, pairs of W^T rows
-// interleaved (few_rows_linear_bf16_panels in ops/inference.py). x (M, K) fp32 or bf16, bias (N,)
-// of x's dtype; fp32 accumulation, out (M, N) in x's dtype. Contiguous.
+// few_rows_linear with bf16 weights: panels (N / 16, ceil(K / 2), 32) bf16 in size, pairs of W^T rows
+// interleaved, 4 panels to a group taking turns pair by pair (few_rows_linear_bf16_panels in
+// ops/inference.py, few_rows_panels.h). x (M, K) fp32 or bf16, bias (N,) of x's dtype; fp32
+// accumulation, out (M, N) in x's dtype. Contiguous.
 at::Tensor few_rows_linear_bf16(const at::Tensor& x, const at::Tensor& panels_w,
                                 const std::optional<at::Tensor>& bias);
 // few_rows_linear with int8 weight-only quantized weights (quantize_int8 in ops/inference.py):
-// panels (N / 16, K, 16) int8, scales (N / 16, ceil(K / 64), 16) fp32, one per 64 input values of
-// an output column; dequantized in registers. x, bias and out as few_rows_linear_bf16.
+// panels int8 laid out as few_rows_linear_bf16's, scales (N / 16, ceil(K / 64), 16) fp32, one per 64
+// input values of an output column; multiplied in integers. x, bias and out as few_rows_linear_bf16.
 at::Tensor few_rows_linear_int8(const at::Tensor& x, const at::Tensor& panels_w, const at::Tensor& scales,
                                 const std::optional<at::Tensor>& bias);
 // The index of each row's maximum (the first; the first NaN if any), x (rows, V) fp32 with

@@ -19,11 +19,12 @@
 // scaled once into out: out += float(sum) * (scale_w * scale_x). |sum| <= 64 * 127 * 32767 < 2^31.
 // A group of x holding inf or NaN gets a NaN scale, so the outputs it touches are NaN.
 //
-// Layout (int8_panels in python/internlm_fast/ops/inference.py): panels (N / 16, ceil(K / 2), 32)
-// int8, panel p row j = q[16p + c, 2j + t] at 2c + t (zero past an odd K): 32 bytes, 2 inputs x 16
-// columns, the 16-bit pairs vpmaddwd multiplies once sign-extended; scales (N / 16, ceil(K / 64), 16)
-// fp32, the last group shorter when 64 does not divide K. x fp32 or bf16, out in x's dtype. Threads
-// own whole panels, as in few_rows_linear.
+// Layout (int8_panels in python/internlm_fast/ops/inference.py): N / 16 panels of ceil(K / 2) pairs,
+// in groups of 4 panels that take turns pair by pair (few_rows_panels.h says why), as the bf16
+// kernel's; pair j of panel p = q[16p + c, 2j + t] at 2c + t (zero past an odd K): 32 bytes, 2 inputs
+// x 16 columns, the 16-bit pairs vpmaddwd multiplies once sign-extended; scales (N / 16,
+// ceil(K / 64), 16) fp32, the last group shorter when 64 does not divide K. x fp32 or bf16, out in
+// x's dtype.
 // Reference: few_rows_linear_int8_ref (x rounded by int8_activations, as here).
 // Compiled once per instruction set (isa_compile.h): no include guard; IFAST_ISA_LEVEL selects the
 // tiles of each path.
@@ -34,8 +35,8 @@ namespace {
 using panels::kCols;
 constexpr int kGroup = 64;                // input values per scale
 constexpr int kGroupPairs = kGroup / 2;   // panel rows per scale
-constexpr int kPrefetchPairs = 32;        // panel rows prefetched ahead: 1 KiB per stream
 constexpr float kXLevels = 32767.f;       // |x| / scale_x of a group's largest value
+constexpr int kPrefetchPairs = 64;        // how far ahead (into L2) an AVX2 pass over part of a group fetches
 
 inline int64_t groups_of(int64_t K) { return (K + kGroup - 1) / kGroup; }
 inline int64_t pairs_of(int64_t K) { return (K + 1) / 2; }
@@ -105,25 +106,25 @@ struct Args {
 };
 
 #if IFAST_ISA_LEVEL == 0
-void tile(const Args& a, int R, int64_t p0, int64_t p1) {
+void tile(const Args& a, int R, int64_t p0, int gs) {
   const int64_t pairs = pairs_of(a.K), G = groups_of(a.K);
-  for (int64_t p = p0; p < p1; ++p) {
-    const int8_t* w = a.w + p * pairs * 2 * kCols;
-    const float* s = a.scales + p * G * kCols;
+  const int8_t* w = a.w + p0 * pairs * 2 * kCols;
+  panels::init_out(a, R, p0, gs);
+  for (int q = 0; q < gs; ++q) {
+    const float* s = a.scales + (p0 + q) * G * kCols;
     for (int r = 0; r < R; ++r) {
-      float acc[kCols];
-      for (int c = 0; c < kCols; ++c) acc[c] = a.bias ? a.bias[p * kCols + c] : 0.f;
+      float* o = a.out + r * a.ldo + (p0 + q) * kCols;
       const int32_t* xr = a.x2 + r * pairs;
       for (int64_t g = 0; g < G; ++g) {
         int32_t part[kCols] = {};
         for (int64_t j = g * kGroupPairs; j < std::min<int64_t>(pairs, (g + 1) * kGroupPairs); ++j) {
           const int32_t x0 = static_cast<int16_t>(xr[j] & 0xffff), x1 = static_cast<int16_t>(xr[j] >> 16);
-          for (int c = 0; c < kCols; ++c) part[c] += w[j * 2 * kCols + 2 * c] * x0 + w[j * 2 * kCols + 2 * c + 1] * x1;
+          const int8_t* line = w + (j * gs + q) * 2 * kCols;
+          for (int c = 0; c < kCols; ++c) part[c] += line[2 * c] * x0 + line[2 * c + 1] * x1;
         }
         const float sx = a.xs[r * G + g];
-        for (int c = 0; c < kCols; ++c) acc[c] += static_cast<float>(part[c]) * (s[g * kCols + c] * sx);
+        for (int c = 0; c < kCols; ++c) o[c] += static_cast<float>(part[c]) * (s[g * kCols + c] * sx);
       }
-      for (int c = 0; c < kCols; ++c) a.out[r * a.ldo + p * kCols + c] = acc[c];
     }
   }
 }
@@ -131,127 +132,118 @@ void tile(const Args& a, int R, int64_t p0, int64_t p1) {
 
 #if IFAST_ISA_LEVEL >= 2
 
-// R rows x P adjacent panels: per panel row, one 32-byte load sign-extended to 32 int16 (2 inputs x
-// 16 columns), one vpmaddwd and one vpaddd per row of x, or with kVnni (the avx512_bf16 level, whose
-// CPUs all have AVX512-VNNI) one vpdpwssd doing both: the same int32 sums, a third fewer instructions
-// (1.5x the weights per cycle from L2 on a Sapphire Rapids core, so more of the time DRAM is busy).
-// t[r][q] sums a group in int32 (one zmm per (row, panel): R * P + R + 2 <= 32), then goes into out:
-// out += float(t) * (scale_w * scale_x). Compiled with VNNI enabled for both instantiations; only
-// kVnni's holds a VNNI instruction (intrinsics map one to one; test_portable_binary checks).
+// R rows x P panels q0..q0+P-1 of the group of gs panels at w (scales from sp, out from the group's
+// first column), one group g of 64 inputs: per pair of a panel, one 32-byte load sign-extended to
+// 32 int16 (2 inputs x 16 columns), one vpmaddwd and one vpaddd per row of x, or with kVnni (the
+// avx512_bf16 level, whose CPUs all have AVX512-VNNI) one vpdpwssd doing both: the same int32 sums, a
+// third fewer instructions (1.5x the weights per cycle from L2 on a Sapphire Rapids core, so more of
+// the time DRAM is busy). t[r][q] sums the group in int32 (one zmm per (row, panel): R * P + R + 2 <=
+// 32), then goes into out: out += float(t) * (scale_w * scale_x). Compiled with VNNI enabled for both
+// instantiations; only kVnni's holds a VNNI instruction (intrinsics map one to one;
+// test_portable_binary checks).
 #pragma GCC push_options
 IFAST_PRAGMA(GCC target(IFAST_AVX512_BF16_FEATURES))
 template <int R, int P, bool kVnni>
-void tile512(const Args& a, int64_t p) {
-  const int64_t pairs = pairs_of(a.K), G = groups_of(a.K), ldp = pairs * 2 * kCols, lds = G * kCols;
-  const int8_t* w = a.w + p * ldp;
-  const float* sp = a.scales + p * lds;
-  float* out = a.out + p * kCols;
+void block512(const Args& a, const int8_t* w, const float* sp, int gs, int q0, int64_t g, float* out) {
+  const int64_t pairs = pairs_of(a.K), G = groups_of(a.K), lds = G * kCols;
+  __m512i t[R][P];
 #pragma GCC unroll 16
-  for (int q = 0; q < P; ++q) {
-    const __m512 z = a.bias ? _mm512_loadu_ps(a.bias + (p + q) * kCols) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * a.ldo + q * kCols, z);
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    __m512i t[R][P];
+    for (int q = 0; q < P; ++q) t[r][q] = _mm512_setzero_si512();
+  const int64_t j1 = std::min<int64_t>(pairs, (g + 1) * kGroupPairs);
+  for (int64_t j = g * kGroupPairs; j < j1; ++j) {
+    __m512i xj[R];
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-      for (int q = 0; q < P; ++q) t[r][q] = _mm512_setzero_si512();
-    const int64_t j1 = std::min<int64_t>(pairs, (g + 1) * kGroupPairs);
-    for (int64_t j = g * kGroupPairs; j < j1; ++j) {
-      __m512i xj[R];
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) xj[r] = _mm512_set1_epi32(a.x2[r * pairs + j]);
-#pragma GCC unroll 16
-      for (int q = 0; q < P; ++q) {
-        const int8_t* src = w + q * ldp + j * 2 * kCols;
-        if ((j & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchPairs * 2 * kCols), _MM_HINT_T0);
-        const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) {
-          if constexpr (kVnni)
-            t[r][q] = _mm512_dpwssd_epi32(t[r][q], v, xj[r]);
-          else
-            t[r][q] = _mm512_add_epi32(t[r][q], _mm512_madd_epi16(v, xj[r]));
-        }
-      }
-    }
+    for (int r = 0; r < R; ++r) xj[r] = _mm512_set1_epi32(a.x2[r * pairs + j]);
+    const int8_t* line = w + (j * gs + q0) * 2 * kCols;
 #pragma GCC unroll 16
     for (int q = 0; q < P; ++q) {
-      const __m512 s = _mm512_loadu_ps(sp + q * lds + g * kCols);
+      const __m512i v =
+          _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + q * 2 * kCols)));
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        float* o = out + r * a.ldo + q * kCols;
-        const __m512 sc = _mm512_mul_ps(s, _mm512_set1_ps(a.xs[r * G + g]));
-        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[r][q]), sc, _mm512_loadu_ps(o)));
+        if constexpr (kVnni)
+          t[r][q] = _mm512_dpwssd_epi32(t[r][q], v, xj[r]);
+        else
+          t[r][q] = _mm512_add_epi32(t[r][q], _mm512_madd_epi16(v, xj[r]));
       }
+    }
+  }
+#pragma GCC unroll 16
+  for (int q = 0; q < P; ++q) {
+    const __m512 s = _mm512_loadu_ps(sp + (q0 + q) * lds + g * kCols);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      float* o = out + r * a.ldo + (q0 + q) * kCols;
+      const __m512 sc = _mm512_mul_ps(s, _mm512_set1_ps(a.xs[r * G + g]));
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[r][q]), sc, _mm512_loadu_ps(o)));
     }
   }
 }
 #pragma GCC pop_options
 
-// 4 panels at every R (4 weight streams per thread; 8 read slower with the fp32-widening tiles)
+// a whole group at every R
 constexpr int panels512(int) { return 4; }
 
-void tile(const Args& a, int R, int64_t p0, int64_t p1) {
+void tile(const Args& a, int R, int64_t p0, int gs) {
   const bool vnni = cpu_isa() >= Isa::avx512_bf16;
-  panels::over_panels<panels512>(R, p0, p1, [&](auto r, auto np, int64_t p) {
-    if (vnni)
-      tile512<decltype(r)::value, decltype(np)::value, true>(a, p);
-    else
-      tile512<decltype(r)::value, decltype(np)::value, false>(a, p);
-  });
+  const int64_t G = groups_of(a.K);
+  const int8_t* w = a.w + p0 * pairs_of(a.K) * 2 * kCols;
+  const float* sp = a.scales + p0 * G * kCols;
+  float* out = a.out + p0 * kCols;
+  panels::init_out(a, R, p0, gs);
+  for (int64_t g = 0; g < G; ++g)
+    panels::over_group<panels512>(R, gs, [&](auto r, auto np, int q0) {
+      if (vnni)
+        block512<decltype(r)::value, decltype(np)::value, true>(a, w, sp, gs, q0, g, out);
+      else
+        block512<decltype(r)::value, decltype(np)::value, false>(a, w, sp, gs, q0, g, out);
+    });
 }
 
 #endif
 
 #if IFAST_ISA_LEVEL == 1
 
-// AVX2: a panel row is two halves of 16 bytes (columns 0..7 and 8..15), each sign-extended to 16
-// int16; two ymm int32 sums per (row, panel), as tile512.
+// AVX2: a pair of a panel is two halves of 16 bytes (columns 0..7 and 8..15), each sign-extended to
+// 16 int16; two ymm int32 sums per (row, panel), as block512. With fewer panels in registers than
+// the group holds, each pass prefetches its panels two groups of inputs ahead into L2 (the bf16
+// kernel's block256 says why).
 template <int R, int P>
-inline void tile256(const Args& a, int64_t p) {
-  const int64_t pairs = pairs_of(a.K), G = groups_of(a.K), ldp = pairs * 2 * kCols, lds = G * kCols;
-  const int8_t* w = a.w + p * ldp;
-  const float* sp = a.scales + p * lds;
-  float* out = a.out + p * kCols;
+inline void block256(const Args& a, const int8_t* w, const float* sp, int gs, int q0, int64_t g, float* out) {
+  const bool fetch = P < gs;
+  const int64_t pairs = pairs_of(a.K), G = groups_of(a.K), lds = G * kCols;
+  __m256i t[R][2 * P];
 #pragma GCC unroll 16
-  for (int h = 0; h < 2 * P; ++h) {
-    const __m256 z = a.bias ? _mm256_loadu_ps(a.bias + p * kCols + h * 8) : _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * a.ldo + h * 8, z);
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    __m256i t[R][2 * P];
+    for (int h = 0; h < 2 * P; ++h) t[r][h] = _mm256_setzero_si256();
+  const int64_t j1 = std::min<int64_t>(pairs, (g + 1) * kGroupPairs);
+  for (int64_t j = g * kGroupPairs; j < j1; ++j) {
+    __m256i xj[R];
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r) xj[r] = _mm256_set1_epi32(a.x2[r * pairs + j]);
+    const int8_t* line = w + (j * gs + q0) * 2 * kCols;
+    if (fetch)
 #pragma GCC unroll 16
-      for (int h = 0; h < 2 * P; ++h) t[r][h] = _mm256_setzero_si256();
-    const int64_t j1 = std::min<int64_t>(pairs, (g + 1) * kGroupPairs);
-    for (int64_t j = g * kGroupPairs; j < j1; ++j) {
-      __m256i xj[R];
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) xj[r] = _mm256_set1_epi32(a.x2[r * pairs + j]);
-#pragma GCC unroll 16
-      for (int h = 0; h < 2 * P; ++h) {
-        const int8_t* src = w + (h / 2) * ldp + j * 2 * kCols + (h % 2) * kCols;
-        if (h % 2 == 0 && (j & 1) == 0)
-          _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchPairs * 2 * kCols), _MM_HINT_T0);
-        const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) t[r][h] = _mm256_add_epi32(t[r][h], _mm256_madd_epi16(v, xj[r]));
-      }
-    }
+      for (int q = 0; q < P; ++q)
+        _mm_prefetch(reinterpret_cast<const char*>(line + (kPrefetchPairs * gs + q) * 2 * kCols), _MM_HINT_T1);
 #pragma GCC unroll 16
     for (int h = 0; h < 2 * P; ++h) {
-      const __m256 s = _mm256_loadu_ps(sp + (h / 2) * lds + g * kCols + (h % 2) * 8);
+      const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(line + h * kCols)));
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        float* o = out + r * a.ldo + h * 8;
-        const __m256 sc = _mm256_mul_ps(s, _mm256_set1_ps(a.xs[r * G + g]));
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[r][h]), sc, _mm256_loadu_ps(o)));
-      }
+      for (int r = 0; r < R; ++r) t[r][h] = _mm256_add_epi32(t[r][h], _mm256_madd_epi16(v, xj[r]));
+    }
+  }
+#pragma GCC unroll 16
+  for (int h = 0; h < 2 * P; ++h) {
+    const __m256 s = _mm256_loadu_ps(sp + (q0 + h / 2) * lds + g * kCols + (h % 2) * 8);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      float* o = out + r * a.ldo + q0 * kCols + h * 8;
+      const __m256 sc = _mm256_mul_ps(s, _mm256_set1_ps(a.xs[r * G + g]));
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[r][h]), sc, _mm256_loadu_ps(o)));
     }
   }
 }
@@ -259,10 +251,16 @@ inline void tile256(const Args& a, int64_t p) {
 // panels at once on AVX2: R * 2P int32 sums + R broadcasts + 2 <= 16 ymm registers
 constexpr int panels256(int R) { return R == 1 ? 4 : R == 2 ? 2 : 1; }
 
-void tile(const Args& a, int R, int64_t p0, int64_t p1) {
-  panels::over_panels<panels256>(R, p0, p1, [&](auto r, auto np, int64_t p) {
-    tile256<decltype(r)::value, decltype(np)::value>(a, p);
-  });
+void tile(const Args& a, int R, int64_t p0, int gs) {
+  const int64_t G = groups_of(a.K);
+  const int8_t* w = a.w + p0 * pairs_of(a.K) * 2 * kCols;
+  const float* sp = a.scales + p0 * G * kCols;
+  float* out = a.out + p0 * kCols;
+  panels::init_out(a, R, p0, gs);
+  for (int64_t g = 0; g < G; ++g)
+    panels::over_group<panels256>(R, gs, [&](auto r, auto np, int q0) {
+      block256<decltype(r)::value, decltype(np)::value>(a, w, sp, gs, q0, g, out);
+    });
 }
 
 #endif

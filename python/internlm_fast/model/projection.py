@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from internlm_fast.ops.inference import (
@@ -42,6 +41,7 @@ from internlm_fast.ops.inference import (
     int8_activations,
     quantize_int8,
     unpair_panels,
+    write_panels,
 )
 from internlm_fast.ops.linear import fp32_gemm, linear, linear_prepacked, prepack
 
@@ -80,23 +80,6 @@ class WeightRows(Protocol):
     shape: torch.Size
 
     def __getitem__(self, rows: slice) -> Tensor: ...
-
-
-def fill_bf16_panels(dst: Tensor, weight: Tensor) -> None:
-    """Writes an (out, in) weight of any float dtype into dst, bf16 (out / 16, ceil(in / 2), 32) in
-    few_rows_linear_bf16_panels' layout, without an intermediate copy of the whole weight (but for
-    an odd in, which is padded first)."""
-    n, k = weight.shape
-    blocks, pairs = n // PANEL_COLUMNS, dst.shape[1]
-    if k % 2:
-        weight = F.pad(weight, (0, 1))
-    weight = weight.contiguous()
-    if weight.dtype == torch.bfloat16:  # moved as int32 pairs: half the strided elements of a bf16 copy
-        src = weight.view(torch.int32).view(blocks, PANEL_COLUMNS, pairs)
-        dst.view(torch.int32).copy_(src.transpose(1, 2))
-    else:
-        src = weight.view(blocks, PANEL_COLUMNS, pairs, 2)
-        dst.view(blocks, pairs, PANEL_COLUMNS, 2).copy_(src.transpose(1, 2))
 
 
 def packed_linear(x: Tensor, linears: tuple[nn.Linear, ...]) -> Tensor:
@@ -230,7 +213,7 @@ class Projection:
                 w = lin.weight if read is None else read(lin)
                 for a in range(0, lin.out_features, step):
                     b = min(a + step, lin.out_features)
-                    fill_bf16_panels(panels[(row + a) // PANEL_COLUMNS : (row + b) // PANEL_COLUMNS], w[a:b].detach())
+                    write_panels(panels, (row + a) // PANEL_COLUMNS, w[a:b].detach().to(torch.bfloat16))
                 del w
                 row += lin.out_features
             bias = None

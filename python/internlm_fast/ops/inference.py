@@ -45,6 +45,8 @@ _OPS = (
 # columns per panel of few_rows_linear's weight layout (cpp/cpu/few_rows_linear.cpp), and of the bf16
 # and int8 kernels'
 PANEL_COLUMNS = 16
+# panels per group of the bf16 and int8 kernels' layout (cpp/cpu/few_rows_panels.h says why)
+PANEL_GROUP = 4
 # input values per scale of few_rows_linear_int8's weights (cpp/cpu/few_rows_linear_int8.cpp says why 64)
 INT8_GROUP = 64
 
@@ -68,19 +70,54 @@ def few_rows_linear_ref(x: Tensor, wt: Tensor, bias: Tensor | None) -> Tensor:
     return x @ wt if bias is None else torch.addmm(bias, x, wt)
 
 
-def pair_panels(weight: Tensor) -> Tensor:
-    """An (out, in) weight of any dtype, out a multiple of 16, in the layout of the bf16 and int8
-    decode GEMMs: (out / 16, ceil(in / 2), 32), element [p, j, 2c + t] = weight[16p + c, 2j + t] (zero
-    past an odd in): a panel's row j holds input rows 2j and 2j + 1 of its 16 columns interleaved."""
+def _panel_views(panels: Tensor, first: int, end: int):
+    """(a, b, view) for panels [first, end) of a pair_panels layout `panels`: panels [a, b) and a view of
+    their lines, each pair of values one element twice as wide, shaped (groups, panels of a group, 16,
+    pairs) (a run of whole groups, or part of one group as a single group)."""
+    total, pairs, _ = panels.shape
+    wide = {1: torch.int16, 2: torch.int32, 4: torch.int64}[panels.element_size()]
+    flat = panels.view(-1).view(wide)
+    p = first
+    while p < end:
+        g0 = p - p % PANEL_GROUP
+        size = min(PANEL_GROUP, total - g0)
+        if p == g0 and size == PANEL_GROUP and end - p >= PANEL_GROUP:
+            b = p + (end - p) // PANEL_GROUP * PANEL_GROUP  # every group of [p, end) is whole: end <= total
+            lines = flat[p * pairs * PANEL_COLUMNS : b * pairs * PANEL_COLUMNS]
+            view = lines.view(-1, pairs, PANEL_GROUP, PANEL_COLUMNS).permute(0, 2, 3, 1)
+        else:
+            b = min(end, g0 + size)
+            lines = flat[g0 * pairs * PANEL_COLUMNS : (g0 + size) * pairs * PANEL_COLUMNS]
+            view = lines.view(pairs, size, PANEL_COLUMNS)[:, p - g0 : b - g0].permute(1, 2, 0).unsqueeze(0)
+        yield p, b, view
+        p = b
+
+
+def write_panels(panels: Tensor, first: int, weight: Tensor) -> None:
+    """Writes the rows of an (out, in) weight, out a multiple of 16, into panels [first, first + out / 16)
+    of `panels` (pair_panels' layout, the dtype of weight), without a copy of the whole weight (but
+    for an odd in, which is padded first)."""
     n, k = weight.shape
     if k % 2:
         weight = F.pad(weight, (0, 1))
-    pairs = (k + 1) // 2
-    return (
-        weight.reshape(n // PANEL_COLUMNS, PANEL_COLUMNS, pairs, 2)
-        .permute(0, 2, 1, 3)
-        .reshape(n // PANEL_COLUMNS, pairs, 2 * PANEL_COLUMNS)
-    )
+    wide = {1: torch.int16, 2: torch.int32, 4: torch.int64}[weight.element_size()]
+    rows = weight.contiguous().view(wide).view(n // PANEL_COLUMNS, PANEL_COLUMNS, -1)
+    for a, b, view in _panel_views(panels, first, first + n // PANEL_COLUMNS):
+        view.copy_(rows[a - first : b - first].view(view.shape))
+
+
+def pair_panels(weight: Tensor) -> Tensor:
+    """An (out, in) weight of any dtype, out a multiple of 16, in the layout of the bf16 and int8
+    decode GEMMs: out / 16 panels of 16 columns, ceil(in / 2) pairs each, where pair j of panel p
+    holds inputs 2j and 2j + 1 of its 16 columns interleaved, [2c + t] = weight[16p + c, 2j + t]
+    (zero past an odd in). The panels are stored in groups of PANEL_GROUP that take turns pair by
+    pair (pair j of panel q of the group starting at panel g: line g * pairs + j * size + q, size
+    PANEL_GROUP but in a shorter last group), so a thread reads its groups as one sequential stream.
+    Shaped (out / 16, ceil(in / 2), 32) for its sizes; index it only through unpair_panels."""
+    n, k = weight.shape
+    panels = weight.new_empty(n // PANEL_COLUMNS, (k + 1) // 2, 2 * PANEL_COLUMNS)
+    write_panels(panels, 0, weight)
+    return panels
 
 
 def unpair_panels(panels: Tensor, in_features: int) -> Tensor:
@@ -88,15 +125,17 @@ def unpair_panels(panels: Tensor, in_features: int) -> Tensor:
     single elements of twice the width, half the strided copies of moving each value."""
     blocks, pairs, _ = panels.shape
     wide = {1: torch.int16, 2: torch.int32, 4: torch.int64}[panels.element_size()]
-    w = panels.view(wide).transpose(1, 2).contiguous().view(panels.dtype)
-    w = w.view(blocks * PANEL_COLUMNS, 2 * pairs)
+    w = torch.empty(blocks, PANEL_COLUMNS, pairs, dtype=wide, device=panels.device)
+    for a, b, view in _panel_views(panels, 0, blocks):
+        w[a:b].view(view.shape).copy_(view)
+    w = w.view(panels.dtype).view(blocks * PANEL_COLUMNS, 2 * pairs)
     return w if in_features == 2 * pairs else w[:, :in_features]
 
 
 def few_rows_linear_bf16_panels(weight: Tensor) -> Tensor:
     """An (out, in) weight, out a multiple of 16, as few_rows_linear_bf16 reads it: pair_panels of it in
-    bf16, (out / 16, ceil(in / 2), 32): each 64-byte line holds two input rows of 16 columns, split
-    into fp32 by two integer ops."""
+    bf16, (out / 16, ceil(in / 2), 32) in size: each 64-byte line holds two input rows of 16 columns,
+    split into fp32 by two integer ops."""
     n, _ = weight.shape
     if n % PANEL_COLUMNS:
         raise ValueError(f"few_rows_linear_bf16: {n} output features are not whole panels of {PANEL_COLUMNS}")
@@ -128,8 +167,8 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 def int8_panels(q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """(out, in) int8 weights and their (out, ceil(in / INT8_GROUP)) fp32 scales in few_rows_linear_int8's
-    layout: the weights as pair_panels, (out / 16, ceil(in / 2), 32) int8 (a 32-byte row of a panel
-    holds 2 inputs x 16 columns, which one sign extension turns into the 16-bit pairs the kernel
+    layout: the weights as pair_panels, (out / 16, ceil(in / 2), 32) int8 in size (a 32-byte pair of a
+    panel holds 2 inputs x 16 columns, which one sign extension turns into the 16-bit pairs the kernel
     multiplies), the scales (out / 16, ceil(in / INT8_GROUP), 16)."""
     n, g = scale.shape
     scales = scale.reshape(n // PANEL_COLUMNS, PANEL_COLUMNS, g).transpose(1, 2).contiguous()
