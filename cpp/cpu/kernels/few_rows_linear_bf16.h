@@ -119,20 +119,7 @@ inline void block512(const Args& a, const uint16_t* w, int gs, int q0, int64_t j
 }
 
 // a whole group at every R: 8 panels at one row read 12-15% slower than 4 (in separate streams)
-constexpr int panels512(int) { return 4; }
-
-void tile(const Args& a, int R, int64_t p0, int gs) {
-  const int64_t pairs = pairs_of(a.K);
-  const uint16_t* w = a.w + p0 * pairs * 2 * kCols;
-  float* out = a.out + p0 * kCols;
-  panels::init_out(a, R, p0, gs);
-  for (int64_t j0 = 0; j0 < pairs; j0 += kBlockPairs) {
-    const int64_t j1 = std::min<int64_t>(pairs, j0 + kBlockPairs);
-    panels::over_group<panels512>(R, gs, [&](auto r, auto np, int q0) {
-      block512<decltype(r)::value, decltype(np)::value>(a, w, gs, q0, j0, j1, out);
-    });
-  }
-}
+constexpr int panels_per_block(int) { return 4; }
 
 #endif
 
@@ -180,8 +167,11 @@ inline void block256(const Args& a, const uint16_t* w, int gs, int q0, int64_t j
 }
 
 // R * 2P accumulators + 3 + broadcasts <= 16
-constexpr int panels256(int R) { return R == 1 ? 4 : R == 2 ? 2 : 1; }
+constexpr int panels_per_block(int R) { return R == 1 ? 4 : R == 2 ? 2 : 1; }
 
+#endif
+
+#if IFAST_ISA_LEVEL >= 1
 void tile(const Args& a, int R, int64_t p0, int gs) {
   const int64_t pairs = pairs_of(a.K);
   const uint16_t* w = a.w + p0 * pairs * 2 * kCols;
@@ -189,12 +179,15 @@ void tile(const Args& a, int R, int64_t p0, int gs) {
   panels::init_out(a, R, p0, gs);
   for (int64_t j0 = 0; j0 < pairs; j0 += kBlockPairs) {
     const int64_t j1 = std::min<int64_t>(pairs, j0 + kBlockPairs);
-    panels::over_group<panels256>(R, gs, [&](auto r, auto np, int q0) {
+    panels::over_group<panels_per_block>(R, gs, [&](auto r, auto np, int q0) {
+#if IFAST_ISA_LEVEL >= 2
+      block512<decltype(r)::value, decltype(np)::value>(a, w, gs, q0, j0, j1, out);
+#else
       block256<decltype(r)::value, decltype(np)::value>(a, w, gs, q0, j0, j1, out);
+#endif
     });
   }
 }
-
 #endif
 
 }  // namespace

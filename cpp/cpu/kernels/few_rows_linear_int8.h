@@ -184,23 +184,7 @@ void block512(const Args& a, const int8_t* w, const float* sp, int gs, int q0, i
 #pragma GCC pop_options
 
 // a whole group at every R
-constexpr int panels512(int) { return 4; }
-
-void tile(const Args& a, int R, int64_t p0, int gs) {
-  const bool vnni = cpu_isa() >= Isa::avx512_bf16;
-  const int64_t G = groups_of(a.K);
-  const int8_t* w = a.w + p0 * pairs_of(a.K) * 2 * kCols;
-  const float* sp = a.scales + p0 * G * kCols;
-  float* out = a.out + p0 * kCols;
-  panels::init_out(a, R, p0, gs);
-  for (int64_t g = 0; g < G; ++g)
-    panels::over_group<panels512>(R, gs, [&](auto r, auto np, int q0) {
-      if (vnni)
-        block512<decltype(r)::value, decltype(np)::value, true>(a, w, sp, gs, q0, g, out);
-      else
-        block512<decltype(r)::value, decltype(np)::value, false>(a, w, sp, gs, q0, g, out);
-    });
-}
+constexpr int panels_per_block(int) { return 4; }
 
 #endif
 
@@ -249,20 +233,33 @@ inline void block256(const Args& a, const int8_t* w, const float* sp, int gs, in
 }
 
 // panels at once on AVX2: R * 2P int32 sums + R broadcasts + 2 <= 16 ymm registers
-constexpr int panels256(int R) { return R == 1 ? 4 : R == 2 ? 2 : 1; }
+constexpr int panels_per_block(int R) { return R == 1 ? 4 : R == 2 ? 2 : 1; }
 
+#endif
+
+#if IFAST_ISA_LEVEL >= 1
 void tile(const Args& a, int R, int64_t p0, int gs) {
+#if IFAST_ISA_LEVEL >= 2
+  const bool vnni = cpu_isa() >= Isa::avx512_bf16;
+#endif
   const int64_t G = groups_of(a.K);
   const int8_t* w = a.w + p0 * pairs_of(a.K) * 2 * kCols;
   const float* sp = a.scales + p0 * G * kCols;
   float* out = a.out + p0 * kCols;
   panels::init_out(a, R, p0, gs);
   for (int64_t g = 0; g < G; ++g)
-    panels::over_group<panels256>(R, gs, [&](auto r, auto np, int q0) {
-      block256<decltype(r)::value, decltype(np)::value>(a, w, sp, gs, q0, g, out);
+    panels::over_group<panels_per_block>(R, gs, [&](auto r, auto np, int q0) {
+      constexpr int kR = decltype(r)::value, kP = decltype(np)::value;
+#if IFAST_ISA_LEVEL >= 2
+      if (vnni)
+        block512<kR, kP, true>(a, w, sp, gs, q0, g, out);
+      else
+        block512<kR, kP, false>(a, w, sp, gs, q0, g, out);
+#else
+      block256<kR, kP>(a, w, sp, gs, q0, g, out);
+#endif
     });
 }
-
 #endif
 
 }  // namespace
