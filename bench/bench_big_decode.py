@@ -210,14 +210,12 @@ def measure_decode() -> dict:
     nbytes = {"ours": weight_bytes_per_token(ours), "int8": decode_bytes_per_token(q8)}
     rounds: dict[str, list[float]] = {k: [] for k in ("ours", "int8", "hf", "read", "ours_frac", "int8_frac")}
     for _ in range(ROUNDS):
-        before = _read_gbps(big)
+        rounds["read"].append(_read_gbps(big))
         for name, model in (("ours", ours), ("int8", q8)):
             step = statistics.median(ours_step_times(model, prompt, NEW))
-            after = _read_gbps(big)
+            rounds["read"].append(_read_gbps(big))
             rounds[name].append(step)
-            rounds[f"{name}_frac"].append(nbytes[name] / step / 1e9 / ((before + after) / 2))
-            rounds["read"].append(before)
-            before = after
+            rounds[f"{name}_frac"].append(nbytes[name] / step / 1e9 / statistics.mean(rounds["read"][-2:]))
         rounds["hf"].append(statistics.median(hf_step_times(hf, prompt, NEW)))
     del hf, q8
     med = {k: statistics.median(v) for k, v in rounds.items()}

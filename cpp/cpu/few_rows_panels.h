@@ -57,17 +57,17 @@ inline void check_bias(const char* fn, const std::optional<at::Tensor>& bias, in
                 fn, ": bias must be contiguous (N,) of x's dtype");
 }
 
-// out[r][c] = bias[c] or 0 for R rows and the 16 * gs columns from panel p0 on: the tiles add into out.
+// out[r][c] = bias[c] or 0 for M rows and the 16 * gs columns from panel p0 on: the tiles add into out.
 template <typename Args>
-void init_out(const Args& a, int R, int64_t p0, int gs) {
-  for (int r = 0; r < R; ++r) {
+void init_out(const Args& a, int64_t M, int64_t p0, int gs) {
+  for (int64_t r = 0; r < M; ++r) {
     float* o = a.out + r * a.ldo + p0 * kCols;
     for (int c = 0; c < gs * kCols; ++c) o[c] = a.bias ? a.bias[p0 * kCols + c] : 0.f;
   }
 }
 
 // tile(a, R, p0, gs): R <= kRows rows of a.x against the group of gs panels starting at panel p0,
-// into a.out.
+// added into a.out (which run sets to the bias first).
 template <typename Args>
 using TileFn = void (*)(const Args&, int, int64_t, int);
 
@@ -104,6 +104,7 @@ at::Tensor run(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t p0 = g * kGroupPanels;
         const int gs = static_cast<int>(std::min<int64_t>(kGroupPanels, panels - p0));
+        init_out(base, M, p0, gs);
         for (int64_t r0 = 0; r0 < M; r0 += kRows)
           tile(base.from_row(r0), static_cast<int>(std::min<int64_t>(kRows, M - r0)), p0, gs);
       }

@@ -60,7 +60,6 @@ struct Args {
 void tile(const Args& a, int R, int64_t p0, int gs) {
   const int64_t pairs = pairs_of(a.K);
   const uint16_t* w = a.w + p0 * pairs * 2 * kCols;
-  panels::init_out(a, R, p0, gs);
   for (int q = 0; q < gs; ++q)
     for (int r = 0; r < R; ++r) {
       const float* xr = a.x + r * a.ldx;
@@ -176,7 +175,6 @@ void tile(const Args& a, int R, int64_t p0, int gs) {
   const int64_t pairs = pairs_of(a.K);
   const uint16_t* w = a.w + p0 * pairs * 2 * kCols;
   float* out = a.out + p0 * kCols;
-  panels::init_out(a, R, p0, gs);
   for (int64_t j0 = 0; j0 < pairs; j0 += kBlockPairs) {
     const int64_t j1 = std::min<int64_t>(pairs, j0 + kBlockPairs);
     panels::over_group<panels_per_block>(R, gs, [&](auto r, auto np, int q0) {

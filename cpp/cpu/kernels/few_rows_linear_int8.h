@@ -109,7 +109,6 @@ struct Args {
 void tile(const Args& a, int R, int64_t p0, int gs) {
   const int64_t pairs = pairs_of(a.K), G = groups_of(a.K);
   const int8_t* w = a.w + p0 * pairs * 2 * kCols;
-  panels::init_out(a, R, p0, gs);
   for (int q = 0; q < gs; ++q) {
     const float* s = a.scales + (p0 + q) * G * kCols;
     for (int r = 0; r < R; ++r) {
@@ -246,7 +245,6 @@ void tile(const Args& a, int R, int64_t p0, int gs) {
   const int8_t* w = a.w + p0 * pairs_of(a.K) * 2 * kCols;
   const float* sp = a.scales + p0 * G * kCols;
   float* out = a.out + p0 * kCols;
-  panels::init_out(a, R, p0, gs);
   for (int64_t g = 0; g < G; ++g)
     panels::over_group<panels_per_block>(R, gs, [&](auto r, auto np, int q0) {
       constexpr int kR = decltype(r)::value, kP = decltype(np)::value;

@@ -70,13 +70,17 @@ def few_rows_linear_ref(x: Tensor, wt: Tensor, bias: Tensor | None) -> Tensor:
     return x @ wt if bias is None else torch.addmm(bias, x, wt)
 
 
+def _pairs_as_one(t: Tensor) -> torch.dtype:
+    """The integer dtype twice as wide as t's: a pair of t's values moves as one element of it."""
+    return {1: torch.int16, 2: torch.int32, 4: torch.int64}[t.element_size()]
+
+
 def _panel_views(panels: Tensor, first: int, end: int):
     """(a, b, view) for panels [first, end) of a pair_panels layout `panels`: panels [a, b) and a view of
     their lines, each pair of values one element twice as wide, shaped (groups, panels of a group, 16,
     pairs) (a run of whole groups, or part of one group as a single group)."""
     total, pairs, _ = panels.shape
-    wide = {1: torch.int16, 2: torch.int32, 4: torch.int64}[panels.element_size()]
-    flat = panels.view(-1).view(wide)
+    flat = panels.view(-1).view(_pairs_as_one(panels))
     p = first
     while p < end:
         g0 = p - p % PANEL_GROUP
@@ -100,8 +104,7 @@ def write_panels(panels: Tensor, first: int, weight: Tensor) -> None:
     n, k = weight.shape
     if k % 2:
         weight = F.pad(weight, (0, 1))
-    wide = {1: torch.int16, 2: torch.int32, 4: torch.int64}[weight.element_size()]
-    rows = weight.contiguous().view(wide).view(n // PANEL_COLUMNS, PANEL_COLUMNS, -1)
+    rows = weight.contiguous().view(_pairs_as_one(weight)).view(n // PANEL_COLUMNS, PANEL_COLUMNS, -1)
     for a, b, view in _panel_views(panels, first, first + n // PANEL_COLUMNS):
         view.copy_(rows[a - first : b - first].view(view.shape))
 
@@ -124,8 +127,7 @@ def unpair_panels(panels: Tensor, in_features: int) -> Tensor:
     """The (out, in) weight that pair_panels laid out as `panels`: a new tensor. The pairs move as
     single elements of twice the width, half the strided copies of moving each value."""
     blocks, pairs, _ = panels.shape
-    wide = {1: torch.int16, 2: torch.int32, 4: torch.int64}[panels.element_size()]
-    w = torch.empty(blocks, PANEL_COLUMNS, pairs, dtype=wide, device=panels.device)
+    w = torch.empty(blocks, PANEL_COLUMNS, pairs, dtype=_pairs_as_one(panels), device=panels.device)
     for a, b, view in _panel_views(panels, 0, blocks):
         w[a:b].view(view.shape).copy_(view)
     w = w.view(panels.dtype).view(blocks * PANEL_COLUMNS, 2 * pairs)
@@ -172,7 +174,7 @@ def int8_panels(q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     multiplies), the scales (out / 16, ceil(in / INT8_GROUP), 16)."""
     n, g = scale.shape
     scales = scale.reshape(n // PANEL_COLUMNS, PANEL_COLUMNS, g).transpose(1, 2).contiguous()
-    return pair_panels(q).contiguous(), scales
+    return pair_panels(q), scales
 
 
 def int8_weights(panels: Tensor, scales: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
