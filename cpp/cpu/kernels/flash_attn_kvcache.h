@@ -1,15 +1,16 @@
 // Attention of a few new query tokens against a KV cache (decoding).
 //
 // Decoding is bound by reading the cache, and at small batch and context by fixed costs, so:
-// - A task is (sequence, group of kv heads, chunk of the cache). Heads are split first, which needs
-//   no merge, so a single sequence still keeps every thread busy; the cache length is split only
-//   when that is not enough, and then each chunk's partial softmax is merged at the end. With one
-//   chunk a task normalises and writes its output rows itself: one parallel region per call.
-// - The cache is read in place, never packed or widened, a head at a time down each block of keys.
-//   A paged cache (block table) is read the same way: a block of keys is cut into runs that do not
-//   cross a page, so the scores and P V of a run read one page with fixed strides.
-//   (Walking each block token by token across the heads is no faster: with the cache out of L3, a
-//   batch-8 step is bound by DRAM bandwidth either way.)
+// - A task is (sequence, group of kv heads, chunk of the cache). A long cache is split by length
+//   and each task takes every kv head: its keys are whole token rows one after the other, the
+//   sequential read DRAM serves fastest. A short one is split by heads, which needs no merge (its
+//   time is fixed costs, not reading). With several chunks, each one's partial softmax is merged at
+//   the end; with one, a task normalises and writes its output rows itself: one parallel region.
+// - The cache is read in place, never packed or widened, a head at a time down each block of
+//   kDecodeBlock keys, whose rows (all the task's heads) stay within a few pages; the rows
+//   kPrefetchKeys ahead are asked for into L2 meanwhile. A paged cache (block table) is read the
+//   same way: a block of keys is cut into runs that do not cross a page, so the scores and P V of a
+//   run read one page with fixed strides.
 // - Scores of 8 keys at once: eight D-long dot products accumulate side by side (zmm on AVX-512, ymm
 //   on AVX2; bf16 and fp16 caches widened in registers) and one transpose-and-add reduces them,
 //   instead of a horizontal sum per key; P V keeps a 64-float (AVX-512) or 32-float (AVX2) slice of
@@ -23,7 +24,12 @@
 namespace ifast::cpu::IFAST_ISA::attn {
 namespace {
 
-constexpr int kDecodeBlock = 64;  // keys per online-softmax step
+// Keys per online-softmax step. Each step rescales the output rows once (D multiplies per row against
+// kDecodeBlock * D multiply-adds of P V), and a head-by-head walk of a block reads its key rows as that
+// many interleaved streams: 16 keys keep those few enough for the prefetchers and the open DRAM pages.
+// (With the length split and L2 prefetches, a batch-1 cache larger than L3 went from 44-70% to 80-90%
+// of a streaming read's speed on a Zen 4; 64 keys per step gave back most of that.)
+constexpr int kDecodeBlock = 16;
 
 // q . k over D, q fp32.
 template <typename T>
@@ -70,15 +76,17 @@ inline __m256 halves(__m512 a) {
 }
 #endif
 
-// Asks for rows [0, n) of x (ld apart, `bytes` each) to be brought into cache. A head's keys are
+// Asks for rows [0, n) of x (ld apart, `bytes` each) to be brought into L2. A head's keys are
 // heads * D apart in the cache, a stride the hardware prefetchers do not follow across pages, so
-// without this each key row waits on DRAM.
+// without this each key row waits on DRAM. Into L2, not L1: a prefetch into L1 holds one of the
+// core's few L1 miss buffers until its line arrives, which capped a core at ~11 GB/s (fp32 and bf16
+// caches were read at the same bytes per second on a Zen 4); L2 keeps many more lines in flight.
 template <typename T>
 inline void prefetch_rows(const T* x, int64_t ld, int n, int bytes) {
   for (int i = 0; i < n; ++i)
-    for (int b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(x + i * ld) + b);
+    for (int b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(x + i * ld) + b, 0, 2);
 }
-constexpr int kPrefetchKeys = 16;  // keys ahead
+constexpr int kPrefetchKeys = 32;  // keys ahead: 2 blocks
 
 // s[i] = q . k[i * ldk] for i < 8, q fp32: eight D-long dot products side by side, one reduction.
 template <typename T>
@@ -345,15 +353,18 @@ void decode_splitkv(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
   const int32_t* l = lens.const_data_ptr<int32_t>();
   int max_len = 0;
   for (int b = 0; b < B; ++b) max_len = std::max(max_len, l[b]);
-  // about 2 tasks per thread (none on one thread): kv heads split first, then the cache length,
-  // in chunks of at least 256 keys
+  // about 2 tasks per thread (none on one thread), in chunks of at least kMinChunk keys: by length
+  // alone where every sequence's share of the tasks gets that many keys (whole token rows: see the
+  // top), else kv heads first, then the length
+  constexpr int64_t kMinChunk = 256;
   const int threads = at::get_num_threads();
-  const int64_t want = threads > 1 ? 2 * int64_t(threads) : 1;
-  int hsplit = int(std::min<int64_t>(Hk, (want + B - 1) / B));
+  const int64_t want = threads > 1 ? 2 * int64_t(threads) : 1, seq_share = (want + B - 1) / B;
+  const bool by_length = max_len >= seq_share * kMinChunk;
+  int hsplit = by_length ? 1 : int(std::min<int64_t>(Hk, seq_share));
   const int heads_per = (Hk + hsplit - 1) / hsplit;
   hsplit = (Hk + heads_per - 1) / heads_per;
   const int64_t per_seq = std::max<int64_t>(1, (want + int64_t(B) * hsplit - 1) / (int64_t(B) * hsplit));
-  const int64_t chunk = std::max<int64_t>(256, (max_len + per_seq - 1) / per_seq);
+  const int64_t chunk = std::max<int64_t>(kMinChunk, (max_len + per_seq - 1) / per_seq);
   const int nchunks = int(std::max<int64_t>(1, (max_len + chunk - 1) / chunk));
   const int64_t ntasks = int64_t(B) * hsplit * nchunks;
   const int max_rows = Sq * heads_per * group;
