@@ -89,6 +89,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("argmax_rows", &ifast::cpu::argmax_rows, nogil, py::arg("x"));
   cpu.def("decode_rotary_append", &ifast::cpu::decode_rotary_append, nogil, py::arg("qkv"), py::arg("cos"),
           py::arg("sin"), py::arg("positions"), py::arg("kv_rows"), py::arg("slots"), py::arg("q_heads"));
+  cpu.def("decode_layer", &ifast::cpu::decode_layer, nogil, py::arg("x"), py::arg("residual"),
+          py::arg("attn_norm"), py::arg("mlp_norm"), py::arg("eps"), py::arg("qkv_panels"), py::arg("qkv_scales"),
+          py::arg("qkv_bias"), py::arg("o_panels"), py::arg("o_scales"), py::arg("o_bias"), py::arg("gate_up_panels"),
+          py::arg("gate_up_scales"), py::arg("down_panels"), py::arg("down_scales"), py::arg("cos"), py::arg("sin"),
+          py::arg("positions"), py::arg("kv_rows"), py::arg("slots"), py::arg("k_cache"), py::arg("v_cache"),
+          py::arg("cache_lens"), py::arg("block_table"), py::arg("softmax_scale"), py::arg("q_heads"));
 
 #ifdef IFAST_WITH_CUDA
   m.attr("with_cuda") = true;

@@ -70,10 +70,12 @@ def test_greedy_generation_gives_the_same_tokens():
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=DEVICE)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=DEVICE)
-    with use_backend("triton"):  # every decode kernel is triton's; the GEMMs and argmax the library's
-        chosen = InferenceKernels(model.lm_head.weight).impl
-    gemms = ("few_rows_linear", "few_rows_linear_bf16", "few_rows_linear_int8", "argmax_rows")
-    assert {op: b for op, b in chosen.items() if b != "triton"} == dict.fromkeys(gemms, "aten")
+    # every decode kernel is triton's; the GEMMs and argmax the library's, and the layers op by op
+    with use_backend("triton"):
+        kernels = InferenceKernels(model.lm_head.weight)
+    library = ("few_rows_linear", "few_rows_linear_bf16", "few_rows_linear_int8", "argmax_rows", "decode_layer")
+    assert {op: b for op, b in kernels.impl.items() if b != "triton"} == dict.fromkeys(library, "aten")
+    assert kernels.decode_layer is None
     runs = {}
     for backend in (BASELINE, "triton"):
         with use_backend(backend):

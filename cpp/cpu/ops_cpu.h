@@ -113,5 +113,17 @@ at::Tensor argmax_rows(const at::Tensor& x);
 void decode_rotary_append(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                           const at::Tensor& positions, at::Tensor& kv_rows, const at::Tensor& slots,
                           int64_t q_heads);
+// A decode step's decoder layer, its projections in decode-GEMM layout (int8 where scales are given,
+// else bf16): the kernels above in the order the model calls them. Returns (mlp out, residual).
+std::vector<at::Tensor> decode_layer(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& attn_norm,
+    const at::Tensor& mlp_norm, double eps, const at::Tensor& qkv_panels, const std::optional<at::Tensor>& qkv_scales,
+    const std::optional<at::Tensor>& qkv_bias, const at::Tensor& o_panels, const std::optional<at::Tensor>& o_scales,
+    const std::optional<at::Tensor>& o_bias, const at::Tensor& gate_up_panels,
+    const std::optional<at::Tensor>& gate_up_scales, const at::Tensor& down_panels,
+    const std::optional<at::Tensor>& down_scales, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& positions, at::Tensor& kv_rows, const at::Tensor& slots, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& cache_lens, const std::optional<at::Tensor>& block_table,
+    double softmax_scale, int64_t q_heads);
 
 }  // namespace ifast::cpu

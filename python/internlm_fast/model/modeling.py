@@ -30,7 +30,7 @@ from internlm_fast import ops
 from internlm_fast.ops.inference import inference_kernels
 
 from .config import InternLMConfig
-from .projection import MAX_COPY_BYTES, Projection
+from .projection import FEW_ROWS, MAX_COPY_BYTES, Projection
 from .rope import dynamic_rows, needs_dynamic_rows, rotary_tables
 
 
@@ -79,6 +79,8 @@ class ForwardContext:
     # row t counts from the sequence's start); not the positions when a forward builds its own rows
     # (model/rope.py: dynamic_rows)
     rope_offsets: Tensor | int = 0
+    # a decode step whose layers may each run as one kernel call (ops.inference: decode_layer), or None
+    decode_layer: Any = None
 
 
 class RMSNorm(nn.Module):
@@ -196,6 +198,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
         """x: the previous sublayer's output (or the embeddings when residual is None). Returns this
         layer's MLP output and the residual stream before it; the next norm adds them (fused)."""
+        if ctx.decode_layer is not None:
+            out = self._decode_in_one_call(x, residual, ctx)
+            if out is not None:
+                return out
         kernels = ctx.kernels
         if residual is None:
             residual, h = x, self.input_layernorm(x, None, kernels)
@@ -204,6 +210,24 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn(h, ctx)
         h, residual = self.post_attention_layernorm(attn, residual, kernels)
         return self.mlp(h, ctx), residual
+
+    def _decode_in_one_call(self, x: Tensor, residual: Tensor | None, ctx: ForwardContext) -> tuple | None:
+        """The decode step below as one call of the decode_layer kernel, which runs the same kernels in
+        the same order (the same result to the bit) with no Python between them: after each GEMM's
+        stream of weights the caches hold nothing else, and every line of Python or dispatch run
+        between two GEMMs starts cold. None where a projection is not in decode-GEMM layout."""
+        attn, mlp = self.self_attn, self.mlp
+        weights = (attn.qkv.decode_weights, attn.o.decode_weights, mlp.gate_up.decode_weights, mlp.down.decode_weights)
+        if None in weights:
+            return None
+        (qkv, qkv_s, qkv_b), (o, o_s, o_b), (gu, gu_s, _), (down, down_s, _) = weights
+        cache, i = ctx.cache, attn.layer_idx
+        return ctx.decode_layer(
+            x, residual, self.input_layernorm.weight, self.post_attention_layernorm.weight,
+            self.input_layernorm.eps, qkv, qkv_s, qkv_b, o, o_s, o_b, gu, gu_s, down, down_s,
+            ctx.cos, ctx.sin, ctx.rope_offsets, cache.flat[i], ctx.slots, cache.keys[i], cache.values[i],
+            ctx.visible, ctx.block_table, attn.scale, attn.heads,
+        )  # fmt: skip
 
 
 class InternLMModel(nn.Module):
@@ -375,6 +399,17 @@ class InternLMForCausalLM(nn.Module):
             offsets = torch.arange(b, device=positions.device)
         ctx = ForwardContext(cos, sin, None, 0, kernels, cache, positions, slots, visible, copy, table)
         ctx.rope_offsets = offsets
+        # each layer in one call where its kernels are the C++ ones and take these inputs: few rows,
+        # rotary tables in fp32, the cache in the activations' dtype
+        dtype = self.model.embed_tokens.weight.dtype
+        if (
+            kernels.decode_layer is not None
+            and b <= FEW_ROWS
+            and dtype in (torch.float32, torch.bfloat16)
+            and cos.dtype == torch.float32
+            and cache.flat[0].dtype == dtype
+        ):
+            ctx.decode_layer = kernels.decode_layer
         return ctx
 
     def _prefill_context(

@@ -177,6 +177,16 @@ class Projection:
         return self._int8 is not None
 
     @property
+    def decode_weights(self) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+        """(panels, scales, bias) as the decode GEMMs take them: the int8 weights (scales given) or the
+        bf16 layout (scales None); None when the projection holds neither."""
+        if self._int8 is not None:
+            return self._int8
+        if self._bf16 is not None:
+            return self._bf16[0], None, self._bf16[1]
+        return None
+
+    @property
     def laid_out(self) -> bool:
         """Whether lay_out_bf16_ made the bf16 panels this projection's weights."""
         return self._bf16 is not None

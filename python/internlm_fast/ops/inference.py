@@ -40,6 +40,17 @@ _OPS = (
     "few_rows_linear_bf16",
     "few_rows_linear_int8",
     "argmax_rows",
+    "decode_layer",
+)
+# the kernels decode_layer runs: it stands in for them only where all are the C++ ones
+_DECODE_LAYER_OPS = (
+    "rms_norm",
+    "swiglu",
+    "flash_attn_kvcache",
+    "decode_rotary_append",
+    "few_rows_linear_bf16",
+    "few_rows_linear_int8",
+    "decode_layer",
 )
 
 # columns per panel of few_rows_linear's weight layout (cpp/cpu/few_rows_linear.cpp), and of the bf16
@@ -232,6 +243,10 @@ class InferenceKernels:
             self.few_rows_linear_bf16 = self._k["few_rows_linear_bf16"].few_rows_linear_bf16
         if self._k["few_rows_linear_int8"] is not None:
             self.few_rows_linear_int8 = self._k["few_rows_linear_int8"].few_rows_linear_int8
+        # a decode step's layer in one call (model/modeling.py: DecoderLayer), or None
+        self.decode_layer = None
+        if all(self.impl[op] == "cpu" for op in _DECODE_LAYER_OPS):
+            self.decode_layer = self._k["decode_layer"].decode_layer
 
     def has_few_rows_linear(self, wt: Tensor) -> bool:
         """Whether few_rows_linear serves this (in, out) weight: the C++ kernel, fp32, whole panels.

@@ -64,6 +64,10 @@ OPS: dict[str, Op] = {
         # 64 inputs, dequantized in registers
         Op("few_rows_linear_bf16", ("few_rows_linear_bf16",), cpu=("cpu", "aten"), cuda=("aten",), inference_only=True),
         Op("few_rows_linear_int8", ("few_rows_linear_int8",), cpu=("cpu", "aten"), cuda=("aten",), inference_only=True),
+        # a decode step's whole decoder layer (norms, projections in decode-GEMM layout, rotary + append,
+        # attention, SwiGLU) in one call: the kernels above, without the Python and dispatch between
+        # them; elsewhere (aten) the model calls the layer's ops one by one
+        Op("decode_layer", ("decode_layer",), cpu=("cpu", "aten"), cuda=("aten",), inference_only=True),
         # greedy pick, torch.argmax's answer
         Op("argmax_rows", ("argmax_rows",), cpu=("cpu", "aten"), cuda=("aten",), inference_only=True),
     )
