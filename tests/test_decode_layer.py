@@ -36,15 +36,13 @@ def _model(layout: str, **overrides) -> InternLMForCausalLM:
 
 def _cache(model: InternLMForCausalLM, paged: bool) -> KVCache:
     """Zeroed, so the rows no token was written to compare equal too."""
-    if not paged:
+    if paged:
+        page, blocks = 8, 8  # 64 tokens a sequence, its pages spread over the pool in shuffled order
+        cache = KVCache.pool_for_model(model, len(PROMPTS) * blocks, page)
+        table = torch.randperm(len(PROMPTS) * blocks, generator=torch.Generator().manual_seed(0)).to(torch.int32)
+        cache.set_rows(table.view(len(PROMPTS), blocks), torch.zeros(len(PROMPTS), dtype=torch.int64))
+    else:
         cache = KVCache.for_model(model, len(PROMPTS), 64)
-        for rows in cache.flat:
-            rows.zero_()
-        return cache
-    page, blocks = 8, 8  # 64 tokens a sequence, its pages spread over the pool in shuffled order
-    cache = KVCache.pool_for_model(model, len(PROMPTS) * blocks, page)
-    table = torch.randperm(len(PROMPTS) * blocks, generator=torch.Generator().manual_seed(0)).to(torch.int32)
-    cache.set_rows(table.view(len(PROMPTS), blocks), torch.zeros(len(PROMPTS), dtype=torch.int64))
     for rows in cache.flat:
         rows.zero_()
     return cache
