@@ -125,11 +125,15 @@ constexpr int panels_per_block(int) { return 4; }
 #if IFAST_ISA_LEVEL == 1
 
 // AVX2: a pair of a panel is two 32-byte halves (columns 0..7 and 8..15), each giving 2 x 8 fp32;
-// two ymm accumulators per (row, panel), otherwise as block512. With fewer panels in registers than
-// the group holds (2 or more rows), a block takes several passes, each reading every 2nd or 4th
-// line, which the hardware prefetcher does not follow; so each pass prefetches its own lines of the
-// next block into L2. (Prefetching the whole group in the first pass instead reads DRAM in bursts
-// while the compute-bound passes after it read L1: 20-40% slower at 4 rows.)
+// two ymm accumulators per (row, panel), otherwise as block512. The 4-row tile (one panel) converts
+// both halves first and broadcasts each x value once: converting per half re-broadcast x for each,
+// 18 loads for 16 FMAs, and ran at about half the FMA rate (1.5-1.8x slower at 4-16 rows from L3).
+// Narrower tiles load x per half, which their ratio of FMAs to loads affords (converting first was
+// 5-8% slower at 3 rows). With fewer panels in registers than the group holds (2 or
+// more rows), a block takes several passes, each reading every 2nd or 4th line, which the hardware
+// prefetcher does not follow; so each pass prefetches its own lines of the next block into L2.
+// (Prefetching the whole group in the first pass instead reads DRAM in bursts while the
+// compute-bound passes after it read L1: 20-40% slower at 4 rows.)
 template <int R, int P>
 inline void block256(const Args& a, const uint16_t* w, int gs, int q0, int64_t j0, int64_t j1, float* out) {
   const bool fetch = P < gs;
@@ -145,15 +149,32 @@ inline void block256(const Args& a, const uint16_t* w, int gs, int q0, int64_t j
 #pragma GCC unroll 16
       for (int q = 0; q < P; ++q)
         _mm_prefetch(reinterpret_cast<const char*>(line + (kBlockPairs * gs + q) * 2 * kCols), _MM_HINT_T1);
+    if constexpr (R == 4) {
+      __m256 lo[2], hi[2];
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + h * kCols));
+        lo[h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        hi[h] = _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask));
+      }
 #pragma GCC unroll 16
-    for (int h = 0; h < 2 * P; ++h) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + h * kCols));
-      const __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      const __m256 hi = _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask));
+      for (int r = 0; r < R; ++r) {
+        const __m256 x0 = _mm256_broadcast_ss(a.x + r * a.ldx + 2 * j);
+        const __m256 x1 = _mm256_broadcast_ss(a.x + r * a.ldx + 2 * j + 1);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) c[r][h] = _mm256_fmadd_ps(x1, hi[h], _mm256_fmadd_ps(x0, lo[h], c[r][h]));
+      }
+    } else {
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-        c[r][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(a.x + r * a.ldx + 2 * j + 1), hi,
-                                  _mm256_fmadd_ps(_mm256_broadcast_ss(a.x + r * a.ldx + 2 * j), lo, c[r][h]));
+      for (int h = 0; h < 2 * P; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + h * kCols));
+        const __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        const __m256 hi = _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask));
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r)
+          c[r][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(a.x + r * a.ldx + 2 * j + 1), hi,
+                                    _mm256_fmadd_ps(_mm256_broadcast_ss(a.x + r * a.ldx + 2 * j), lo, c[r][h]));
+      }
     }
   }
 #pragma GCC unroll 16
@@ -165,7 +186,7 @@ inline void block256(const Args& a, const uint16_t* w, int gs, int q0, int64_t j
     }
 }
 
-// R * 2P accumulators + 3 + broadcasts <= 16
+// 2RP accumulators + mask + converted weights (4 at P = 1, else 2) + broadcasts <= 16
 constexpr int panels_per_block(int R) { return R == 1 ? 4 : R == 2 ? 2 : 1; }
 
 #endif
