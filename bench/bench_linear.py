@@ -3,11 +3,12 @@ packed, o, gate/up packed, down, lm_head): ops.linear against torch's F.linear (
 
 Bar, side by side in one run, where ops.linear sends fp32 GEMMs to oneDNN (a CPU with AVX-512 that
 is not Intel's, where torch's MKL runs its AVX2 code): >= 1.3x F.linear over the layer's GEMMs
-where the CPU executes a 512-bit FMA at full width (Zen 5: 2-2.5x measured), and >= 1.05x on a
+where the CPU executes a 512-bit FMA at full width (Zen 5: 2-2.5x measured), and >= 1.15x on a
 Zen 4 (AMD family 0x19), whose AVX-512 runs on 256-bit units in two passes: there oneDNN's AVX-512
 and MKL's AVX2 code reach the same multiply-adds per cycle, and what is left to win is oneDNN's
-blocking (2 Zen 4 cores, min times per pass: forward 1.33x, input gradient 1.07x, weight gradient
-0.99x; 1.10-1.20x over the whole bench in four runs).
+blocking and the backward's transposed operands (2 Zen 4 cores: 1.21-1.31x over four runs with
+the blocked transpose, 1.10-1.20x with torch's copy of a transposed view; per pass, min times
+before the transpose: forward 1.33x, input gradient 1.07x, weight gradient 0.99x).
 Elsewhere ops.linear is F.linear, and the ratio (about 1x) is only reported.
 """
 
@@ -45,7 +46,7 @@ def test_linear_fwd_bwd_fp32(side_by_side):
     )
     report(f"linear fp32: ours {gflop / med['ours']:.0f} GFLOP/s, F.linear {gflop / med['F.linear']:.0f} GFLOP/s")
     if fp32_gemm() == "onednn":
-        bar = 1.05 if _double_pumped_avx512() else 1.3
+        bar = 1.15 if _double_pumped_avx512() else 1.3
         assert ratios["F.linear"] >= bar, f"fp32 linear only {ratios['F.linear']:.2f}x F.linear (bar {bar}x)"
 
 

@@ -42,6 +42,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the library that runs fp32 GEMMs: oneDNN where torch's BLAS leaves AVX-512 unused (cpu/onednn_gemm.h)
   cpu.def("fp32_gemm", &ifast::cpu::fp32_gemm);
   cpu.def("set_fp32_gemm", &ifast::cpu::set_fp32_gemm, py::arg("name"));
+  cpu.def("transpose_fp32", &ifast::cpu::transpose_fp32, nogil, py::arg("x"));
+  cpu.def("transpose_fp32_into", &ifast::cpu::transpose_fp32_into, nogil, py::arg("x"), py::arg("out"));
   // bf16 GEMMs of the library: widened to fp32 where ATen's bf16 GEMM is a slow loop (cpu/onednn_gemm.h)
   cpu.def("bf16_gemm", &ifast::cpu::bf16_gemm);
   cpu.def("set_bf16_gemm", &ifast::cpu::set_bf16_gemm, py::arg("name"));

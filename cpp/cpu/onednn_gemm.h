@@ -24,6 +24,12 @@ bool onednn_fp32_gemm();
 // a (M, K) @ b (N, K)^T through oneDNN, fp32; any strides (a contiguous `a` runs fastest).
 at::Tensor linear_nt(const at::Tensor& a, const at::Tensor& b);
 
+// x (R, C)^T as a contiguous (C, R) fp32 tensor (kernels/transpose.h): the operand of a backward
+// GEMM on the oneDNN route that must be contiguous transposed. ValueError for anything but 2-D fp32
+// on the CPU. transpose_fp32_into writes it into out, which must be (C, R) fp32 and contiguous.
+at::Tensor transpose_fp32(const at::Tensor& x);
+void transpose_fp32_into(const at::Tensor& x, const at::Tensor& out);
+
 // _C.cpu.fp32_gemm(): "onednn" or "aten", the library fp32 GEMMs use now.
 std::string fp32_gemm();
 // _C.cpu.set_fp32_gemm(name): "onednn" (where torch has it; else aten), "aten", or "auto" (follow

@@ -304,7 +304,7 @@ std::vector<at::Tensor> fused_linear_cross_entropy_fwd(const at::Tensor& hidden,
       }
     }
     if (need_dweight && onednn) {
-      at::Tensor part = linear_nt(hc.t().contiguous(), lc.t());  // (H, V) = hc^T lc
+      at::Tensor part = linear_nt(transpose_fp32(hc), lc.t());  // (H, V) = hc^T lc
       if (start == 0)
         dw_t = part;
       else
@@ -318,7 +318,7 @@ std::vector<at::Tensor> fused_linear_cross_entropy_fwd(const at::Tensor& hidden,
         dw_acc.addmm_(lt, ha);
     }
   }
-  if (dw_t.defined()) dweight.copy_(dw_t.t());
+  if (dw_t.defined()) transpose_fp32_into(dw_t, dweight);
   if (need_dweight && dtype != acc) dweight.copy_(dw_acc);
   if (red == Reduction::kMean) total = valid > 0 ? total / static_cast<double>(valid) : 0.0;
   return {scalar_loss(total, dtype), dhidden, dweight};

@@ -108,6 +108,12 @@ def _mm_nt_bucketed(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return _mm_nt(x2, weight, bias)[:rows].view(*x.shape[:-1], weight.shape[0])
 
 
+def _transposed(t: Tensor) -> Tensor:
+    """t (R, C) fp32 as a contiguous (C, R): the native module's blocked transpose, 3-5x torch's copy
+    of a transposed view at a training step's (2048, 256..1376) operands."""
+    return backend.kernels("cpu").transpose_fp32(t)
+
+
 class _OneDnnLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -129,9 +135,9 @@ class _OneDnnLinear(torch.autograd.Function):
             # dW = dY^T X: oneDNN takes it fastest with the longer side as its N, so a wide weight
             # is summed transposed (X^T dY) and turned once
             if out_features >= in_features:
-                dw = _mm_nt(x2.t().contiguous(), dy2.t()).t().contiguous()
+                dw = _transposed(_mm_nt(_transposed(x2), dy2.t()))
             else:
-                dw = _mm_nt(dy2.t().contiguous(), x2.t())
+                dw = _mm_nt(_transposed(dy2), x2.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
         return dx, dw, db

@@ -77,7 +77,8 @@ OPS: dict[str, Op] = {
 # run-time instruction-set choice of the kernels that dispatch (isa, and set_isa_cap for tests), and the
 # library fp32 GEMMs run on (fp32_gemm, set_fp32_gemm: oneDNN where torch's BLAS leaves AVX-512 idle), the
 # route of its bf16 GEMMs (bf16_gemm, set_bf16_gemm: widened to fp32 where ATen's bf16 GEMM is a slow loop),
-# and what bf16 attention multiplies with (attn_bf16_gemm, set_attn_bf16_gemm: our tiles, or oneDNN's AMX brgemm).
+# what bf16 attention multiplies with (attn_bf16_gemm, set_attn_bf16_gemm: our tiles, or oneDNN's AMX brgemm),
+# and the transpose the oneDNN route's backward GEMMs take their operands through (transpose_fp32, transpose_fp32_into).
 UTILITIES = frozenset(
     {
         "output_cache_clear",
@@ -90,6 +91,8 @@ UTILITIES = frozenset(
         "set_bf16_gemm",
         "attn_bf16_gemm",
         "set_attn_bf16_gemm",
+        "transpose_fp32",
+        "transpose_fp32_into",
     }
 )
 
