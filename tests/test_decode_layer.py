@@ -1,7 +1,8 @@
 """decode_layer: a decode step's decoder layer in one call, for projections in decode-GEMM layout (int8,
-bf16). It runs the kernels the model otherwise calls one by one, in the same order: the logits and the
-cache it writes must be the same to the bit, for int8 and bf16 weights, GQA, a batch of sequences of
-different lengths, a paged cache and dynamic rope scaling; and the step must take it where it applies."""
+bf16, or a small fp32 model's column-panel copies). It runs the kernels the model otherwise calls one
+by one, in the same order: the logits and the cache it writes must be the same to the bit, for int8,
+bf16 and fp32 weights, GQA, a batch of sequences of different lengths, a paged cache and rope
+scaling; and the step must take it where it applies."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from internlm_fast.infer import KVCache, decode, prefill
-from internlm_fast.model import InternLMForCausalLM
+from internlm_fast.model import InternLMForCausalLM, modeling
 from internlm_fast.ops import available
 from internlm_fast.ops.inference import inference_kernels
 
@@ -31,6 +32,8 @@ def _model(layout: str, **overrides) -> InternLMForCausalLM:
         return model.to(torch.bfloat16).prepare_inference_()
     if layout == "int8 bf16":
         return model.to(torch.bfloat16).quantize_("int8")
+    if layout == "fp32":  # decodes on the fp32 column panels each prefill checks
+        return model
     return model.quantize_("int8")
 
 
@@ -66,8 +69,10 @@ def _run(model: InternLMForCausalLM, paged: bool, steps: int = 5) -> tuple[list[
         ("int8 bf16", {}),
         ("bf16", {"num_key_value_heads": 2}),
         ("bf16", {"max_position_embeddings": 32, "rope_scaling": {"type": "dynamic", "factor": 2.0}}),
+        ("fp32", {}),
+        ("fp32", {"num_key_value_heads": 2, "rope_scaling": {"type": "linear", "factor": 2.0}}),
     ],
-    ids=["int8", "int8-gqa", "int8-bf16-activations", "bf16-gqa", "bf16-dynamic-rope"],
+    ids=["int8", "int8-gqa", "int8-bf16-activations", "bf16-gqa", "bf16-dynamic-rope", "fp32", "fp32-gqa-linear-rope"],
 )
 def test_one_call_equals_the_ops_one_by_one(monkeypatch, layout, overrides, paged):
     model = _model(layout, **overrides)
@@ -93,16 +98,18 @@ def test_one_call_equals_the_ops_one_by_one(monkeypatch, layout, overrides, page
 
 
 def test_not_taken_where_it_does_not_apply(monkeypatch):
-    """An fp32 model without decode layout (its projections on fp32 copies), or a cache in another
-    dtype than the activations, decodes op by op."""
+    """An fp32 model too large for decoding copies (its projections on the parameters themselves),
+    or a cache in another dtype than the activations, decodes op by op."""
     kernels = inference_kernels(torch.empty(1))
     calls = []
     monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(1))
     model = small_model(std=0.1)
     with torch.inference_mode():
-        cache = KVCache.for_model(model, 1, 16)
-        decode(model, cache, prefill(model, cache, [[5, 9]]).argmax(-1))
         q8 = copy.deepcopy(model).quantize_("int8")
         cache = KVCache.for_model(q8, 1, 16, torch.bfloat16)
         decode(q8, cache, prefill(q8, cache, [[5, 9]]).argmax(-1))
+        monkeypatch.setattr(modeling, "MAX_COPY_BYTES", 0)
+        cache = KVCache.for_model(model, 1, 16)
+        decode(model, cache, prefill(model, cache, [[5, 9]]).argmax(-1))
+        assert all(p.decode_weights is None for p in model.projections())
     assert not calls

@@ -1,5 +1,5 @@
 // A decode step's whole decoder layer in one call, for models whose projections are laid out for the
-// decode GEMMs (int8 or bf16 panels): RMSNorm (+ residual), q/k/v, rotary + cache append, attention
+// decode GEMMs (int8 or bf16 panels, or the fp32 column panels a small fp32 model decodes on): RMSNorm (+ residual), q/k/v, rotary + cache append, attention
 // over the cache, o, RMSNorm (+ residual), gate/up, SwiGLU, down. It runs the same kernels the
 // model calls one by one, in the same order, so its result is the same to the bit.
 //
@@ -16,11 +16,12 @@
 namespace ifast::cpu {
 namespace {
 
-// x W^T + b through the decode GEMM the weights are laid out for: int8 with scales, else bf16 (its
-// bias in x's dtype), as the model's projections call them.
+// x W^T + b through the decode GEMM the weights are laid out for: int8 with scales, fp32 column
+// panels, else bf16 (its bias in x's dtype), as the model's projections call them.
 at::Tensor project(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& scales,
                    const std::optional<at::Tensor>& bias) {
   if (scales.has_value()) return few_rows_linear_int8(x, panels, *scales, bias);
+  if (panels.scalar_type() == at::kFloat) return few_rows_linear(x, panels, bias);
   if (!bias.has_value() || bias->scalar_type() == x.scalar_type()) return few_rows_linear_bf16(x, panels, bias);
   return few_rows_linear_bf16(x, panels, bias->to(x.scalar_type()));
 }

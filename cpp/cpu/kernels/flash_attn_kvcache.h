@@ -265,6 +265,19 @@ struct Decode {
     std::fill(m, m + rows, kNegInf);
     std::fill(l, l + rows, 0.f);
     Run runs[kDecodeBlock];
+    // The prefetches below run kPrefetchKeys ahead of the keys being read, so the first ones are asked
+    // for here, keys and values: in a short cache they are much of the task (batch 8 of 81-192 keys
+    // after a 64 MB read, alternating in one process: 4-5% shorter on 1 or 2 threads; leading by
+    // more keys gained nothing more)
+    const int64_t j_lead = std::min<int64_t>(j_end, j_begin + kPrefetchKeys);
+    for (int64_t j0 = j_begin; j0 < j_lead; j0 += kDecodeBlock) {
+      const int nruns = split_runs(b, j0, int(std::min<int64_t>(kDecodeBlock, j_lead - j0)), runs);
+      for (int u = 0; u < nruns; ++u)
+        for (int hk = hk0; hk < hk1; ++hk) {
+          prefetch_rows(k + runs[u].page * k_b + runs[u].row * k_t + hk * k_h, k_t, runs[u].n, D * int(sizeof(T)));
+          prefetch_rows(v + runs[u].page * v_b + runs[u].row * v_t + hk * v_h, v_t, runs[u].n, D * int(sizeof(T)));
+        }
+    }
     for (int64_t j0 = j_begin; j0 < j_end; j0 += kDecodeBlock) {
       const int n = int(std::min<int64_t>(kDecodeBlock, j_end - j0));
       const int nruns = split_runs(b, j0, n, runs);

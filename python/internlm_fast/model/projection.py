@@ -178,12 +178,15 @@ class Projection:
 
     @property
     def decode_weights(self) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
-        """(panels, scales, bias) as the decode GEMMs take them: the int8 weights (scales given) or the
-        bf16 layout (scales None); None when the projection holds neither."""
+        """(panels, scales, bias) as the decode GEMMs take them: the int8 weights (scales given), the
+        bf16 layout, or the decoding copies' panels (fp32 column panels, or bf16 ones) that the last
+        prefill made (scales None); None when the projection holds none of them."""
         if self._int8 is not None:
             return self._int8
         if self._bf16 is not None:
             return self._bf16[0], None, self._bf16[1]
+        if self._copies is not None and self._copies[2] is not None:
+            return self._copies[2], None, self._copies[1]
         return None
 
     @property

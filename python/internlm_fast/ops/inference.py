@@ -48,6 +48,7 @@ _DECODE_LAYER_OPS = (
     "swiglu",
     "flash_attn_kvcache",
     "decode_rotary_append",
+    "few_rows_linear",
     "few_rows_linear_bf16",
     "few_rows_linear_int8",
     "decode_layer",
