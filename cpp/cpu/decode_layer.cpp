@@ -1,7 +1,8 @@
 // A decode step's whole decoder layer in one call, for models whose projections are laid out for the
-// decode GEMMs (int8 or bf16 panels, or the fp32 column panels a small fp32 model decodes on): RMSNorm (+ residual), q/k/v, rotary + cache append, attention
-// over the cache, o, RMSNorm (+ residual), gate/up, SwiGLU, down. It runs the same kernels the
-// model calls one by one, in the same order, so its result is the same to the bit.
+// decode GEMMs (int8 or bf16 panels, or the fp32 column panels a small fp32 model decodes on):
+// RMSNorm (+ residual), q/k/v, rotary + cache append, attention over the cache, o, RMSNorm
+// (+ residual), gate/up, SwiGLU, down. It runs the same kernels the model calls one by one, in the
+// same order, so its result is the same to the bit.
 //
 // Why: a batch-1 step of a large model streams hundreds of MB of weights through the caches, and
 // each GEMM leaves them holding weights only. Everything run between two GEMMs then starts cold:

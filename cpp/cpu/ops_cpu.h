@@ -114,7 +114,8 @@ void decode_rotary_append(const at::Tensor& qkv, const at::Tensor& cos, const at
                           const at::Tensor& positions, at::Tensor& kv_rows, const at::Tensor& slots,
                           int64_t q_heads);
 // A decode step's decoder layer, its projections in decode-GEMM layout (int8 where scales are given,
-// else bf16): the kernels above in the order the model calls them. Returns (mlp out, residual).
+// else fp32 column panels or bf16 ones, by the panels' dtype): the kernels above in the order the
+// model calls them. Returns (mlp out, residual).
 std::vector<at::Tensor> decode_layer(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& attn_norm,
     const at::Tensor& mlp_norm, double eps, const at::Tensor& qkv_panels, const std::optional<at::Tensor>& qkv_scales,
