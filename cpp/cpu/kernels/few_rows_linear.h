@@ -29,6 +29,12 @@ constexpr int kRows = 6;  // 12 accumulators + 2 panel loads + 1 broadcast of th
 // AVX-512), 0.77-0.97x at 1-4 rows of the AVX2 tiles, 1.0-1.05x at 8 (compute-bound there).
 constexpr int kPrefetchRows = 32, kPrefetchL2Rows = 64;
 
+// the prefetches of a panel's row k (panel: the panel's first row), at both leads above
+inline void prefetch_ahead(const float* panel, int64_t k) {
+  _mm_prefetch(reinterpret_cast<const char*>(panel + (k + kPrefetchL2Rows) * kCols), _MM_HINT_T1);
+  _mm_prefetch(reinterpret_cast<const char*>(panel + (k + kPrefetchRows) * kCols), _MM_HINT_T0);
+}
+
 // out[r][0..16P) = bias + sum_k x[r][k] * w_p[k][0..16) for R rows and P adjacent panels (w_p =
 // w + p * K * 16). Each accumulator is one FMA chain; a chain waits out the FMA latency (4-5 cycles)
 // between its steps, so at most two FMAs issue per cycle only with 8+ chains: few rows take several
@@ -50,8 +56,7 @@ inline void tile(const float* x, int64_t K, const float* w, const float* bias, f
 #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) {
       b[p] = _mm512_loadu_ps(w + p * ldp + k * kCols);
-      _mm_prefetch(reinterpret_cast<const char*>(w + p * ldp + (k + kPrefetchL2Rows) * kCols), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(w + p * ldp + (k + kPrefetchRows) * kCols), _MM_HINT_T0);
+      prefetch_ahead(w + p * ldp, k);
     }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
@@ -79,8 +84,7 @@ inline void tile(const float* x, int64_t K, const float* w, const float* bias, f
     for (int p = 0; p < P; ++p) {
       b[2 * p] = _mm256_loadu_ps(w + p * ldp + k * kCols);
       b[2 * p + 1] = _mm256_loadu_ps(w + p * ldp + k * kCols + 8);
-      _mm_prefetch(reinterpret_cast<const char*>(w + p * ldp + (k + kPrefetchL2Rows) * kCols), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(w + p * ldp + (k + kPrefetchRows) * kCols), _MM_HINT_T0);
+      prefetch_ahead(w + p * ldp, k);
     }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
